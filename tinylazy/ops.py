@@ -1,8 +1,9 @@
-"""The ops of the DiT forward pass, written against NumPy/CuPy (``xp``).
+"""The ops of the DiT forward and backward passes, written against NumPy/CuPy (``xp``).
 
 Each op is a plain function on arrays of the model dtype.  The backward of an
-op sits next to its forward (``foo_forward`` / ``foo_backward``) and keeps only
-the cache it needs.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
+op sits next to its forward (``foo_forward`` / ``foo_backward``) and takes only
+the cache it needs, named in its docstring; backward functions never modify
+their arguments.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
 """
 import math
 
@@ -25,12 +26,38 @@ def linear_forward(x, w, b=None):
     return y.reshape(*lead, w.shape[0])
 
 
+def linear_backward(dy, x, w, param_grads=True, input_grad=True):
+    """dy (..., out); cache: x (..., in), the forward input (unused without param_grads).
+
+    Returns dx (..., in), dw (out, in), db (out,); dw and db are None without
+    ``param_grads``, dx is None without ``input_grad``.
+    """
+    dy2 = dy.reshape(-1, dy.shape[-1])            # (N, out)
+    dx = (dy2 @ w).reshape(*dy.shape[:-1], w.shape[1]) if input_grad else None
+    if not param_grads:
+        return dx, None, None
+    dw = dy2.T @ x.reshape(-1, x.shape[-1])       # (out, N) @ (N, in) -> (out, in)
+    return dx, dw, dy2.sum(axis=0)
+
+
 # ----------------------------------------------------------------------------
-# SiLU
+# SiLU: x sigmoid(x)
 
 def silu_forward(x):
     xp = array_module_of(x)
     return x / (1 + xp.exp(-x))
+
+
+def silu_backward(dy, x):
+    """Cache: x.  d/dx x s(x) = s (1 + x (1 - s))."""
+    xp = array_module_of(x)
+    s = 1 / (1 + xp.exp(-x))
+    g = 1 - s
+    g *= x
+    g += 1
+    g *= s
+    g *= dy
+    return g
 
 
 # ----------------------------------------------------------------------------
@@ -49,16 +76,62 @@ def gelu_tanh_forward(x):
     return y
 
 
+def gelu_tanh_backward(dy, x):
+    """Cache: x, the forward input (the output is recomputed where needed, not kept).
+
+    With u = k (x + c x^3) and t = tanh(u):
+    d/dx [x (1 + t) / 2] = (1 + t) (1 + x u' (1 - t)) / 2,  x u' = x k (1 + 3 c x^2).
+    """
+    xp = array_module_of(x)
+    a = x * x
+    t = a * (GELU_K * GELU_C)
+    t += GELU_K
+    t *= x                                        # u = k x + k c x^3
+    xp.tanh(t, out=t)
+    a *= 3 * GELU_K * GELU_C
+    a += GELU_K
+    a *= x                                        # x u'
+    g = 1 - t
+    g *= a
+    g += 1                                        # 1 + x u' (1 - t)
+    t += 1
+    t *= 0.5
+    g *= t
+    g *= dy
+    return g
+
+
 # ----------------------------------------------------------------------------
 # LayerNorm without affine over the last axis
 
-def layernorm_forward(x, eps=LN_EPS):
-    """(..., D) -> (..., D): (x - mean) / sqrt(var + eps), biased variance."""
+def layernorm_forward(x, eps=LN_EPS, return_rstd=False):
+    """(..., D) -> xhat (..., D): (x - mean) / sqrt(var + eps), biased variance.
+
+    With ``return_rstd`` also returns rstd = 1 / sqrt(var + eps), (..., 1): the
+    backward's cache is (xhat, rstd).
+    """
     xp = array_module_of(x)
     xc = x - x.mean(axis=-1, keepdims=True)
     var = (xc * xc).mean(axis=-1, keepdims=True)
-    xc *= 1.0 / xp.sqrt(var + eps)
-    return xc
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xc *= rstd
+    return (xc, rstd) if return_rstd else xc
+
+
+def layernorm_backward(dxhat, xhat, rstd):
+    """Cache: xhat (..., D), rstd (..., 1).
+
+    dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), means over the last axis.
+    """
+    xp = array_module_of(xhat)
+    d = xhat.shape[-1]
+    dot = xp.einsum("...d,...d->...", dxhat, xhat)[..., None]     # (..., 1)
+    dot *= 1.0 / d
+    dx = xhat * dot
+    xp.subtract(dxhat, dx, out=dx)
+    dx -= dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx
 
 
 # ----------------------------------------------------------------------------
@@ -66,28 +139,91 @@ def layernorm_forward(x, eps=LN_EPS):
 
 def modulate_forward(x, shift, scale):
     """x (B, T, D), shift/scale (B, D) -> (B, T, D)."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    y = x * (1 + scale[:, None, :])
+    y += shift[:, None, :]
+    return y
+
+
+def modulate_backward(dy, x, scale, mod_grads=True):
+    """dy (B, T, D); cache: x (B, T, D), scale (B, D).
+
+    Returns dx (B, T, D), dshift, dscale (B, D), summed over tokens; dshift and
+    dscale are None without ``mod_grads`` (x is then unused).
+    """
+    xp = array_module_of(dy)
+    dx = dy * (1 + scale[:, None, :])
+    if not mod_grads:
+        return dx, None, None
+    return dx, dy.sum(axis=1), xp.einsum("btd,btd->bd", dy, x)
 
 
 # ----------------------------------------------------------------------------
 # softmax over the last axis (numerically stable)
 
-def softmax_forward(s):
+def softmax_forward(s, return_lse=False):
+    """(..., n) -> p (..., n).  With ``return_lse`` also log-sum-exp of s, (..., 1):
+    p = exp(s - lse), which is how the attention backward recomputes p."""
     xp = array_module_of(s)
-    s = s - s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True)
+    s = s - m
     p = xp.exp(s, out=s)
-    p /= p.sum(axis=-1, keepdims=True)
+    z = p.sum(axis=-1, keepdims=True)
+    p /= z
+    if return_lse:
+        z = xp.log(z, out=z)
+        z += m
+        return p, z
     return p
+
+
+def softmax_backward(dp, p, dot=None):
+    """Cache: p.  ds = p (dp - sum(dp p)), the sum over the last axis; a caller
+    that knows that sum another way passes it as ``dot`` (..., 1)."""
+    if dot is None:
+        dot = (dp * p).sum(axis=-1, keepdims=True)
+    ds = dp - dot
+    ds *= p
+    return ds
 
 
 # ----------------------------------------------------------------------------
 # scaled dot-product attention: softmax(q k^T / sqrt(Dh)) v
 
-def sdpa_forward(q, k, v):
-    """q, k, v (B, H, T, Dh) -> (B, H, T, Dh).  Scale folded into q, as PyTorch's SDPA does."""
+def sdpa_forward(q, k, v, return_lse=False):
+    """q, k, v (B, H, T, Dh) -> (B, H, T, Dh).  Scale folded into q, as PyTorch's SDPA does.
+
+    With ``return_lse`` also the softmax's log-sum-exp (B, H, T, 1).  The backward
+    keeps that instead of the (T, T) probabilities and recomputes them (as
+    FlashAttention does): one extra q k^T GEMM saves H T^2 numbers per sample and block.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    p = softmax_forward((q * scale) @ k.swapaxes(-1, -2))   # (B, H, T, T)
-    return p @ v
+    s = (q * scale) @ k.swapaxes(-1, -2)                    # (B, H, T, T)
+    if return_lse:
+        p, lse = softmax_forward(s, return_lse=True)
+        return p @ v, lse
+    return softmax_forward(s) @ v
+
+
+def sdpa_backward(dout, q, k, v, out, lse):
+    """dout (B, H, T, Dh); cache: q, k, v, out (the forward output), lse.
+
+    Returns dq, dk, dv (B, H, T, Dh).  p = exp(q k^T / sqrt(Dh) - lse) is recomputed;
+    the softmax's row sum sum(dp p) equals sum(dout out) over Dh, which is cheaper.
+    """
+    xp = array_module_of(q)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs = q * scale
+    s = qs @ k.swapaxes(-1, -2)                             # (B, H, T, T)
+    s -= lse
+    p = xp.exp(s, out=s)
+    dv = p.swapaxes(-1, -2) @ dout                          # (B, H, T, Dh)
+    dp = dout @ v.swapaxes(-1, -2)                          # (B, H, T, T)
+    dot = xp.einsum("bhtd,bhtd->bht", dout, out)[..., None]
+    ds = softmax_backward(dp, p, dot)
+    dq = ds @ k
+    dq *= scale
+    dk = ds.swapaxes(-1, -2) @ qs
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------
@@ -101,9 +237,28 @@ def patchify(x, p):
     return x.reshape(B, h * w, C * p * p)
 
 
+def patchify_backward(dy, p, x_shape):
+    """(B, T, C*p*p) -> (B, C, H, W): patchify's inverse (it is a permutation)."""
+    B, C, H, W = x_shape
+    h, w = H // p, W // p
+    dy = dy.reshape(B, h, w, C, p, p).transpose(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+    return dy.reshape(B, C, H, W)
+
+
 def patch_embed_forward(x, w, b, p):
     """x (B, C, H, W), w (D, C, p, p), b (D,) -> (B, T, D)."""
     return linear_forward(patchify(x, p), w.reshape(w.shape[0], -1), b)
+
+
+def patch_embed_backward(dy, x, w, p, param_grads=True):
+    """dy (B, T, D); cache: x (B, C, H, W), the forward input (re-patchified for dw).
+
+    Returns dx (B, C, H, W), dw (D, C, p, p), db (D,); dw, db None without ``param_grads``.
+    """
+    dpatches, dw, db = linear_backward(dy, patchify(x, p) if param_grads else None,
+                                       w.reshape(w.shape[0], -1), param_grads)
+    dx = patchify_backward(dpatches, p, x.shape)
+    return dx, (dw.reshape(w.shape) if param_grads else None), db
 
 
 # ----------------------------------------------------------------------------
@@ -114,3 +269,27 @@ def unpatchify(x, p, c):
     h = w = int(round(math.sqrt(T)))
     x = x.reshape(B, h, w, p, p, c).transpose(0, 5, 1, 3, 2, 4)    # (B, c, h, p, w, p)
     return x.reshape(B, c, h * p, w * p)
+
+
+def unpatchify_backward(dy, p):
+    """(B, c, H, W) -> (B, T, p*p*c): the gradient patchified in unpatchify's layout (nhwpqc)."""
+    B, c, H, W = dy.shape
+    h, w = H // p, W // p
+    dy = dy.reshape(B, c, h, p, w, p).transpose(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, c)
+    return dy.reshape(B, h * w, p * p * c)
+
+
+# ----------------------------------------------------------------------------
+# embedding lookup: table rows by integer id (DiT's LabelEmbedder)
+
+def embedding_forward(table, ids):
+    """table (n, D), ids (B,) -> (B, D)."""
+    return table[ids]
+
+
+def embedding_backward(dy, ids, n_rows):
+    """dy (B, D); cache: ids.  Scatter-add into the rows: a repeated id sums its rows."""
+    xp = array_module_of(dy)
+    dtable = xp.zeros((n_rows, dy.shape[-1]), dtype=dy.dtype)
+    xp.add.at(dtable, ids, dy)
+    return dtable
