@@ -39,14 +39,16 @@ def gemm_peak(reps=5, n=2048):
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def bench(fn, reps):
-    fn()
-    times = []
+def bench_pair(fa, fb, reps):
+    """Median seconds of fa and fb, interleaved so that background load hits both alike."""
+    fa(), fb()
+    ta, tb = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for f, ts in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main():
@@ -79,8 +81,7 @@ def main():
         t, y = rng.integers(0, 1000, B), rng.integers(0, cfg.num_classes, B)
         xt, tt, yt = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
         with torch.inference_mode():
-            ours = bench(lambda: model(x, t, y), args.reps)
-            theirs = bench(lambda: tm(xt, tt, yt), args.reps)
+            ours, theirs = bench_pair(lambda: model(x, t, y), lambda: tm(xt, tt, yt), args.reps)
         gf = dit_flops(cfg, B) / ours / 1e9
         print(f"{name:<26}{ours:>12.3f}{theirs:>10.3f}{theirs / ours:>7.2f}x{gf:>10.0f}{100 * gf / peak:>7.0f}%")
 
