@@ -89,8 +89,8 @@ def load_model(args):
             vae = load_vae(args.vae, dtype=args.dtype, backend=args.backend)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UsageError(f"cannot load the VAE from {args.vae}: {e}") from e
-        if vae.latent_channels != C:
-            raise UsageError(f"--vae {args.vae} has {vae.latent_channels} latent channels but the DiT "
+        if vae.config.latent_channels != C:
+            raise UsageError(f"--vae {args.vae} has {vae.config.latent_channels} latent channels but the DiT "
                              f"{path} takes {C}: pass the VAE this DiT was trained with")
     elif C not in (1, 3):
         raise UsageError(f"{path} is a latent-space model ({C} channels): pass its VAE with --vae "

@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "sample.py")
 
 
-def write_model(path, in_channels):
-    cfg = tl.DiTConfig(input_size=16, patch_size=4, in_channels=in_channels, hidden_size=32, depth=1,
+def write_model(path, in_channels, input_size=16):
+    cfg = tl.DiTConfig(input_size=input_size, patch_size=4, in_channels=in_channels, hidden_size=32, depth=1,
                        num_heads=2, num_classes=10)
     params = tl.init_params(cfg, seed=0, scheme="random")
     save_file({k: v.astype(np.float32) for k, v in params.items()}, str(path), metadata={"num_heads": "2"})
@@ -90,6 +90,30 @@ def test_missing_and_bad_weights(tmp_path):
 def test_latent_model_needs_vae(tmp_path):
     path = write_model(tmp_path / "latent.safetensors", 4)
     assert_usage_error(run("--weights", path, "--steps", 2), "latent-space model (4 channels)", "--vae")
+
+
+def write_vae(path, latent_channels):
+    vae = pytest.importorskip("tinylazy.vae")
+    cfg = vae.VAEConfig(latent_channels=latent_channels, block_out_channels=(32, 32), layers_per_block=1)
+    params = vae.init_params(cfg, seed=0)
+    save_file({k: v.astype(np.float32) for k, v in params.items()}, str(path))
+    return str(path)
+
+
+def test_latent_model_with_vae(tmp_path):
+    """8x8x4 latents decoded by a two-block VAE into 16x16 RGB images."""
+    dit = write_model(tmp_path / "latent.safetensors", 4, input_size=8)
+    vae = write_vae(tmp_path / "vae.safetensors", 4)
+    out = tmp_path / "grid.png"
+    r = run("--weights", dit, "--vae", vae, "--steps", 2, "--classes", 1, 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "VAE decode" in r.stderr and Image.open(out).size == (4 * 38, 4 * 20)
+
+
+def test_vae_latent_channels_must_match(pixel_model, tmp_path):
+    vae = write_vae(tmp_path / "vae.safetensors", 4)
+    assert_usage_error(run("--weights", pixel_model, "--vae", vae, "--steps", 2),
+                       "has 4 latent channels but the DiT", "takes 1")
 
 
 def test_no_bundled_weights_says_what_to_pass(tmp_path):
