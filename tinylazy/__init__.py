@@ -3,5 +3,6 @@ from .config import DIT_CONFIGS, DiTConfig, get_config
 from .dit import DiT, init_params, param_shapes
 from .diffusion import GaussianDiffusion, SpacedDiffusion, create_diffusion, space_timesteps
 from .sampling import ddim_sample, ddpm_sample, make_noise, sample_labels
+from .lazy import LazyGates, LazyStats, load_gates, save_gates
 
 __version__ = "0.1.0"

@@ -80,7 +80,7 @@ def check_labels(model, labels, cfg_scale=1.0):
     if bad:
         raise ValueError(f"unknown class id{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: "
                          f"this model has classes 0..{n - 1}")
-    if cfg_scale > 1 and model.params["y_embedder.embedding_table.weight"].shape[0] <= n:
+    if cfg_scale > 1 and not model.config.class_dropout_prob > 0:     # no null row (param_shapes)
         raise ValueError("cfg_scale > 1 needs the null-class row of the label table, which this model lacks")
     return y.astype(np.int64)
 
@@ -198,7 +198,8 @@ def _sample_loop(name, step, model, noise, labels, steps, cfg_scale, guide_chann
 
 
 def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, eta=0.0, step_noise=None,
-                progress=False, callback=None, guide_channels=3, clip_denoised=False):
+                progress=False, callback=None, guide_channels=3, clip_denoised=False,
+                gates=None, threshold=0.5, decisions=None, lazy_stats=None):
     """Respaced DDIM (ADM ``ddim_sample_loop``): noise x_T (B, C, H, W) -> final latents (B, C, H, W).
 
     model: a DiT (or anything with its ``config``, ``xp``, ``dtype``, ``__call__`` and
@@ -209,7 +210,15 @@ def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, eta=0.0, step_noi
     (B, C, H, W) float64 per step, or a list of one array per step).
     callback(i, info) runs after every step with the respaced index i and info =
     {step, t (original timestep), x (x_t), model_output, eps, pred_xstart, x_next}.
+    LazyDiT (``lazy.py``): ``gates`` (``load_gates``) skip modules whose score is below
+    ``threshold``; ``decisions`` forces them; ``lazy_stats`` (a ``LazyStats``) is filled in.
     """
+    if gates is not None or decisions is not None or lazy_stats is not None:
+        from .lazy import lazy_ddim_sample
+        return lazy_ddim_sample(model, noise, labels, steps, cfg_scale, gates=gates, threshold=threshold,
+                                decisions=decisions, lazy_stats=lazy_stats, eta=eta, step_noise=step_noise,
+                                progress=progress, callback=callback, guide_channels=guide_channels,
+                                clip_denoised=clip_denoised)
     eta = float(eta)
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

@@ -1,0 +1,289 @@
+"""LazyDiT sampling: module reuse, per-sample decisions, statistics and gate files.
+
+The reference for reuse is written here independently of ``tinylazy.lazy``: a
+duck-typed model that runs the DiT's pieces, records every module output per
+call, and replays the recorded outputs of an earlier call where told to.
+"""
+import numpy as np
+import pytest
+from PIL import Image
+
+import tinylazy as tl
+from tinylazy.lazy import (GatesError, LazyGates, LazyStats, alternate_decisions, full_step_macs, module_macs,
+                           random_decisions)
+
+CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tl.init_params(CFG, seed=2, scheme="random")
+
+
+def _model(params, dtype="float64"):
+    return tl.DiT(CFG, params, dtype=dtype)
+
+
+def _noise_labels(model, B=3):
+    return tl.make_noise(model, B, seed=5), np.arange(B) % CFG.num_classes
+
+
+class ReplayDiT:
+    """A DiT whose call number k replays the module outputs of call k - 1 where ``reuse[k][l][kind]``
+    is set, either for all rows (True) or for the rows in a bool mask."""
+
+    def __init__(self, model, reuse):
+        self.model, self.config, self.xp, self.dtype, self.params = model, model.config, model.xp, model.dtype, \
+            model.params
+        self.reuse = reuse
+        self.calls = 0
+        self.last = {}
+
+    def forward(self, x, t, y):
+        m = self.model
+        x, t, y = m._check_inputs(x, t, y)
+        h, c = m.embed_tokens(x), m.condition(t, y)
+        rule = self.reuse.get(self.calls, {})
+        outs = {}
+        for l in range(self.config.depth):
+            mods = m.block_modulation(l, c)
+            for j, (kind, fn) in enumerate((("attn", m.attn), ("mlp", m.mlp))):
+                shift, scale, gate = mods[3 * j: 3 * j + 3]
+                out = fn(l, m.modulated_input(h, shift, scale))
+                mask = rule.get((l, kind), False)
+                if mask is True:
+                    out = self.last[(l, kind)]
+                elif mask is not False:
+                    out = np.where(np.asarray(mask)[:, None, None], self.last[(l, kind)], out)
+                outs[(l, kind)] = out
+                h = h + gate[:, None, :] * out
+        self.last = outs
+        self.calls += 1
+        return m.final_layer(h, c)
+
+    __call__ = forward
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+        return tl.DiT.forward_with_cfg(self, x, t, y, cfg_scale, guide_channels)
+
+
+# ----------------------------------------------------------------------------
+# Reuse semantics
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_all_compute_is_plain_ddim_bit_for_bit(params, dtype, cfg_scale):
+    model = _model(params, dtype)
+    noise, y = _noise_labels(model)
+    plain = tl.ddim_sample(model, noise, y, STEPS, cfg_scale)
+    zero_gates = LazyGates.zeros(model, STEPS)                       # score 0.5 >= 0.5: compute
+    stats = LazyStats()
+    lazy = tl.ddim_sample(model, noise, y, STEPS, cfg_scale, gates=zero_gates, lazy_stats=stats)
+    forced = tl.ddim_sample(model, noise, y, STEPS, cfg_scale, decisions=np.ones((STEPS, CFG.depth, 2), bool))
+    assert np.array_equal(plain, lazy) and np.array_equal(plain, forced)
+    assert stats.lazy_ratio == 0.0
+    rows = len(y) * (2 if cfg_scale > 1 else 1)
+    assert stats.evals.sum() == STEPS * CFG.depth * 2 * rows and stats.row_steps == STEPS * rows
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_forced_skip_reuses_previous_outputs(params, cfg_scale):
+    model = _model(params)
+    noise, y = _noise_labels(model)
+    keep = np.ones((STEPS, CFG.depth, 2), bool)
+    keep[2] = False                      # every module of step 2 reuses step 1's outputs
+    keep[4, 1, 0] = keep[5, 1, 0] = False  # layer-1 attention reuses step 3's output twice
+    keep[4, 2, 1] = False
+    lazy = tl.ddim_sample(model, noise, y, STEPS, cfg_scale, decisions=keep)
+    all_kinds = {(l, kind): True for l in range(CFG.depth) for kind in ("attn", "mlp")}
+    # Replay: call 2 reuses call 1; call 4 reuses call 3 (attn 1, mlp 2); call 5 reuses call 4's
+    # attn 1, which is itself call 3's.
+    ref = ReplayDiT(model, {2: all_kinds, 4: {(1, "attn"): True, (2, "mlp"): True}, 5: {(1, "attn"): True}})
+    expect = tl.ddim_sample(ref, noise, y, STEPS, cfg_scale)
+    assert np.array_equal(lazy, expect)
+    assert not np.allclose(lazy, tl.ddim_sample(model, noise, y, STEPS, cfg_scale))   # skipping changed something
+
+
+def test_first_step_always_computes(params):
+    model = _model(params)
+    noise, y = _noise_labels(model)
+    keep = np.ones((STEPS, CFG.depth, 2), bool)
+    keep[0] = False
+    stats = LazyStats()
+    out = tl.ddim_sample(model, noise, y, STEPS, 1.0, decisions=keep, lazy_stats=stats)
+    assert np.array_equal(out, tl.ddim_sample(model, noise, y, STEPS, 1.0))
+    assert stats.skips.sum() == 0
+
+
+def test_mixed_decisions_equal_samples_one_by_one(params):
+    model = _model(params)
+    B, cfg_scale = 4, 1.5
+    noise, y = _noise_labels(model, B)
+    rows = 2 * B                                                     # [cond; uncond]: halves decide independently
+    keep = np.random.default_rng(0).random((STEPS, CFG.depth, 2, rows)) < 0.5
+    stats = LazyStats()
+    batch = tl.ddim_sample(model, noise, y, STEPS, cfg_scale, decisions=keep, lazy_stats=stats)
+    for b in range(B):
+        alone = tl.ddim_sample(model, noise[b:b + 1], y[b:b + 1], STEPS, cfg_scale, decisions=keep[..., [b, B + b]])
+        np.testing.assert_allclose(batch[b:b + 1], alone, rtol=0, atol=1e-12)
+    # The same run through the replay reference, rows masked per call.
+    reuse = {k: {(l, kind): ~keep[k, l, j] for l in range(CFG.depth) for j, kind in enumerate(("attn", "mlp"))}
+             for k in range(1, STEPS)}
+    np.testing.assert_allclose(batch, tl.ddim_sample(ReplayDiT(model, reuse), noise, y, STEPS, cfg_scale),
+                               rtol=0, atol=1e-12)
+    assert stats.skips.sum() == (~keep[1:]).sum()
+
+
+def test_gate_scores_decide_per_row(params):
+    """Random gates: the sampler's decisions are exactly score >= threshold, row by row."""
+    model = _model(params)
+    noise, y = _noise_labels(model, 4)
+    rng = np.random.default_rng(1)
+    gates = LazyGates.zeros(model, STEPS)
+    gates.attn[...] = rng.standard_normal(gates.attn.shape) * 0.02
+    gates.mlp[...] = rng.standard_normal(gates.mlp.shape) * 0.02
+    seen = []
+
+    def by_score(k, l, kind, scores):
+        seen.append(scores)
+        return scores >= 0.5
+
+    stats = LazyStats()
+    a = tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=gates, lazy_stats=stats)
+    b = tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=gates, decisions=by_score)
+    assert np.array_equal(a, b)
+    scores = np.concatenate(seen)
+    assert 0.05 < stats.lazy_ratio < 0.95 and 0 < (scores < 0.5).mean() < 1
+    # Threshold 1: every scored module reuses; 0: every module computes.
+    skip_all = np.zeros((STEPS, CFG.depth, 2), bool)
+    assert np.array_equal(tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=LazyGates.zeros(model, STEPS),
+                                         threshold=1.0),
+                          tl.ddim_sample(model, noise, y, STEPS, 1.5, decisions=skip_all))
+    assert np.array_equal(tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=gates, threshold=0.0),
+                          tl.ddim_sample(model, noise, y, STEPS, 1.5))
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+
+def test_stats_ratios_macs_and_heatmap(params, tmp_path):
+    model = _model(params, "float32")
+    noise, y = _noise_labels(model, 2)
+    keep = alternate_decisions(STEPS, CFG.depth)
+    keep[2, 0, 1] = False                                             # one extra skip: layer 0 MLP, step 2
+    stats = LazyStats()
+    tl.ddim_sample(model, noise, y, STEPS, 1.5, decisions=keep, lazy_stats=stats)
+    rows, n = 4, STEPS * CFG.depth * 2
+    assert stats.lazy_ratio == pytest.approx((n // 2 + 1) / n)
+    assert stats.ratio_by_kind()["attn"] == pytest.approx(0.5)
+    assert stats.ratio_by_step().tolist() == pytest.approx([0, 1, 1 / 6, 1, 0, 1])
+    assert stats.ratio_by_layer()[0].tolist() == pytest.approx([0.5, 4 / 6])
+    m = module_macs(CFG)
+    spent, full = stats.macs()
+    assert full == STEPS * rows * full_step_macs(CFG)
+    assert spent == full - rows * (9 * m["attn"] + 10 * m["mlp"])    # no gates: nothing scored
+    summary = stats.summary()
+    assert summary["macs_ratio"] == pytest.approx(spent / full) and len(summary["by_layer"]) == CFG.depth
+    path = stats.heatmap(tmp_path / "fig4.png")
+    with Image.open(path) as img:
+        assert img.size[0] > 2 * STEPS * 16 and img.size[1] > CFG.depth * 16
+        px = np.asarray(img.convert("L"))
+        assert px.min() < 100 and px.max() == 255                     # dark (reused) and white (computed) cells
+
+
+def test_rule_decisions():
+    alt = alternate_decisions(20, 4)
+    assert alt[0].all() and not alt[1].any() and (~alt).mean() == 0.5
+    rnd = random_decisions(20, 4, 0.5, seed=3)
+    assert rnd[0].all() and (~rnd).sum() == 80
+    assert not np.array_equal(rnd, random_decisions(20, 4, 0.5, seed=4))
+    with pytest.raises(ValueError, match="first step"):
+        random_decisions(2, 4, 0.9)
+
+
+def test_bad_decisions_and_threshold(params):
+    model = _model(params)
+    noise, y = _noise_labels(model)
+    with pytest.raises(ValueError, match="decisions must be"):
+        tl.ddim_sample(model, noise, y, STEPS, decisions=np.ones((STEPS, 2, 2), bool))
+    with pytest.raises(ValueError, match="threshold"):
+        tl.ddim_sample(model, noise, y, STEPS, gates=LazyGates.zeros(model, STEPS), threshold=2)
+
+
+# ----------------------------------------------------------------------------
+# Gate files
+
+def test_gates_roundtrip_official_names(params, tmp_path):
+    model = _model(params, "float32")
+    gates = LazyGates.zeros(model, STEPS, dtype=np.float32)
+    gates.attn[...] = np.random.default_rng(0).standard_normal(gates.attn.shape)
+    gates.mlp[...] = np.random.default_rng(1).standard_normal(gates.mlp.shape)
+    path = tmp_path / "g.safetensors"
+    tl.save_gates(gates, path, training={"iters": 3})
+    from tinylazy.io import read_safetensors
+    tensors, meta = read_safetensors(path)
+    assert tensors["blocks.2.mlp_lazy_learning.5.weight"].shape == (1, CFG.hidden_size)
+    assert np.array_equal(tensors["blocks.1.attn_lazy_learning.4.weight"][0], gates.attn[4, 1])
+    assert len(tensors) == STEPS * CFG.depth * 2
+    assert meta["num_sampling_steps"] == str(STEPS) and "weights_hash" in meta and "timestep_map" in meta
+    back = tl.load_gates(path, model, steps=STEPS)
+    assert np.array_equal(back.attn, gates.attn) and np.array_equal(back.mlp, gates.mlp)
+    assert back.training["iters"] == 3 and np.array_equal(back.timestep_map, gates.timestep_map)
+
+
+def test_gates_for_another_model_or_step_count_are_refused(params, tmp_path):
+    model = _model(params, "float32")
+    path = tmp_path / "g.safetensors"
+    tl.save_gates(LazyGates.zeros(model, STEPS), path)
+    other = tl.DiT(CFG, tl.init_params(CFG, seed=9, scheme="random"))
+    with pytest.raises(GatesError, match="trained for DiT weights"):
+        tl.load_gates(path, other)
+    with pytest.raises(GatesError, match=f"made for {STEPS} sampling steps, not 10"):
+        tl.load_gates(path, model, steps=10)
+    gates = tl.load_gates(path, model)
+    noise, y = _noise_labels(model)
+    with pytest.raises(GatesError, match=f"made for {STEPS} sampling steps; this run uses 10"):
+        tl.ddim_sample(model, noise, y, 10, gates=gates)
+    wide = tl.DiT(CFG.replace(hidden_size=48, num_heads=2), tl.init_params(CFG.replace(hidden_size=48), seed=0))
+    with pytest.raises(GatesError, match="hidden size 48"):
+        tl.load_gates(path, wide)
+
+
+def test_malformed_gate_files(params, tmp_path):
+    model = _model(params, "float32")
+    from tinylazy.io import write_safetensors
+    full = LazyGates.zeros(model, STEPS).state_dict()
+    missing = dict(full)
+    del missing["blocks.1.mlp_lazy_learning.3.weight"]
+    write_safetensors(tmp_path / "m.safetensors", missing)
+    with pytest.raises(GatesError, match="blocks.1.mlp_lazy_learning.3.weight"):
+        tl.load_gates(tmp_path / "m.safetensors", model)
+    write_safetensors(tmp_path / "x.safetensors", dict(full, **{"blocks.0.attn.qkv.weight": np.zeros((3, 3))}))
+    with pytest.raises(GatesError, match="not a LazyDiT gate"):
+        tl.load_gates(tmp_path / "x.safetensors", model)
+
+
+def test_official_checkpoint_converts_and_loads(params, tmp_path):
+    """An official LazyDiT gate checkpoint (torch.save of {"model", "opt", "args", ...}) converts
+    with the torch-free converter and loads for any model of its shape (no hash to check)."""
+    torch = pytest.importorskip("torch")
+    import argparse
+
+    from tinylazy.convert import convert
+    model = _model(params, "float32")
+    rng = np.random.default_rng(0)
+    w = {(kind, l, s): rng.standard_normal((1, CFG.hidden_size)).astype(np.float32)
+         for kind in ("attn", "mlp") for l in range(CFG.depth) for s in range(STEPS)}
+    ckpt = {"model": {f"block_{l}_{kind}_lazy_learning_weight_{s}": torch.from_numpy(a) for (kind, l, s), a in w.items()},
+            "opt": {"state": {}, "param_groups": []}, "args": argparse.Namespace(lr=1e-4), "epoch": 0, "step": 500}
+    torch.save(ckpt, tmp_path / "official.pt")
+    convert(tmp_path / "official.pt", tmp_path / "official.safetensors", progress=False)
+    gates = tl.load_gates(tmp_path / "official.safetensors", model, steps=STEPS)
+    assert gates.weights_hash is None
+    assert np.array_equal(gates.mlp[4, 2], w[("mlp", 2, 4)][0])
+    assert np.array_equal(gates.timestep_map, tl.create_diffusion(STEPS).timestep_map)
+    noise, y = _noise_labels(model)
+    stats = LazyStats()
+    tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=gates, lazy_stats=stats)
+    assert stats.scored.sum() == (STEPS - 1) * CFG.depth * 2 * 6

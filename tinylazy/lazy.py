@@ -1,0 +1,540 @@
+"""LazyDiT (Shen et al., AAAI 2025): gates that skip attention / MLP modules while sampling.
+
+For every respaced sampling step s, block l and module kind (attention, MLP) a gate
+is a vector w (D,), no bias, zero-initialised.  With Z (B, T, D) the modulated,
+normalised input of the module, the score (the probability to *compute*, as in the
+official code) is
+
+    score = sigmoid(sum over tokens of Z @ w)                      (paper eq. 4)
+
+At sampling time a module runs when ``score >= threshold`` (0.5) and otherwise
+reuses its own output of the previous step (paper eq. 7), cached *before* the
+gate_msa / gate_mlp multiply; adaLN, the residual and the gate multiply still run.
+The first step always computes (there is no cache yet).  Decisions are per sample:
+a batch with mixed decisions runs the module on the rows that compute only, and
+the two halves of a guided batch [cond; uncond] decide independently, as the
+official ``DiTBlock.forward(accelerate=True)`` does.
+
+Gates live in ``LazyGates`` ((steps, depth, D) arrays per kind) and are stored in
+safetensors under the official names ``blocks.{l}.attn_lazy_learning.{s}.weight``
+and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D)), with metadata that
+ties them to one DiT (its weights hash), one step count and one timestep map.
+Training the gates is ``lazy_train.py``.
+"""
+import json
+import math
+import numbers
+import re
+
+import numpy as np
+
+from .backend import to_numpy
+from .diffusion import create_diffusion
+
+KINDS = ("attn", "mlp")                      # index 0, 1 in every (..., 2) array below
+FORMAT = "tinylazy-lazydit-gates-v1"
+DEFAULT_THRESHOLD = 0.5                      # official attn_threshold / mlp_threshold
+
+
+class GatesError(ValueError):
+    """Gates that do not fit a model or a sampling run; the message names the file and the reason."""
+
+
+def gate_key(kind, layer, step):
+    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``."""
+    return f"blocks.{layer}.{kind}_lazy_learning.{step}.weight"
+
+
+_OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.weight")
+# The official LazyDiT checkpoint dict ("model" entry of its .pt files, as tinylazy.convert writes it).
+_CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
+
+
+def _model_hash(model):
+    """The model's weights hash (set by ``load_dit``; computed once otherwise)."""
+    h = getattr(model, "weights_hash", None)
+    if h is None:
+        from .io import weights_hash
+        h = weights_hash(model)
+        try:
+            model.weights_hash = h
+        except AttributeError:
+            pass
+    return h
+
+
+# ----------------------------------------------------------------------------
+# Gates
+
+class LazyGates:
+    """The gate vectors of one DiT for one respaced schedule.
+
+    attn, mlp: host arrays (num_steps, depth, D), indexed by the respaced step s
+    (s = num_steps - 1 is the first sampling step, s = 0 the last), as the official
+    ``create_lazy_learning`` indexes its ModuleLists through ``timestep_map``.
+    timestep_map: (num_steps,) original timesteps of the schedule.  weights_hash:
+    the DiT they were trained for (None when unknown, e.g. a converted official
+    checkpoint).  training: a dict of facts about how they were made.
+    """
+
+    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None):
+        attn, mlp = np.asarray(attn), np.asarray(mlp)
+        if attn.ndim != 3 or attn.shape != mlp.shape:
+            raise GatesError(f"gate arrays must both be (num_steps, depth, D), got {attn.shape} and {mlp.shape}")
+        timestep_map = np.asarray(timestep_map, dtype=np.int64).reshape(-1)
+        if timestep_map.shape[0] != attn.shape[0]:
+            raise GatesError(f"timestep_map has {timestep_map.shape[0]} entries for {attn.shape[0]} steps")
+        self.attn, self.mlp = attn, mlp
+        self.timestep_map = timestep_map
+        self.weights_hash = weights_hash
+        self.training = dict(training or {})
+
+    @classmethod
+    def zeros(cls, model, steps, dtype=None):
+        """Fresh gates (score 0.5 everywhere, so every module computes) for ``steps`` DDIM steps."""
+        cfg = model.config
+        tmap = create_diffusion(steps).timestep_map
+        shape = (len(tmap), cfg.depth, cfg.hidden_size)
+        dt = model.dtype if dtype is None else np.dtype(dtype)
+        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, _model_hash(model))
+
+    @property
+    def num_steps(self):
+        return self.attn.shape[0]
+
+    @property
+    def depth(self):
+        return self.attn.shape[1]
+
+    @property
+    def hidden_size(self):
+        return self.attn.shape[2]
+
+    def of(self, kind):
+        return self.attn if kind == "attn" else self.mlp
+
+    def state_dict(self):
+        """Official names -> (1, D) arrays (views)."""
+        return {gate_key(kind, l, s): self.of(kind)[s, l][None]
+                for s in range(self.num_steps) for l in range(self.depth) for kind in KINDS}
+
+    def metadata(self):
+        meta = {"format": FORMAT, "num_sampling_steps": str(self.num_steps),
+                "timestep_map": json.dumps(self.timestep_map.tolist()),
+                "depth": str(self.depth), "hidden_size": str(self.hidden_size),
+                "training": json.dumps(self.training, sort_keys=True)}
+        if self.weights_hash is not None:
+            meta["weights_hash"] = self.weights_hash
+        return meta
+
+    def check_run(self, model, timestep_map):
+        """Raise GatesError unless these gates fit ``model`` and a run with ``timestep_map``."""
+        cfg = model.config
+        if (self.depth, self.hidden_size) != (cfg.depth, cfg.hidden_size):
+            raise GatesError(f"gates are for depth {self.depth}, hidden {self.hidden_size}; the model has "
+                             f"depth {cfg.depth}, hidden {cfg.hidden_size}")
+        tmap = np.asarray(timestep_map)
+        if len(tmap) != self.num_steps:
+            raise GatesError(f"gates were made for {self.num_steps} sampling steps; this run uses {len(tmap)} "
+                             f"(train gates for {len(tmap)} steps: examples/train_gates.py --steps {len(tmap)})")
+        if not np.array_equal(tmap, self.timestep_map):
+            raise GatesError(f"gates were made for another respacing of {self.num_steps} steps "
+                             f"(timestep map {self.timestep_map.tolist()[:4]}..., run {tmap.tolist()[:4]}...)")
+        mh = getattr(model, "weights_hash", None)
+        if self.weights_hash is not None and mh is not None and mh != self.weights_hash:
+            raise GatesError(f"gates were trained for DiT weights {self.weights_hash[:12]}, "
+                             f"this model's weights are {mh[:12]}")
+
+    def __repr__(self):
+        h = self.weights_hash[:12] if self.weights_hash else "unknown"
+        return f"LazyGates(steps={self.num_steps}, depth={self.depth}, hidden={self.hidden_size}, weights={h})"
+
+
+def save_gates(gates, path, training=None):
+    """Write ``gates`` to a safetensors file (atomic), float32, official names, with metadata."""
+    from .io import write_safetensors
+    if training:
+        gates.training.update(training)
+    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in gates.state_dict().items()}
+    write_safetensors(path, tensors, gates.metadata())
+
+
+def _parse_keys(path, tensors):
+    """-> {(kind, l, s): (1, D) array} from official names or the official checkpoint's names."""
+    found = {}
+    for name, a in tensors.items():
+        m = _OFFICIAL_KEY.fullmatch(name) or _CHECKPOINT_KEY.fullmatch(name)
+        if m is None:
+            raise GatesError(f"{path}: {name!r} is not a LazyDiT gate "
+                             f"(expected blocks.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
+        l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
+        if a.ndim != 2 or a.shape[0] != 1:
+            raise GatesError(f"{path}: {name!r} has shape {tuple(a.shape)}, expected (1, D)")
+        if (kind, l, s) in found:
+            raise GatesError(f"{path}: gate {kind} layer {l} step {s} appears twice")
+        found[(kind, l, s)] = a
+    if not found:
+        raise GatesError(f"{path}: no gates in the file")
+    return found
+
+
+def load_gates(path, model, steps=None):
+    """Read gates for ``model`` from ``path``; refuse gates made for another model or step count.
+
+    Accepts tinylazy's files and official LazyDiT gate checkpoints converted with
+    ``python -m tinylazy.convert`` (their ``block_{l}_attn_lazy_learning_weight_{s}``
+    names; such a file carries no weights hash, so only its shapes and step count are
+    checked and the timestep map is the official ``create_diffusion(str(steps))`` one).
+    steps: the number of sampling steps the caller will use (checked when given).
+    """
+    from .io import read_safetensors
+    path = str(path)
+    tensors, meta = read_safetensors(path)
+    found = _parse_keys(path, tensors)
+    cfg = model.config
+    S = 1 + max(s for _, _, s in found)
+    missing = [gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
+               if (kind, l, s) not in found]
+    if missing:
+        raise GatesError(f"{path}: missing {len(missing)} gates for a depth-{cfg.depth} model with {S} steps, "
+                         f"e.g. {missing[0]!r}")
+    extra = sorted({l for _, l, _ in found if l >= cfg.depth})
+    if extra:
+        raise GatesError(f"{path}: gates for block {extra[0]} but the model has depth {cfg.depth}")
+    D = {a.shape[1] for a in found.values()}
+    if D != {cfg.hidden_size}:
+        raise GatesError(f"{path}: gates of width {sorted(D)}, the model has hidden size {cfg.hidden_size}")
+    if "num_sampling_steps" in meta and int(meta["num_sampling_steps"]) != S:
+        raise GatesError(f"{path}: metadata says {meta['num_sampling_steps']} steps, the tensors hold {S}")
+    if steps is not None and int(steps) != S:
+        raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
+    file_hash = meta.get("weights_hash")
+    if file_hash is not None and file_hash != _model_hash(model):
+        raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
+                         f"are {_model_hash(model)[:12]} (different weights file)")
+    tmap = np.asarray(json.loads(meta["timestep_map"]), dtype=np.int64) if "timestep_map" in meta \
+        else create_diffusion(S).timestep_map
+    stack = lambda kind: np.stack([np.stack([found[(kind, l, s)][0] for l in range(cfg.depth)])
+                                   for s in range(S)]).astype(np.float32)       # (S, L, D)
+    training = json.loads(meta["training"]) if "training" in meta else {"source": meta.get("source", "unknown")}
+    return LazyGates(stack("attn"), stack("mlp"), tmap, file_hash, training)
+
+
+# ----------------------------------------------------------------------------
+# Forced decisions (tests, baselines, benchmarks): True = compute, (steps, depth, 2[, rows])
+
+def alternate_decisions(steps, depth):
+    """The alternate-step rule: compute every module on even sampling steps, reuse on odd ones.
+
+    Steps count in sampling order (k = 0 is the first step).  Lazy ratio floor(steps/2)/steps.
+    """
+    keep = np.ones((steps, depth, 2), dtype=bool)
+    keep[1::2] = False
+    return keep
+
+
+def random_decisions(steps, depth, ratio, seed=0):
+    """Skip a random ``ratio`` of all (step, layer, module) evaluations, shared by every sample.
+
+    The first step cannot skip, so round(ratio * steps * depth * 2) skips are drawn
+    from the other steps' evaluations.
+    """
+    n_total, n_free = steps * depth * 2, (steps - 1) * depth * 2
+    n_skip = int(round(ratio * n_total))
+    if not 0 <= n_skip <= n_free:
+        raise ValueError(f"cannot skip {ratio:.0%} of {n_total} evaluations: the first step always computes")
+    keep = np.ones(n_total, dtype=bool)
+    keep[n_total - n_free + np.random.default_rng(seed).permutation(n_free)[:n_skip]] = False
+    return keep.reshape(steps, depth, 2)
+
+
+class _Decider:
+    """decisions: None (use the gates' scores), a bool array (steps, depth, 2) or
+    (steps, depth, 2, rows), or a callable (step, layer, kind, scores) -> bool or (rows,) bool."""
+
+    def __init__(self, decisions, num_steps, depth):
+        self.fn = None
+        self.table = None
+        if decisions is None:
+            return
+        if callable(decisions):
+            self.fn = decisions
+            return
+        table = np.asarray(decisions)
+        if table.dtype != bool or table.shape[:3] != (num_steps, depth, 2) or table.ndim not in (3, 4):
+            raise ValueError(f"decisions must be a bool array of shape ({num_steps}, {depth}, 2) or "
+                             f"({num_steps}, {depth}, 2, rows), or a callable; got {table.dtype} {table.shape}")
+        self.table = table
+
+    @property
+    def forced(self):
+        return self.fn is not None or self.table is not None
+
+    def __call__(self, k, l, kind, scores, rows):
+        if self.fn is not None:
+            keep = self.fn(k, l, kind, scores)
+        else:
+            keep = self.table[k, l, KINDS.index(kind)]
+        keep = np.broadcast_to(np.asarray(to_numpy(keep), dtype=bool), (rows,))
+        return keep
+
+
+# ----------------------------------------------------------------------------
+# Cost model and statistics
+
+def module_macs(cfg):
+    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention)."""
+    T, D, F, C = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels
+    p = cfg.patch_size
+    return {
+        "attn": 4 * T * D * D + 2 * T * T * D,          # qkv 3TD^2, q k^T and p v 2T^2 D, proj TD^2
+        "mlp": 2 * T * D * F,                           # fc1 and fc2
+        "adaLN": 6 * D * D,                             # per block
+        "gate": T * D,                                  # Z @ w for one module
+        "embed": T * C * p * p * D + 256 * D + D * D,   # patches, timestep MLP
+        "final": 2 * D * D + T * D * p * p * cfg.out_channels,
+    }
+
+
+def full_step_macs(cfg):
+    """MACs of one plain forward per sample row."""
+    m = module_macs(cfg)
+    return m["embed"] + cfg.depth * (m["adaLN"] + m["attn"] + m["mlp"]) + m["final"]
+
+
+class LazyStats:
+    """Counts of one or more lazy sampling runs (pass it as ``lazy_stats=`` to ``ddim_sample``).
+
+    Arrays, in sampling order k (k = 0 the first step):
+    evals / skips / scored (steps, depth, 2): module evaluations (sample rows, both
+    halves of a guided batch counted), how many reused the cache, and how many
+    were scored by a gate; row_steps: forward passes x rows.
+    """
+
+    def __init__(self):
+        self.config = None
+        self.evals = self.skips = self.scored = None
+        self.row_steps = 0
+        self.scores = None             # (steps, depth, 2): sum of gate scores, for mean_score
+
+    def start(self, config, num_steps):
+        if self.evals is None:
+            self.config = config
+            shape = (num_steps, config.depth, 2)
+            self.evals, self.skips, self.scored = (np.zeros(shape, np.int64) for _ in range(3))
+            self.scores = np.zeros(shape)
+        elif self.evals.shape != (num_steps, config.depth, 2):
+            raise ValueError(f"these stats hold runs of shape {self.evals.shape[:2]} (steps, depth); "
+                             f"use a new LazyStats for {num_steps} steps")
+
+    def record(self, k, l, kind, rows, skipped, scores=None):
+        j = KINDS.index(kind)
+        self.evals[k, l, j] += rows
+        self.skips[k, l, j] += skipped
+        if scores is not None:
+            self.scored[k, l, j] += rows
+            self.scores[k, l, j] += float(np.sum(scores))
+
+    # -- ratios --------------------------------------------------------------------
+    @staticmethod
+    def _ratio(s, e):
+        return float(s.sum() / e.sum()) if e.sum() else 0.0
+
+    @property
+    def lazy_ratio(self):
+        """Skipped module evaluations / all module evaluations (the paper's Gamma, both kinds)."""
+        return self._ratio(self.skips, self.evals)
+
+    def ratio_by_kind(self):
+        return {kind: self._ratio(self.skips[..., j], self.evals[..., j]) for j, kind in enumerate(KINDS)}
+
+    def ratio_by_layer(self):
+        """(depth, 2): the lazy ratio of each layer's attention and MLP over all steps."""
+        return self.skips.sum(0) / np.maximum(self.evals.sum(0), 1)
+
+    def ratio_by_step(self):
+        """(steps,): the lazy ratio of each sampling step over layers and kinds."""
+        return self.skips.sum((1, 2)) / np.maximum(self.evals.sum((1, 2)), 1)
+
+    def ratio_map(self):
+        """(steps, depth, 2): the lazy ratio of every (step, layer, kind)."""
+        return self.skips / np.maximum(self.evals, 1)
+
+    def mean_score(self):
+        """(steps, depth, 2): the mean gate score where scored, NaN elsewhere."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.scored > 0, self.scores / np.maximum(self.scored, 1), np.nan)
+
+    # -- cost ---------------------------------------------------------------------------
+    def macs(self):
+        """(spent, full): MACs of the lazy runs and of the same runs without skipping."""
+        m = module_macs(self.config)
+        full = self.row_steps * full_step_macs(self.config)
+        saved = int(self.skips[..., 0].sum()) * m["attn"] + int(self.skips[..., 1].sum()) * m["mlp"]
+        return full - saved + int(self.scored.sum()) * m["gate"], full
+
+    def summary(self):
+        spent, full = self.macs()
+        kinds = self.ratio_by_kind()
+        return {"lazy_ratio": self.lazy_ratio, "attn": kinds["attn"], "mlp": kinds["mlp"],
+                "by_layer": self.ratio_by_layer().tolist(), "by_step": self.ratio_by_step().tolist(),
+                "macs_spent": spent, "macs_full": full, "macs_ratio": spent / full if full else 1.0}
+
+    def __str__(self):
+        s = self.summary()
+        return (f"lazy ratio {s['lazy_ratio']:.1%} (attention {s['attn']:.1%}, MLP {s['mlp']:.1%}); "
+                f"MACs {s['macs_spent'] / 1e9:.3g} G of {s['macs_full'] / 1e9:.3g} G full ({s['macs_ratio']:.1%})")
+
+    def heatmap(self, path, title=None):
+        """Write the paper's Figure 4 as a PNG: per-layer laziness of attention and MLP (Pillow only).
+
+        Two panels (attention, MLP); in each, one row per layer, one column per
+        sampling step (first step on the left), and a last column with the layer's
+        lazy ratio over all steps; white = always computed, dark = always reused.
+        """
+        from PIL import Image, ImageDraw, ImageFont
+        ratios = self.ratio_map()                                  # (S, L, 2)
+        S, L, _ = ratios.shape
+        cell, gap, left, top, label_h = 16, 24, 44, 34, 18
+        panel_w = (S + 2) * cell
+        W = left + 2 * panel_w + gap + 8
+        H = top + L * cell + label_h + 24
+        img = Image.new("RGB", (W, H), "white")
+        draw = ImageDraw.Draw(img)
+        font = ImageFont.load_default()
+        colour = lambda r: tuple(int(round(255 - r * (255 - c))) for c in (20, 60, 140))   # white -> navy
+        s = self.summary()
+        draw.text((4, 4), title or f"lazy ratio {s['lazy_ratio']:.0%} over {S} steps", fill="black", font=font)
+        for j, name in enumerate(("attention", "MLP")):
+            x0 = left + j * (panel_w + gap)
+            draw.text((x0, top - 14), f"{name} {self.ratio_by_kind()[KINDS[j]]:.0%}", fill="black", font=font)
+            per_layer = self.ratio_by_layer()[:, j]
+            for l in range(L):
+                y = top + l * cell
+                for k in range(S):
+                    draw.rectangle([x0 + k * cell, y, x0 + (k + 1) * cell - 1, y + cell - 1],
+                                   fill=colour(ratios[k, l, j]))
+                xs = x0 + (S + 1) * cell                                # the per-layer column, one cell apart
+                draw.rectangle([xs, y, xs + cell - 1, y + cell - 1], fill=colour(per_layer[l]),
+                               outline=(160, 160, 160))
+                if j == 0:
+                    draw.text((4, y + 2), f"L{l}", fill="black", font=font)
+            draw.rectangle([x0 - 1, top - 1, x0 + S * cell, top + L * cell], outline=(120, 120, 120))
+            draw.text((x0, top + L * cell + 4), f"step 1..{S}  | all", fill="black", font=font)
+        img.save(path)
+        return path
+
+
+# ----------------------------------------------------------------------------
+# Lazy sampling
+
+class LazyDiT:
+    """A DiT that reuses module outputs across the steps of one sampling run.
+
+    It has the DiT's sampling interface (``config``, ``xp``, ``dtype``, ``params``,
+    ``__call__``, ``forward_with_cfg``), so the ordinary samplers drive it; one
+    instance holds the cache of one run.  The gate of a forward pass is looked up
+    from its first timestep, as the official code does (a batch shares one step).
+    """
+
+    def __init__(self, model, timestep_map, gates=None, threshold=DEFAULT_THRESHOLD, decisions=None, stats=None):
+        if not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        self.model = model
+        self.config, self.xp, self.dtype, self.params = model.config, model.xp, model.dtype, model.params
+        self.num_steps = len(timestep_map)
+        self.step_of = {int(t): i for i, t in enumerate(timestep_map)}     # original timestep -> s
+        if gates is not None:
+            gates.check_run(model, timestep_map)
+        self.gates = gates
+        self.threshold = float(threshold)
+        self.decide = _Decider(decisions, self.num_steps, model.config.depth)
+        self.stats = stats
+        if stats is not None:
+            stats.start(model.config, self.num_steps)
+        self.cache = {}                     # (layer, kind) -> (rows, T, D) module output before the gate multiply
+        self._w = None
+
+    def forward(self, x, t, y):
+        model = self.model
+        x, t, y = model._check_inputs(x, t, y)
+        s = self.step_of.get(int(t[0]))
+        if s is None:
+            raise ValueError(f"timestep {int(t[0])} is not a step of this {self.num_steps}-step schedule")
+        k = self.num_steps - 1 - s                                       # sampling order
+        if self.gates is not None:
+            self._w = {kind: self.xp.asarray(self.gates.of(kind)[s], dtype=self.dtype) for kind in KINDS}  # (L, D)
+        if self.stats is not None:
+            self.stats.row_steps += x.shape[0]
+        h = model.embed_tokens(x)
+        c_act = model.condition(t, y)
+        for l in range(self.config.depth):
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = model.block_modulation(l, c_act)
+            a = self._module(k, l, "attn", model.modulated_input(h, shift_msa, scale_msa))
+            h = h + gate_msa[:, None, :] * a
+            m = self._module(k, l, "mlp", model.modulated_input(h, shift_mlp, scale_mlp))
+            h = h + gate_mlp[:, None, :] * m
+        return model.final_layer(h, c_act)
+
+    __call__ = forward
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+        """The DiT's ``forward_with_cfg`` around the lazy forward (one code path, so an
+        all-compute run is bit-identical to the plain sampler)."""
+        return type(self.model).forward_with_cfg(self, x, t, y, cfg_scale, guide_channels)
+
+    def scores(self, l, kind, z):
+        """Gate scores (rows,) on the host: sigmoid(sum_t Z @ w), official order (per token, then sum)."""
+        u = (z @ self._w[kind][l]).sum(axis=1)                           # (R, T, D) @ (D,) -> (R, T) -> (R,)
+        with np.errstate(over="ignore"):                                 # exp(-u) = inf gives the right 0
+            return to_numpy(1.0 / (1.0 + self.xp.exp(-u)))
+
+    def _module(self, k, l, kind, z):
+        fn = self.model.attn if kind == "attn" else self.model.mlp
+        rows = z.shape[0]
+        cached = self.cache.get((l, kind))
+        if cached is None:                                              # first step: always compute
+            out = fn(l, z)
+            self.cache[(l, kind)] = out
+            if self.stats is not None:
+                self.stats.record(k, l, kind, rows, 0)
+            return out
+        if cached.shape != z.shape:
+            raise ValueError(f"the batch changed within a lazy run ({cached.shape[0]} -> {rows} rows)")
+        scores = self.scores(l, kind, z) if self.gates is not None else None
+        if self.decide.forced:
+            keep = self.decide(k, l, kind, scores, rows)
+        elif scores is not None:
+            keep = scores >= self.threshold
+        else:
+            keep = np.ones(rows, dtype=bool)
+        n_keep = int(keep.sum())
+        if n_keep == rows:
+            out = fn(l, z)
+            self.cache[(l, kind)] = out
+        elif n_keep == 0:
+            out = cached
+        else:                                                           # gather the computing rows, scatter back
+            idx = self.xp.asarray(np.flatnonzero(keep))
+            cached[idx] = fn(l, z[idx])                                 # (n_keep, T, D) into the cache, in place
+            out = cached
+        if self.stats is not None:
+            self.stats.record(k, l, kind, rows, rows - n_keep, scores)
+        return out
+
+
+def lazy_ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, gates=None, threshold=DEFAULT_THRESHOLD,
+                     decisions=None, lazy_stats=None, **kwargs):
+    """DDIM sampling with LazyDiT module reuse; ``tl.ddim_sample(..., gates=...)`` lands here.
+
+    gates: ``LazyGates`` for this model and step count (``load_gates``); threshold:
+    compute when score >= threshold.  decisions (instead of, or overriding, the gates):
+    a bool array (steps, depth, 2[, rows]) in sampling order, True = compute, or a
+    callable (step, layer, kind, scores) -> bool / (rows,) bool; rows are the model's
+    batch rows ([cond; uncond] halves with guidance).  lazy_stats: a ``LazyStats`` that
+    is filled in.  Other keyword arguments go to ``sampling.ddim_sample``.
+    """
+    from .sampling import check_steps, ddim_sample
+    timestep_map = create_diffusion(check_steps(steps)).timestep_map
+    lazy = LazyDiT(model, timestep_map, gates, threshold, decisions, lazy_stats)
+    return ddim_sample(lazy, noise, labels, steps, cfg_scale, **kwargs)
