@@ -85,6 +85,3 @@ class Progress:
                 self._draw()
         finally:
             self._draw(final=True)
-
-    def __len__(self):
-        return self.total
