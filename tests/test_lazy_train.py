@@ -1,0 +1,175 @@
+"""Gate training: the gradient of the official lazy-learning loss, and the training loop state.
+
+Gradients are checked two ways: float64 central differences (every gate entry, plus
+random directions), and PyTorch autograd of the same loss built here on the
+stand-in ``tests/torch_dit.TorchDiT`` with the gates added in this file.
+"""
+import numpy as np
+import pytest
+
+import tinylazy as tl
+from tinylazy.lazy_train import GateTrainer, lazy_loss, teacher_step
+
+CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+STEPS, INDEX, B = 10, 5, 3                     # x_t at respaced index 5, gates of index 4
+RHO = (2e-2, 5e-2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = tl.init_params(CFG, seed=1, scheme="random")
+    model = tl.DiT(CFG, params, dtype="float64")
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((B, 4, 8, 8))
+    y = np.array([1, CFG.num_classes, 3])       # one dropped label (null class)
+    noise = rng.standard_normal(x0.shape)
+    diffusion = tl.create_diffusion(STEPS)
+    x_next, caches = teacher_step(model, diffusion, x0, y, INDEX, noise)
+    t = np.full(B, diffusion.timestep_map[INDEX - 1])
+    target = model(x_next, t, y)
+    w = {k: rng.standard_normal((CFG.depth, CFG.hidden_size)) * 0.05 for k in ("attn", "mlp")}
+    return dict(params=params, model=model, x0=x0, y=y, noise=noise, diffusion=diffusion, x_next=x_next,
+                caches=caches, t=t, target=target, w=w)
+
+
+def _loss(s, w, backward=False):
+    return lazy_loss(s["model"], s["x_next"], s["t"], s["y"], s["caches"], w, *RHO, s["target"], backward)
+
+
+def test_gate_gradients_match_central_differences(setup):
+    s = setup
+    res = _loss(s, s["w"], backward=True)
+    assert 0.05 < res["scores"].mean() < 0.95 and res["mse"] > 0      # a non-trivial point
+    eps = 1e-6
+    for kind in ("attn", "mlp"):
+        num = np.zeros_like(s["w"][kind])
+        for idx in np.ndindex(*num.shape):
+            wp = {k: v.copy() for k, v in s["w"].items()}
+            wm = {k: v.copy() for k, v in s["w"].items()}
+            wp[kind][idx] += eps
+            wm[kind][idx] -= eps
+            num[idx] = (_loss(s, wp)["loss"] - _loss(s, wm)["loss"]) / (2 * eps)
+        err = np.abs(res["grads"][kind] - num).max() / np.abs(num).max()
+        assert err <= 1e-6, f"{kind}: relative error {err:.2e}"
+    rng = np.random.default_rng(3)                                      # random directions through all gates
+    for _ in range(3):
+        v = {k: rng.standard_normal(a.shape) for k, a in s["w"].items()}
+        h = 1e-6
+        shift = lambda sign: {k: s["w"][k] + sign * h * v[k] for k in v}
+        num = (_loss(s, shift(1))["loss"] - _loss(s, shift(-1))["loss"]) / (2 * h)
+        ana = sum(float((res["grads"][k] * v[k]).sum()) for k in v)
+        assert abs(ana - num) <= 1e-6 * abs(num)
+
+
+def test_gate_gradients_match_torch_autograd(setup):
+    torch = pytest.importorskip("torch")
+    from torch_dit import TorchDiT, modulate
+    s = setup
+    tm = TorchDiT.from_params(CFG, s["params"], torch.float64)
+    T = lambda a: torch.from_numpy(np.asarray(a))
+
+    def branches(x, t, y, w=None, caches=None):
+        """The torch DiT forward with LazyDiT gates (official DiTBlock, training mode):
+        -> output, module outputs {(l, kind)}, scores (B, L, 2)."""
+        h = tm.x_embedder(x) + tm.pos_embed
+        c = tm.t_embedder(t) + tm.y_embedder(y)
+        outs, scores = {}, []
+        for l, blk in enumerate(tm.blocks):
+            mods = blk.adaLN_modulation(c).chunk(6, dim=1)
+            row = []
+            for j, (kind, norm, fn) in enumerate((("attn", blk.norm1, blk.attn), ("mlp", blk.norm2, blk.mlp))):
+                shift, scale, gate = mods[3 * j: 3 * j + 3]
+                z = modulate(norm(h), shift, scale)
+                o = fn(z)
+                if w is not None:
+                    score = torch.sigmoid(torch.sum(z @ w[kind][l][:, None], dim=(-1, -2)))   # Linear(D, 1), sum
+                    mask = score[:, None, None]
+                    o = o * mask + caches[(l, kind)] * (1 - mask)
+                    row.append(score)
+                outs[(l, kind)] = o
+                h = h + gate.unsqueeze(1) * o
+            if row:
+                scores.append(torch.stack(row, dim=1))
+        return tm.unpatchify(tm.final_layer(h, c)), outs, (torch.stack(scores, dim=1) if scores else None)
+
+    d = s["diffusion"]
+    x_t = d.q_sample(s["x0"], INDEX, s["noise"])
+    with torch.no_grad():
+        out, caches, _ = branches(T(x_t), T(np.full(B, d.timestep_map[INDEX])), T(s["y"]))
+        x_next = tl.sampling.ddim_step(d, out.numpy(), x_t, INDEX)["x_next"]
+        target, _, _ = branches(T(x_next), T(s["t"]), T(s["y"]))
+    w = {k: T(a).clone().requires_grad_(True) for k, a in s["w"].items()}
+    soft, _, scores = branches(T(x_next), T(s["t"]), T(s["y"]), w, caches)
+    mse = ((target - soft) ** 2).mean()
+    loss = mse + RHO[0] * scores[..., 0].sum(1).mean() + RHO[1] * scores[..., 1].sum(1).mean()
+    loss.backward()
+    res = _loss(s, s["w"], backward=True)
+    assert abs(res["loss"] - loss.item()) <= 1e-12 * abs(loss.item())
+    for kind in ("attn", "mlp"):
+        ref = w[kind].grad.numpy()
+        err = np.abs(res["grads"][kind] - ref).max() / np.abs(ref).max()
+        assert err <= 1e-10, f"{kind}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (n, 4, 8, 8)).astype(np.float32), rng.integers(0, CFG.num_classes, n)
+
+
+def _trainer(model, **kw):
+    images, labels = _data()
+    args = dict(steps=6, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=4, seed=7)
+    args.update(kw)
+    return GateTrainer(model, images, labels, **args)
+
+
+@pytest.mark.parametrize("kw", [{}, {"all_steps": True, "target_ratio": 0.4}])
+def test_resume_continues_bit_for_bit(setup, tmp_path, kw):
+    model = tl.DiT(CFG, setup["params"], dtype="float32")
+    straight = _trainer(model, **kw)
+    for _ in range(6):
+        straight.step()
+    first = _trainer(model, **kw)
+    for _ in range(3):
+        first.step()
+    first.save(tmp_path / "ckpt.safetensors")
+    resumed = _trainer(model, **kw)
+    resumed.load(tmp_path / "ckpt.safetensors")
+    assert resumed.iteration == 3
+    for _ in range(3):
+        resumed.step()
+    assert np.array_equal(straight.gates.attn, resumed.gates.attn)
+    assert np.array_equal(straight.gates.mlp, resumed.gates.mlp)
+    assert straight.log_scale == resumed.log_scale and np.array_equal(straight.skip_ema, resumed.skip_ema)
+    with pytest.raises(ValueError, match="settings differ"):
+        _trainer(model, lr=1e-3, **kw).load(tmp_path / "ckpt.safetensors")
+
+
+def test_official_recipe_trains_even_indices_only(setup):
+    model = tl.DiT(CFG, setup["params"], dtype="float32")
+    official = _trainer(model, steps=7)
+    assert official.trainable_steps == [0, 2, 4]
+    for _ in range(12):
+        official.step()
+    trained = [s for s in range(7) if np.abs(official.gates.attn[s]).max() > 0]
+    assert trained and set(trained) <= {0, 2, 4}
+    assert not official.gates.mlp[[1, 3, 5, 6]].any()
+    every = _trainer(model, steps=7, all_steps=True)
+    assert every.trainable_steps == [0, 1, 2, 3, 4, 5]
+    seen = {every.step()["index"] for _ in range(20)}
+    assert 6 not in seen and len(seen) >= 4 and not every.gates.attn[6].any()
+
+
+def test_large_rho_makes_the_sampler_lazy(setup):
+    model = tl.DiT(CFG, setup["params"], dtype="float32")
+    trainer = _trainer(model, steps=4, rho_attn=1.0, rho_mlp=1.0, lr=5e-2)
+    for _ in range(10):
+        res = trainer.step()
+    assert res["scores"].mean() < 0.5 and trainer.estimated_ratio() > 0
+    stats = tl.LazyStats()
+    noise = tl.make_noise(model, 2, seed=0)
+    tl.ddim_sample(model, noise, np.array([1, 2]), 4, 1.0, gates=trainer.gates, lazy_stats=stats)
+    assert 0 < stats.lazy_ratio <= 0.5                                  # odd indices always compute

@@ -1,0 +1,292 @@
+"""Training LazyDiT gates: the official lazy-learning recipe on a frozen DiT.
+
+Mirrors ``lazy_learning_imagenet.py`` and ``GaussianDiffusion.lazy_learning_loss`` of
+the official LazyDiT code (paper section 3.3, eqs. 4-6).  One iteration:
+
+1. draw a batch of real images x0 with labels (10% replaced by the null class),
+   a respaced index t (official: odd, t = 2k + 1) and noise; x_t = q_sample(x0, t);
+2. one full DDIM step x_t -> x_next with the model, caching every module's output
+   (before the gate multiply): the "previous step" of the gates at index t - 1;
+3. at x_next (original timestep timestep_map[t - 1]): the full output (target) and
+   the soft-lazy output, where every module gives ``score * F(Z) + (1 - score) * cache``;
+4. loss = mean((target - soft)^2) + rho_attn * mean_b(sum_l score_attn)
+   + rho_mlp * mean_b(sum_l score_mlp); AdamW on the gates of index t - 1 only.
+
+The gradient reaches each gate through its own score and through every block
+downstream of it (their inputs, and so their scores, depend on it); the DiT's
+piece-level backward runs in input-gradient-only mode, the DiT stays frozen.
+
+Only gates of even indices are trained by the official recipe (t - 1 = 2k); the
+rest keep score 0.5 and always compute, which caps the lazy ratio at 50%.
+``all_steps=True`` (an extension beyond the paper) draws any t >= 1 and trains
+every gate but the first step's.
+"""
+import json
+
+import numpy as np
+
+from .backend import to_numpy
+from .diffusion import create_diffusion
+from .lazy import KINDS, LazyDiT, LazyGates
+from .optim import AdamW
+from .sampling import ddim_step
+
+LABEL_DROP = 0.1                    # official DiT class_dropout_prob, used for CFG
+
+
+def _sigmoid(xp, u):
+    with np.errstate(over="ignore"):                                     # exp(-u) = inf gives the right 0
+        return 1.0 / (1.0 + xp.exp(-u))
+
+
+# ----------------------------------------------------------------------------
+# The two forward passes at x_next and the backward of the soft one
+
+def teacher_step(model, diffusion, x0, y, index, noise):
+    """x_t = q_sample(x0, index), then one full DDIM step with caching.
+
+    x0 (B, C, H, W), y (B,) labels (null class allowed), index: respaced t >= 1,
+    noise like x0.  Returns x_next (B, C, H, W) and the module outputs at x_t,
+    {(layer, kind): (B, T, D)}.
+    """
+    xp = model.xp
+    x0 = xp.asarray(x0, dtype=model.dtype)
+    x_t = diffusion.q_sample(x0, index, xp.asarray(noise, dtype=model.dtype))
+    runner = LazyDiT(model, diffusion.timestep_map)                  # no gates: computes and caches all
+    out = runner(x_t, np.full(len(y), diffusion.timestep_map[index]), y)
+    return ddim_step(diffusion, out, x_t, index)["x_next"], runner.cache
+
+
+def soft_forward(model, x, t, y, w, caches, tape=None):
+    """The soft-lazy forward (paper eq. 5 with the official score = probability to compute).
+
+    w: {"attn", "mlp": (L, D)} gate vectors of one step in the model dtype; caches:
+    {(layer, kind): (B, T, D)}.  Returns out (B, out_channels, H, W) and scores
+    (B, L, 2).  A dict ``tape`` receives what ``soft_backward`` reads.
+    """
+    xp = model.xp
+    x, t, y = model._check_inputs(x, t, y)
+    L = model.config.depth
+    h = model.embed_tokens(x)
+    c_act = model.condition(t, y)
+    scores = xp.empty((x.shape[0], L, 2), dtype=model.dtype)
+    branches = (model.attn, model.mlp)
+    for l in range(L):
+        mods = model.block_modulation(l, c_act)
+        for j, kind in enumerate(KINDS):
+            shift, scale, gate = mods[3 * j: 3 * j + 3]
+            rec = None if tape is None else {"in": {}, "branch": {}}
+            z = model.modulated_input(h, shift, scale, None if rec is None else rec["in"])
+            s = _sigmoid(xp, (z @ w[kind][l]).sum(axis=1))               # (B, T, D) @ (D,) -> (B, T) -> (B,)
+            f = branches[j](l, z, None if rec is None else rec["branch"])
+            s3 = s[:, None, None]
+            o = f * s3 + caches[(l, kind)] * (1 - s3)                    # official: F(Z) * mask + cache * (1 - mask)
+            h = h + gate[:, None, :] * o
+            scores[:, l, j] = s
+            if rec is not None:
+                rec.update(zsum=z.sum(axis=1), s=s, f=f, gate=gate)      # zsum (B, D)
+                tape[(l, kind)] = rec
+    final = None if tape is None else {}
+    out = model.final_layer(h, c_act, final)
+    if tape is not None:
+        tape["final"] = final
+    return out, scores
+
+
+def soft_backward(model, dout, dscores, w, caches, tape):
+    """dout (B, out_channels, H, W) = dL/dout, dscores (B, L, 2) = the direct dL/dscore
+    -> {"attn", "mlp": (L, D)} dL/dw.  The forward read bottom to top."""
+    xp = model.xp
+    L = model.config.depth
+    grads = {kind: xp.zeros_like(w[kind]) for kind in KINDS}
+    dh, _ = model.final_layer_backward(xp.asarray(dout, dtype=model.dtype), tape["final"], grads=None)
+    backwards = (model.attn_backward, model.mlp_backward)
+    for l in reversed(range(L)):
+        for j in (1, 0):
+            kind = KINDS[j]
+            rec = tape[(l, kind)]
+            s = rec["s"]
+            do = dh * rec["gate"][:, None, :]                            # h = h + gate * o
+            ds = xp.einsum("btd,btd->b", do, rec["f"] - caches[(l, kind)]) + dscores[:, l, j]
+            du = ds * s * (1 - s)                                        # through the sigmoid, (B,)
+            grads[kind][l] = du @ rec["zsum"]                            # (B,) @ (B, D) -> (D,)
+            if l == 0 and j == 0:
+                break                                                    # no gate upstream of the first module
+            dz = backwards[j](l, do * s[:, None, None], rec["branch"])  # o = s F(Z) + (1 - s) cache
+            dz += du[:, None, None] * w[kind][l]                         # score = sigmoid(sum_t Z @ w)
+            dx, _, _ = model.modulated_input_backward(dz, rec["in"], mod_grads=False)
+            dh = dh + dx
+    return grads
+
+
+def lazy_loss(model, x_next, t, y, caches, w, rho_attn, rho_mlp, target, backward=True):
+    """The official loss at x_next and, with ``backward``, its gradient w.r.t. the gates w.
+
+    Returns a dict: loss, mse, lazy_attn, lazy_mlp (mean_b sum_l score), scores (B, L, 2)
+    on the host, and grads {"attn", "mlp": (L, D)} (None without ``backward``).
+    """
+    xp = model.xp
+    tape = {} if backward else None
+    out, scores = soft_forward(model, x_next, t, y, w, caches, tape)
+    diff = out - xp.asarray(target, dtype=model.dtype)
+    mse = float((diff * diff).mean())                                    # mean_flat(...).mean() = the overall mean
+    B = diff.shape[0]
+    sums = scores.sum(axis=1).mean(axis=0)                               # (2,): mean_b sum_l score
+    lazy_attn, lazy_mlp = float(sums[0]), float(sums[1])
+    res = {"loss": mse + rho_attn * lazy_attn + rho_mlp * lazy_mlp, "mse": mse,
+           "lazy_attn": lazy_attn, "lazy_mlp": lazy_mlp, "scores": to_numpy(scores), "grads": None}
+    if backward:
+        dout = diff * (2.0 / diff.size)
+        dscores = xp.empty_like(scores)
+        dscores[..., 0] = rho_attn / B
+        dscores[..., 1] = rho_mlp / B
+        res["grads"] = soft_backward(model, dout, dscores, w, caches, tape)
+    return res
+
+
+# ----------------------------------------------------------------------------
+# The training loop state
+
+class GateTrainer:
+    """Gate training for one frozen DiT and one step count, resumable bit for bit.
+
+    images (N, C, H, W) in the model's input range, labels (N,).  rho_attn, rho_mlp:
+    the lazy-loss weights; target_ratio (optional): instead of fixed rho, scale both
+    by exp(c) where c follows c += ratio_gain * (target - estimated lazy ratio) every
+    iteration; the estimate is the sampling-run lazy ratio implied by the fraction of
+    hard skips (score < threshold) seen at each trained step (an EMA per step).
+    One AdamW per step index, stepped only when that index is trained, as the
+    official optimizer skips the gates that got no gradient.
+    """
+
+    def __init__(self, model, images, labels, steps, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=32, seed=0,
+                 all_steps=False, target_ratio=None, ratio_gain=0.5, label_drop=LABEL_DROP, threshold=0.5):
+        self.model = model
+        self.images = np.asarray(images)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        cfg = model.config
+        want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if self.images.ndim != 4 or self.images.shape[1:] != want or len(self.labels) != len(self.images):
+            raise ValueError(f"data: images {self.images.shape} / labels {self.labels.shape} do not fit the model "
+                             f"(expected (N, {', '.join(map(str, want))}) and (N,))")
+        if len(self.images) < batch:
+            raise ValueError(f"batch {batch} is larger than the data ({len(self.images)} images)")
+        self.diffusion = create_diffusion(steps)
+        S = self.diffusion.num_timesteps
+        if S < 2:
+            raise ValueError("gate training needs at least 2 sampling steps")
+        if target_ratio is not None and not 0.0 <= target_ratio < 1.0:
+            raise ValueError(f"target_ratio must lie in [0, 1), got {target_ratio}")
+        self.settings = {"steps": S, "rho_attn": float(rho_attn), "rho_mlp": float(rho_mlp), "lr": float(lr),
+                         "batch": int(batch), "seed": int(seed), "all_steps": bool(all_steps),
+                         "target_ratio": None if target_ratio is None else float(target_ratio),
+                         "ratio_gain": float(ratio_gain), "label_drop": float(label_drop),
+                         "threshold": float(threshold)}
+        self.gates = LazyGates.zeros(model, S, dtype=model.dtype)
+        self.opts = [AdamW({"attn": self.gates.attn[s], "mlp": self.gates.mlp[s]}, lr=lr, weight_decay=0.0)
+                     for s in range(S)]                                # views: AdamW updates the gates in place
+        self.rng = np.random.default_rng(seed)
+        self.iteration = 0
+        self.log_scale = 0.0                                           # rho multiplier exp(log_scale)
+        self.skip_ema = np.zeros(S)                                    # per step index: fraction of hard skips
+
+    # -- what each iteration trains ------------------------------------------------
+    @property
+    def trainable_steps(self):
+        """Gate indices this recipe trains: official t - 1 = 2k (t odd); all-steps 0..S-2."""
+        S = self.settings["steps"]
+        return list(range(S - 1)) if self.settings["all_steps"] else list(range(0, 2 * (S // 2), 2))
+
+    def rho(self):
+        k = float(np.exp(self.log_scale))
+        return self.settings["rho_attn"] * k, self.settings["rho_mlp"] * k
+
+    def estimated_ratio(self):
+        """Lazy ratio of a sampling run implied by the recent hard decisions at each step."""
+        return float(self.skip_ema.sum() / self.settings["steps"])
+
+    def _draw(self):
+        st, cfg = self.settings, self.model.config
+        S, B = st["steps"], st["batch"]
+        idx = self.rng.choice(len(self.images), size=B, replace=False)
+        y = self.labels[idx].copy()
+        y[self.rng.random(B) < st["label_drop"]] = cfg.num_classes        # label drop -> the null class
+        t = int(self.rng.integers(1, S)) if st["all_steps"] else 2 * int(self.rng.integers(0, S // 2)) + 1
+        noise = self.rng.standard_normal(self.images[idx].shape)
+        return self.images[idx], y, t, noise
+
+    def step(self):
+        """One iteration; returns the loss dict of ``lazy_loss`` plus ``index`` (the trained gate step)."""
+        model, xp, st = self.model, self.model.xp, self.settings
+        x0, y, t, noise = self._draw()
+        x_next, caches = teacher_step(model, self.diffusion, x0, y, t, noise)
+        s = t - 1
+        t_next = np.full(len(y), self.diffusion.timestep_map[s])
+        target = model(x_next, t_next, y)
+        w = {kind: xp.asarray(self.gates.of(kind)[s]) for kind in KINDS}
+        rho_attn, rho_mlp = self.rho()
+        res = lazy_loss(model, x_next, t_next, y, caches, w, rho_attn, rho_mlp, target)
+        self.opts[s].step({kind: to_numpy(g) for kind, g in res["grads"].items()})
+        skip = float((res["scores"] < st["threshold"]).mean())
+        self.skip_ema[s] = skip if self.opts[s].step_count == 1 else 0.9 * self.skip_ema[s] + 0.1 * skip
+        if st["target_ratio"] is not None:
+            self.log_scale += st["ratio_gain"] * (st["target_ratio"] - self.estimated_ratio())
+        self.iteration += 1
+        res["index"] = s
+        return res
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self):
+        """(tensors, metadata) of a checkpoint: everything needed to continue bit for bit."""
+        tensors = {"gates.attn": self.gates.attn, "gates.mlp": self.gates.mlp, "skip_ema": self.skip_ema}
+        steps_done = []
+        for s, opt in enumerate(self.opts):
+            sd = opt.state_dict()
+            steps_done.append(sd["step"])
+            for kind in KINDS:
+                tensors[f"opt.{s}.exp_avg.{kind}"] = sd["exp_avg"][kind]
+                tensors[f"opt.{s}.exp_avg_sq.{kind}"] = sd["exp_avg_sq"][kind]
+        meta = {"format": "tinylazy-gate-training-v1", "iteration": str(self.iteration),
+                "settings": json.dumps(self.settings, sort_keys=True), "log_scale": repr(self.log_scale),
+                "rng": json.dumps(self.rng.bit_generator.state), "opt_steps": json.dumps(steps_done),
+                "weights_hash": self.gates.weights_hash, "dtype": self.model.dtype.name}
+        return tensors, meta
+
+    def save(self, path):
+        from .io import write_safetensors
+        tensors, meta = self.state()
+        write_safetensors(path, tensors, meta)
+
+    def load(self, path):
+        """Continue from a checkpoint written by ``save`` with the same model and settings."""
+        from .io import read_safetensors
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") != "tinylazy-gate-training-v1":
+            raise ValueError(f"{path}: not a gate-training checkpoint")
+        if meta["weights_hash"] != self.gates.weights_hash:
+            raise ValueError(f"{path}: checkpoint is for DiT weights {meta['weights_hash'][:12]}, "
+                             f"this model is {self.gates.weights_hash[:12]}")
+        if meta["dtype"] != self.model.dtype.name:
+            raise ValueError(f"{path}: checkpoint was trained in {meta['dtype']}, the model is {self.model.dtype.name}")
+        saved = json.loads(meta["settings"])
+        diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"{path}: checkpoint settings differ from this run: " +
+                             ", ".join(f"{k} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items()))
+        self.gates.attn[...] = tensors["gates.attn"]
+        self.gates.mlp[...] = tensors["gates.mlp"]
+        self.skip_ema[...] = tensors["skip_ema"]
+        for s, (opt, n) in enumerate(zip(self.opts, json.loads(meta["opt_steps"]))):
+            opt.load_state_dict({"step": n, "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
+                                 "weight_decay": opt.weight_decay,
+                                 "exp_avg": {k: tensors[f"opt.{s}.exp_avg.{k}"] for k in KINDS},
+                                 "exp_avg_sq": {k: tensors[f"opt.{s}.exp_avg_sq.{k}"] for k in KINDS}})
+        self.rng.bit_generator.state = json.loads(meta["rng"])
+        self.log_scale = float(meta["log_scale"])
+        self.iteration = int(meta["iteration"])
+
+    def training_facts(self):
+        rho_attn, rho_mlp = self.rho()
+        return dict(self.settings, recipe="all-steps" if self.settings["all_steps"] else "official (odd t)",
+                    iterations=self.iteration, final_rho_attn=rho_attn, final_rho_mlp=rho_mlp,
+                    estimated_ratio=self.estimated_ratio())
