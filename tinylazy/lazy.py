@@ -50,6 +50,14 @@ _OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.wei
 _CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
 
 
+def gates_file(weights_path, steps):
+    """Where the gates of a weights file live: ``<weights stem>.gates-ddim<steps>.safetensors`` beside it."""
+    stem = str(weights_path)
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    return f"{stem.rstrip('/')}.gates-ddim{int(steps)}.safetensors"
+
+
 def _model_hash(model):
     """The model's weights hash (set by ``load_dit``; computed once otherwise)."""
     h = getattr(model, "weights_hash", None)

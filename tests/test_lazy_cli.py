@@ -1,0 +1,80 @@
+"""examples/train_gates.py: an interrupted run resumes to the same gates; usage errors."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinylazy as tl
+from tinylazy.io import read_safetensors, save_dit
+from tinylazy.lazy_train import GateTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_gates.py")
+CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_gates", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gates")
+    model = tl.DiT(CFG, tl.init_params(CFG, seed=0, scheme="random"))
+    save_dit(model, d / "tiny.safetensors")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", images=rng.uniform(-1, 1, (24, 1, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 4, 24))
+    return d
+
+
+def _argv(files, out):
+    return ["--weights", str(files / "tiny.safetensors"), "--data", str(files / "data.npz"), "--steps", "6",
+            "--iters", "7", "--batch", "4", "--lr", "1e-2", "--rho-attn", "0.05", "--target-ratio", "0.3",
+            "--checkpoint-every", "2", "--eval-samples", "2", "--out", str(out)]
+
+
+def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
+    mod = _script()
+    mod.main(_argv(files, files / "straight.safetensors"))
+    assert not os.path.exists(files / "straight.train-state.safetensors")     # removed when done
+
+    real_step = GateTrainer.step
+
+    def interrupted(self):
+        if self.iteration == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(GateTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(_argv(files, files / "resumed.safetensors"))
+    assert os.path.exists(files / "resumed.train-state.safetensors")          # the checkpoint of iteration 4
+    monkeypatch.setattr(GateTrainer, "step", real_step)
+    mod.main(_argv(files, files / "resumed.safetensors") + ["--resume"])
+    assert "resuming at iteration 4" in capsys.readouterr().err
+    a, meta_a = read_safetensors(files / "straight.safetensors")
+    b, meta_b = read_safetensors(files / "resumed.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert meta_a == meta_b
+    model = tl.io.load_dit(files / "tiny.safetensors")
+    gates = tl.load_gates(files / "straight.safetensors", model, steps=6)
+    assert gates.training["iterations"] == 7 and "measured_ratio" in gates.training
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "1"], "--steps must be >= 2"),
+    (["--target-ratio", "1.5"], "--target-ratio must lie in"),
+    (["--resume"], "no training state"),
+    (["--data", "nowhere.npz"], "no such file"),
+])
+def test_usage_errors(files, extra, message):
+    argv = _argv(files, files / "err.safetensors") + extra
+    r = subprocess.run([sys.executable, SCRIPT] + argv, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
