@@ -1,4 +1,4 @@
-"""The DiT model (Peebles & Xie 2023), forward pass, keyed by the official parameter names.
+"""The DiT model (Peebles & Xie 2023), forward and backward passes, keyed by the official parameter names.
 
 Mirrors facebookresearch/DiT ``models.py``.  Each block is split into pieces
 that the lazy sampler and the backward pass call one by one:
@@ -7,6 +7,9 @@ that the lazy sampler and the backward pass call one by one:
     z   = modulated_input(x, shift, scale)     # modulate(LN(x)): the gate's input Z
     a   = attn(l, z);  x = x + gate_msa * a    # attention branch
     m   = mlp(l, z);   x = x + gate_mlp * m    # MLP branch
+
+Each piece ``foo`` fills an optional ``cache`` dict and has a ``foo_backward``
+that reads it, written in the same order reversed with the same names.
 """
 import numpy as np
 
@@ -94,12 +97,32 @@ def _official_init(name, shape, rng):
 # ----------------------------------------------------------------------------
 # Model
 
+def _sub(cache, name):
+    """The part of ``cache`` that the piece ``name`` fills, or None when nothing is kept."""
+    if cache is None:
+        return None
+    cache[name] = {}
+    return cache[name]
+
+
+def _put(grads, prefix, dw, db):
+    grads[prefix + ".weight"] = dw
+    grads[prefix + ".bias"] = db
+
+
 class DiT:
     """A DiT with parameters ``self.params[name]`` (official names), on ``backend`` in ``dtype``.
 
     ``model(x, t, y)`` is the official ``DiT.forward``: x (B, C, H, W), t (B,) original
     timesteps 0..999, y (B,) class ids with ``num_classes`` the null class
     -> (B, out_channels, H, W).
+
+    Training: ``out, cache = model.forward_train(x, t, y)`` keeps the activations the
+    backward needs, and ``grads, dx = model.backward(dout, cache)`` returns dL/dparam
+    under the official names and dL/dx, given dout = dL/dout.  Every piece of the
+    forward takes an optional ``cache`` dict that it fills, and has a ``*_backward``
+    that reads it; a ``grads`` dict receives parameter gradients, and ``grads=None``
+    computes input gradients only (the frozen-DiT case of LazyDiT's gate training).
     """
 
     def __init__(self, config: DiTConfig, params, dtype="float32", backend="numpy"):
@@ -145,85 +168,277 @@ class DiT:
         return xp.asarray(x, dtype=self.dtype), t_host, y_host
 
     # -- embeddings -------------------------------------------------------------
-    def embed_tokens(self, x):
-        """x (B, C, H, W) -> tokens (B, T, D): patch embedding plus the fixed position embedding."""
+    def embed_tokens(self, x, cache=None):
+        """x (B, C, H, W) -> tokens (B, T, D): patch embedding plus the fixed position embedding.
+
+        cache: x (referenced, not copied: leave it unchanged until the backward)."""
         P, p = self.params, self.config.patch_size
         h = ops.patch_embed_forward(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], p)
         h += P["pos_embed"]
+        if cache is not None:
+            cache["x"] = x
         return h
 
-    def timestep_embed(self, t):
-        """t (B,) -> (B, D): features in float32 (reference.md), cast, then Linear-SiLU-Linear."""
+    def embed_tokens_backward(self, dh, cache, grads=None):
+        """dh (B, T, D) -> dx (B, C, H, W).  pos_embed is a frozen buffer (official), so it gets no gradient."""
+        dx, dw, db = ops.patch_embed_backward(dh, cache["x"], self.params["x_embedder.proj.weight"],
+                                              self.config.patch_size, grads is not None)
+        if grads is not None:
+            _put(grads, "x_embedder.proj", dw, db)
+        return dx
+
+    def timestep_embed(self, t, cache=None):
+        """t (B,) -> (B, D): features in float32 (reference.md), cast, then Linear-SiLU-Linear.
+
+        cache: features (B, 256), hidden (B, D) before the SiLU."""
         P = self.params
         f = self.xp.asarray(timestep_features(t, FREQ_DIM), dtype=self.dtype)
-        h = ops.silu_forward(ops.linear_forward(f, P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"]))
-        return ops.linear_forward(h, P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
+        h = ops.linear_forward(f, P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
+        if cache is not None:
+            cache.update(features=f, hidden=h)
+        return ops.linear_forward(ops.silu_forward(h), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
 
-    def class_embed(self, y):
-        """y (B,) -> (B, D): a row of the label table (row num_classes = null)."""
-        return self.params["y_embedder.embedding_table.weight"][self.xp.asarray(y)]
+    def timestep_embed_backward(self, demb, cache, grads):
+        """demb (B, D) -> parameter gradients only: the features are constant."""
+        P, h = self.params, cache["hidden"]
+        ds, dw, db = ops.linear_backward(demb, ops.silu_forward(h), P["t_embedder.mlp.2.weight"])
+        _put(grads, "t_embedder.mlp.2", dw, db)
+        dh = ops.silu_backward(ds, h)
+        _, dw, db = ops.linear_backward(dh, cache["features"], P["t_embedder.mlp.0.weight"], input_grad=False)
+        _put(grads, "t_embedder.mlp.0", dw, db)
 
-    def condition(self, t, y):
-        """c = t_emb + y_emb; returns SiLU(c), the input of every adaLN modulation."""
-        return ops.silu_forward(self.timestep_embed(t) + self.class_embed(y))
+    def class_embed(self, y, cache=None):
+        """y (B,) -> (B, D): a row of the label table (row num_classes = null).  cache: y."""
+        y = self.xp.asarray(y)
+        if cache is not None:
+            cache["y"] = y
+        return ops.embedding_forward(self.params["y_embedder.embedding_table.weight"], y)
+
+    def class_embed_backward(self, demb, cache, grads):
+        """demb (B, D) -> the label table's gradient (rows of repeated labels add up)."""
+        name = "y_embedder.embedding_table.weight"
+        grads[name] = ops.embedding_backward(demb, cache["y"], self.params[name].shape[0])
+
+    def condition(self, t, y, cache=None):
+        """c = t_emb + y_emb; returns SiLU(c), the input of every adaLN modulation.
+
+        cache: t and y (the embedders' caches), c (B, D)."""
+        c = self.timestep_embed(t, _sub(cache, "t")) + self.class_embed(y, _sub(cache, "y"))
+        if cache is not None:
+            cache["c"] = c
+        return ops.silu_forward(c)
+
+    def condition_backward(self, dc_act, cache, grads):
+        """dc_act (B, D), the gradient of SiLU(c) summed over all its uses -> embedder gradients."""
+        dc = ops.silu_backward(dc_act, cache["c"])
+        self.class_embed_backward(dc, cache["y"], grads)
+        self.timestep_embed_backward(dc, cache["t"], grads)
 
     # -- blocks -------------------------------------------------------------------
-    def block_modulation(self, l, c_act):
-        """(B, D) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)."""
+    def block_modulation(self, l, c_act, cache=None):
+        """(B, D) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
+
+        cache: c_act (referenced; every block shares the one array)."""
         P, D = self.params, self.config.hidden_size
         m = ops.linear_forward(c_act, P[f"blocks.{l}.adaLN_modulation.1.weight"],
                                P[f"blocks.{l}.adaLN_modulation.1.bias"])
+        if cache is not None:
+            cache["c_act"] = c_act
         return tuple(m[:, i * D:(i + 1) * D] for i in range(6))
 
-    @staticmethod
-    def modulated_input(x, shift, scale):
-        """modulate(LN(x), shift, scale): the input Z of a branch (and of its lazy gate)."""
-        return ops.modulate_forward(ops.layernorm_forward(x), shift, scale)
+    def block_modulation_backward(self, l, dmods, cache, grads):
+        """dmods: the six (B, D) gradients in forward order -> dc_act (B, D)."""
+        dm = self.xp.concatenate(dmods, axis=1)                           # 6 x (B, D) -> (B, 6D)
+        dc_act, dw, db = ops.linear_backward(dm, cache["c_act"], self.params[f"blocks.{l}.adaLN_modulation.1.weight"])
+        _put(grads, f"blocks.{l}.adaLN_modulation.1", dw, db)
+        return dc_act
 
-    def attn(self, l, z):
-        """Attention branch of block l, before the gate_msa multiply: (B, T, D) -> (B, T, D)."""
+    @staticmethod
+    def modulated_input(x, shift, scale, cache=None):
+        """modulate(LN(x), shift, scale): the input Z of a branch (and of its lazy gate).
+
+        cache: xhat = LN(x) (B, T, D), rstd (B, T, 1), scale (B, D)."""
+        xhat, rstd = ops.layernorm_forward(x, return_rstd=True)
+        if cache is not None:
+            cache.update(xhat=xhat, rstd=rstd, scale=scale)
+        return ops.modulate_forward(xhat, shift, scale)
+
+    @staticmethod
+    def modulated_input_backward(dz, cache, mod_grads=True):
+        """dz (B, T, D) -> dx (B, T, D), dshift, dscale (B, D); the last two None without mod_grads."""
+        dxhat, dshift, dscale = ops.modulate_backward(dz, cache["xhat"], cache["scale"], mod_grads)
+        return ops.layernorm_backward(dxhat, cache["xhat"], cache["rstd"]), dshift, dscale
+
+    def attn(self, l, z, cache=None):
+        """Attention branch of block l, before the gate_msa multiply: (B, T, D) -> (B, T, D).
+
+        cache: z, qkv (3, B, H, T, Dh) (a view of the qkv linear's output), lse (B, H, T, 1),
+        o (B, T, D) the proj input."""
         P, H = self.params, self.config.num_heads
         B, T, D = z.shape
         qkv = ops.linear_forward(z, P[f"blocks.{l}.attn.qkv.weight"], P[f"blocks.{l}.attn.qkv.bias"])
         qkv = qkv.reshape(B, T, 3, H, D // H).transpose(2, 0, 3, 1, 4)   # (3, B, H, T, Dh)
-        o = ops.sdpa_forward(qkv[0], qkv[1], qkv[2])                     # (B, H, T, Dh)
+        if cache is None:
+            o = ops.sdpa_forward(qkv[0], qkv[1], qkv[2])                 # (B, H, T, Dh)
+        else:
+            o, lse = ops.sdpa_forward(qkv[0], qkv[1], qkv[2], return_lse=True)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, D)                     # (B, T, D)
+        if cache is not None:
+            cache.update(z=z, qkv=qkv, lse=lse, o=o)
         return ops.linear_forward(o, P[f"blocks.{l}.attn.proj.weight"], P[f"blocks.{l}.attn.proj.bias"])
 
-    def mlp(self, l, z):
-        """MLP branch of block l, before the gate_mlp multiply: fc1 -> tanh-GELU -> fc2."""
+    def attn_backward(self, l, da, cache, grads=None):
+        """da (B, T, D), the gradient of the branch output -> dz (B, T, D)."""
+        P, H, pg = self.params, self.config.num_heads, grads is not None
+        B, T, D = da.shape
+        q, k, v = cache["qkv"]
+        do, dw, db = ops.linear_backward(da, cache["o"], P[f"blocks.{l}.attn.proj.weight"], pg)
+        if pg:
+            _put(grads, f"blocks.{l}.attn.proj", dw, db)
+        do = do.reshape(B, T, H, D // H).transpose(0, 2, 1, 3)           # (B, T, D) -> (B, H, T, Dh)
+        o = cache["o"].reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
+        dqkv = self.xp.empty((B, T, 3, H, D // H), dtype=da.dtype)
+        dqkv.transpose(2, 0, 3, 1, 4)[...] = ops.sdpa_backward(do, q, k, v, o, cache["lse"])  # (3, B, H, T, Dh)
+        dz, dw, db = ops.linear_backward(dqkv.reshape(B, T, 3 * D), cache["z"],
+                                         P[f"blocks.{l}.attn.qkv.weight"], pg)
+        if pg:
+            _put(grads, f"blocks.{l}.attn.qkv", dw, db)
+        return dz
+
+    def mlp(self, l, z, cache=None):
+        """MLP branch of block l, before the gate_mlp multiply: fc1 -> tanh-GELU -> fc2.
+
+        cache: z, h (B, T, 4D) the GELU input (its output is recomputed for fc2's dW)."""
         P = self.params
         h = ops.linear_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"])
-        h = ops.gelu_tanh_forward(h)
-        return ops.linear_forward(h, P[f"blocks.{l}.mlp.fc2.weight"], P[f"blocks.{l}.mlp.fc2.bias"])
+        if cache is not None:
+            cache.update(z=z, h=h)
+        g = ops.gelu_tanh_forward(h)
+        return ops.linear_forward(g, P[f"blocks.{l}.mlp.fc2.weight"], P[f"blocks.{l}.mlp.fc2.bias"])
 
-    def block(self, l, x, c_act):
-        """One adaLN-Zero block: x (B, T, D) -> (B, T, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(l, c_act)
-        x = x + gate_msa[:, None, :] * self.attn(l, self.modulated_input(x, shift_msa, scale_msa))
-        x = x + gate_mlp[:, None, :] * self.mlp(l, self.modulated_input(x, shift_mlp, scale_mlp))
+    def mlp_backward(self, l, dm, cache, grads=None):
+        """dm (B, T, D), the gradient of the branch output -> dz (B, T, D)."""
+        P, pg, h = self.params, grads is not None, cache["h"]
+        dg, dw, db = ops.linear_backward(dm, ops.gelu_tanh_forward(h) if pg else None,
+                                         P[f"blocks.{l}.mlp.fc2.weight"], pg)
+        if pg:
+            _put(grads, f"blocks.{l}.mlp.fc2", dw, db)
+        dh = ops.gelu_tanh_backward(dg, h)
+        dz, dw, db = ops.linear_backward(dh, cache["z"], P[f"blocks.{l}.mlp.fc1.weight"], pg)
+        if pg:
+            _put(grads, f"blocks.{l}.mlp.fc1", dw, db)
+        return dz
+
+    def block(self, l, x, c_act, cache=None):
+        """One adaLN-Zero block: x (B, T, D) -> (B, T, D).
+
+        cache: the pieces' caches (modulation, attn_in, attn, mlp_in, mlp), the gates
+        gate_msa, gate_mlp (B, D) and the branch outputs a, m (B, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(
+            l, c_act, _sub(cache, "modulation"))
+        a = self.attn(l, self.modulated_input(x, shift_msa, scale_msa, _sub(cache, "attn_in")), _sub(cache, "attn"))
+        x = x + gate_msa[:, None, :] * a
+        m = self.mlp(l, self.modulated_input(x, shift_mlp, scale_mlp, _sub(cache, "mlp_in")), _sub(cache, "mlp"))
+        x = x + gate_mlp[:, None, :] * m
+        if cache is not None:
+            cache.update(gate_msa=gate_msa, a=a, gate_mlp=gate_mlp, m=m)
         return x
 
-    def final_layer(self, x, c_act):
-        """Final adaLN layer and unpatchify: (B, T, D) -> (B, out_channels, H, W)."""
+    def block_backward(self, l, dx, cache, grads=None):
+        """dx (B, T, D), the gradient of the block output -> dx of its input, dc_act (B, D).
+
+        The forward read bottom to top; with grads=None no adaLN gradients are formed
+        and dc_act is None."""
+        pg, xp = grads is not None, self.xp
+        # x = x + gate_mlp * m
+        dz = self.mlp_backward(l, dx * cache["gate_mlp"][:, None, :], cache["mlp"], grads)
+        dx_mlp, dshift_mlp, dscale_mlp = self.modulated_input_backward(dz, cache["mlp_in"], pg)
+        dgate_mlp = xp.einsum("btd,btd->bd", dx, cache["m"]) if pg else None
+        dx_mlp += dx
+        dx = dx_mlp
+        # x = x + gate_msa * a
+        dz = self.attn_backward(l, dx * cache["gate_msa"][:, None, :], cache["attn"], grads)
+        dx_attn, dshift_msa, dscale_msa = self.modulated_input_backward(dz, cache["attn_in"], pg)
+        dgate_msa = xp.einsum("btd,btd->bd", dx, cache["a"]) if pg else None
+        dx_attn += dx
+        dx = dx_attn
+        if not pg:
+            return dx, None
+        dc_act = self.block_modulation_backward(
+            l, (dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp), cache["modulation"], grads)
+        return dx, dc_act
+
+    def final_layer(self, x, c_act, cache=None):
+        """Final adaLN layer and unpatchify: (B, T, D) -> (B, out_channels, H, W).
+
+        cache: c_act (referenced), final_in (the modulated_input cache), z (B, T, D)."""
         P, D, cfg = self.params, self.config.hidden_size, self.config
         m = ops.linear_forward(c_act, P["final_layer.adaLN_modulation.1.weight"],
                                P["final_layer.adaLN_modulation.1.bias"])
         shift, scale = m[:, :D], m[:, D:]                                 # official order: shift first
-        h = ops.linear_forward(self.modulated_input(x, shift, scale),
-                               P["final_layer.linear.weight"], P["final_layer.linear.bias"])
+        z = self.modulated_input(x, shift, scale, _sub(cache, "final_in"))
+        if cache is not None:
+            cache.update(c_act=c_act, z=z)
+        h = ops.linear_forward(z, P["final_layer.linear.weight"], P["final_layer.linear.bias"])
         return ops.unpatchify(h, cfg.patch_size, cfg.out_channels)
 
+    def final_layer_backward(self, dout, cache, grads=None):
+        """dout (B, out_channels, H, W) -> dx (B, T, D), dc_act (B, D) (None without grads)."""
+        P, pg = self.params, grads is not None
+        dh = ops.unpatchify_backward(dout, self.config.patch_size)       # (B, C, H, W) -> (B, T, p*p*C)
+        dz, dw, db = ops.linear_backward(dh, cache["z"], P["final_layer.linear.weight"], pg)
+        dx, dshift, dscale = self.modulated_input_backward(dz, cache["final_in"], pg)
+        if not pg:
+            return dx, None
+        _put(grads, "final_layer.linear", dw, db)
+        dm = self.xp.concatenate([dshift, dscale], axis=1)                # 2 x (B, D) -> (B, 2D)
+        dc_act, dw, db = ops.linear_backward(dm, cache["c_act"], P["final_layer.adaLN_modulation.1.weight"])
+        _put(grads, "final_layer.adaLN_modulation.1", dw, db)
+        return dx, dc_act
+
     # -- full passes ----------------------------------------------------------------
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cache=None):
+        """The official forward.  Pass a dict as ``cache`` to keep what ``backward`` needs."""
         x, t, y = self._check_inputs(x, t, y)
-        h = self.embed_tokens(x)
-        c_act = self.condition(t, y)
+        h = self.embed_tokens(x, _sub(cache, "embed"))
+        c_act = self.condition(t, y, _sub(cache, "cond"))
         for l in range(self.config.depth):
-            h = self.block(l, h, c_act)
-        return self.final_layer(h, c_act)
+            h = self.block(l, h, c_act, _sub(cache, f"blocks.{l}"))
+        return self.final_layer(h, c_act, _sub(cache, "final"))
 
     __call__ = forward
+
+    def forward_train(self, x, t, y):
+        """-> out, cache: the forward keeping, per piece, only what its backward reads.
+
+        cache keys: "embed", "cond", "blocks.{l}" (l = 0..depth-1), "final"; the
+        contents are listed in each piece's docstring.  Per block that is 14 (B, T, D)
+        arrays (xhat, z twice; qkv three; o, a, m; h four) and no (T, T) attention matrix."""
+        cache = {}
+        out = self.forward(x, t, y, cache)
+        return out, cache
+
+    def backward(self, dout, cache, param_grads=True):
+        """dout = dL/dout (B, out_channels, H, W) and the cache of forward_train ->
+        (grads, dx): grads maps every trainable official name to dL/dparam (None
+        without param_grads; pos_embed is a frozen buffer, as in the official code),
+        dx = dL/dx (B, C, H, W)."""
+        x = cache["embed"]["x"]
+        cfg = self.config
+        expected = (x.shape[0], cfg.out_channels, cfg.input_size, cfg.input_size)
+        if tuple(dout.shape) != expected:
+            raise ValueError(f"dout has shape {tuple(dout.shape)}, expected the output's {expected}")
+        dout = self.xp.asarray(dout, dtype=self.dtype)
+        grads = {} if param_grads else None
+        dh, dc_act = self.final_layer_backward(dout, cache["final"], grads)
+        for l in reversed(range(cfg.depth)):
+            dh, dc = self.block_backward(l, dh, cache[f"blocks.{l}"], grads)
+            if param_grads:
+                dc_act += dc
+        if param_grads:
+            self.condition_backward(dc_act, cache["cond"], grads)
+        dx = self.embed_tokens_backward(dh, cache["embed"], grads)
+        return grads, dx
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
         """Official ``forward_with_cfg``: batch = [cond half; uncond half].

@@ -1,0 +1,168 @@
+"""Every op's backward against float64 central finite differences.
+
+One check per differentiable input: the scalar L = sum(op(inputs) * R) for a fixed
+random R, a random probe direction V, and the directional derivative <dL/dinput, V>
+from the backward against (L(input + eps V) - L(input - eps V)) / (2 eps).
+"""
+import numpy as np
+import pytest
+
+from tinylazy import ops
+
+EPS = 1e-6
+RTOL = 1e-6
+
+
+def check_grads(name, forward, backward, inputs, rng):
+    """forward(*inputs) -> y; backward(dy) -> one gradient per input (None: not differentiable)."""
+    saved = [a.copy() for a in inputs]
+    r = rng.standard_normal(forward(*inputs).shape)
+    grads = backward(r)
+    for a, s in zip(inputs, saved):
+        assert np.array_equal(a, s), f"{name}: the backward modified its cache"
+    assert len(grads) == len(inputs)
+    checked = 0
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        assert g.shape == inputs[i].shape, f"{name}: gradient {i} has shape {g.shape}, input {inputs[i].shape}"
+        v = rng.standard_normal(inputs[i].shape)
+
+        def loss(step):
+            args = list(inputs)
+            args[i] = inputs[i] + step * v
+            return float(np.sum(forward(*args) * r))
+
+        numeric = (loss(EPS) - loss(-EPS)) / (2 * EPS)
+        analytic = float(np.sum(g * v))
+        rel = abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-30)
+        assert rel <= RTOL, f"{name}: input {i}: analytic {analytic!r} vs central difference {numeric!r} (rel {rel:.2e})"
+        checked += 1
+    assert checked, f"{name}: nothing checked"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_linear(rng):
+    x, w, b = rng.standard_normal((2, 5, 7)), rng.standard_normal((3, 7)), rng.standard_normal(3)
+
+    def backward(dy):
+        return ops.linear_backward(dy, x, w)
+    check_grads("linear", ops.linear_forward, backward, [x, w, b], rng)
+
+
+def test_linear_skips_unneeded_grads(rng):
+    x, w = rng.standard_normal((2, 5, 7)), rng.standard_normal((3, 7))
+    dy = rng.standard_normal((2, 5, 3))
+    dx, dw, db = ops.linear_backward(dy, x, w)
+    dx2, dw2, db2 = ops.linear_backward(dy, None, w, param_grads=False)
+    assert dw2 is None and db2 is None and np.array_equal(dx, dx2)
+    dx3, dw3, db3 = ops.linear_backward(dy, x, w, input_grad=False)
+    assert dx3 is None and np.array_equal(dw, dw3) and np.array_equal(db, db3)
+
+
+def test_silu(rng):
+    x = 3 * rng.standard_normal((4, 6))
+    check_grads("silu", ops.silu_forward, lambda dy: (ops.silu_backward(dy, x),), [x], rng)
+
+
+def test_gelu_tanh(rng):
+    x = 3 * rng.standard_normal((4, 6, 5))
+    check_grads("gelu_tanh", ops.gelu_tanh_forward, lambda dy: (ops.gelu_tanh_backward(dy, x),), [x], rng)
+
+
+def test_layernorm(rng):
+    x = 2 + 3 * rng.standard_normal((2, 5, 8))
+    xhat, rstd = ops.layernorm_forward(x, return_rstd=True)
+    assert np.array_equal(xhat, ops.layernorm_forward(x))
+    check_grads("layernorm", ops.layernorm_forward, lambda dy: (ops.layernorm_backward(dy, xhat, rstd),), [x], rng)
+
+
+def test_modulate(rng):
+    x, shift, scale = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    check_grads("modulate", ops.modulate_forward, lambda dy: ops.modulate_backward(dy, x, scale),
+                [x, shift, scale], rng)
+    dx, dshift, dscale = ops.modulate_backward(x, x, scale, mod_grads=False)
+    assert dshift is None and dscale is None and np.array_equal(dx, ops.modulate_backward(x, x, scale)[0])
+
+
+def test_softmax(rng):
+    s = 4 * rng.standard_normal((2, 3, 7))
+    p, lse = ops.softmax_forward(s, return_lse=True)
+    assert np.array_equal(p, ops.softmax_forward(s))
+    np.testing.assert_allclose(np.exp(s - lse), p, rtol=1e-13)
+    check_grads("softmax", ops.softmax_forward, lambda dy: (ops.softmax_backward(dy, p),), [s], rng)
+
+
+def test_sdpa(rng):
+    q, k, v = (rng.standard_normal((2, 3, 6, 4)) for _ in range(3))
+    out, lse = ops.sdpa_forward(q, k, v, return_lse=True)
+    assert np.array_equal(out, ops.sdpa_forward(q, k, v))
+    check_grads("sdpa", ops.sdpa_forward, lambda dy: ops.sdpa_backward(dy, q, k, v, out, lse), [q, k, v], rng)
+
+
+def test_patchify_backward_is_its_inverse(rng):
+    x = rng.standard_normal((2, 3, 8, 4))
+    assert np.array_equal(ops.patchify_backward(ops.patchify(x, 2), 2, x.shape), x)
+
+
+def test_patch_embed(rng):
+    p = 2
+    x, w, b = rng.standard_normal((2, 3, 6, 4)), rng.standard_normal((5, 3, p, p)), rng.standard_normal(5)
+
+    def forward(x, w, b):
+        return ops.patch_embed_forward(x, w, b, p)
+    check_grads("patch_embed", forward, lambda dy: ops.patch_embed_backward(dy, x, w, p), [x, w, b], rng)
+    dx, dw, db = ops.patch_embed_backward(forward(x, w, b), x, w, p, param_grads=False)
+    assert dw is None and db is None and dx.shape == x.shape
+
+
+def test_unpatchify(rng):
+    p, c = 2, 3
+    h = rng.standard_normal((2, 9, p * p * c))
+
+    def forward(h):
+        return ops.unpatchify(h, p, c)
+    check_grads("unpatchify", forward, lambda dy: (ops.unpatchify_backward(dy, p),), [h], rng)
+
+
+def test_embedding_repeated_ids(rng):
+    table = rng.standard_normal((5, 4))
+    ids = np.array([3, 1, 3, 4, 3])                     # a repeated id sums its rows
+
+    def forward(table):
+        return ops.embedding_forward(table, ids)
+    check_grads("embedding", forward, lambda dy: (ops.embedding_backward(dy, ids, 5),), [table], rng)
+    dy = rng.standard_normal((5, 4))
+    dtable = ops.embedding_backward(dy, ids, 5)
+    np.testing.assert_array_equal(dtable[3], dy[0] + dy[2] + dy[4])
+    np.testing.assert_array_equal(dtable[[0, 2]], 0)
+
+
+@pytest.mark.parametrize("op", ["linear", "silu", "gelu_tanh", "layernorm", "modulate", "sdpa", "patch_embed"])
+def test_float32_stays_float32(op, rng):
+    """No backward promotes float32 to float64 (that would double memory and halve GEMM speed)."""
+    f = np.float32
+    x = rng.standard_normal((2, 4, 8)).astype(f)
+    if op == "linear":
+        grads = ops.linear_backward(x, x, rng.standard_normal((8, 8)).astype(f))
+    elif op == "silu":
+        grads = (ops.silu_backward(x, x),)
+    elif op == "gelu_tanh":
+        grads = (ops.gelu_tanh_backward(x, x),)
+    elif op == "layernorm":
+        xhat, rstd = ops.layernorm_forward(x, return_rstd=True)
+        grads = (ops.layernorm_backward(x, xhat, rstd),)
+    elif op == "modulate":
+        grads = ops.modulate_backward(x, x, x[:, 0])
+    elif op == "sdpa":
+        q = x.reshape(2, 2, 2, 8)
+        out, lse = ops.sdpa_forward(q, q, q, return_lse=True)
+        grads = ops.sdpa_backward(q, q, q, q, out, lse)
+    else:
+        img, w = x.reshape(2, 2, 4, 4), rng.standard_normal((8, 2, 2, 2)).astype(f)
+        grads = ops.patch_embed_backward(ops.patch_embed_forward(img, w, w[:, 0, 0, 0], 2), img, w, 2)
+    assert all(g.dtype == f for g in grads), [g.dtype for g in grads]
