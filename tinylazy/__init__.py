@@ -1,6 +1,7 @@
 """tinylazy: a from-scratch NumPy/CuPy reference implementation of DiT and LazyDiT."""
 from .config import DIT_CONFIGS, DiTConfig, get_config
 from .dit import DiT, init_params, param_shapes
+from .io import load_dit, save_dit
 from .diffusion import GaussianDiffusion, SpacedDiffusion, create_diffusion, space_timesteps
 from .sampling import ddim_sample, ddpm_sample, make_noise, sample_labels
 from .lazy import LazyGates, LazyStats, load_gates, save_gates

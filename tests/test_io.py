@@ -1,0 +1,414 @@
+"""Safetensors reader/writer, DiT loading (official and diffusers layouts), validation errors, weights hash."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tinylazy as tl
+from tinylazy import io
+from tinylazy.io import WeightsError, load_dit, read_safetensors, save_dit, weights_hash, write_safetensors
+
+from conftest import BACKENDS, rel_err
+
+SMALL = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+
+
+def small_params(cfg=SMALL, seed=0):
+    return {k: v.astype(np.float32) for k, v in tl.init_params(cfg, seed=seed, scheme="random").items()}
+
+
+def craft(path, header, data=b"", header_len=None):
+    """A safetensors file with an arbitrary (possibly malformed) header."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(head) if header_len is None else header_len
+    with open(path, "wb") as f:
+        f.write(n.to_bytes(8, "little") + head + data)
+    return path
+
+
+class RawBF16:
+    """A lazy writer value holding raw bfloat16 bits."""
+    st_dtype = "BF16"
+
+    def __init__(self, bits):
+        self.bits, self.shape = bits, bits.shape
+
+    def __array__(self, dtype=None, copy=None):
+        return self.bits
+
+
+def to_bf16_bits(a):
+    return (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)   # truncation: any bf16 is fine
+
+
+# ----------------------------------------------------------------------------
+# The format
+
+def test_roundtrip_every_dtype_and_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "f64": rng.standard_normal((3, 2)), "f32": rng.standard_normal(5).astype(np.float32),
+        "f16": rng.standard_normal((2, 2, 2)).astype(np.float16), "i64": np.arange(-3, 3),
+        "i32": np.arange(4, dtype=np.int32), "i16": np.arange(3, dtype=np.int16), "i8": np.arange(-2, 2, dtype=np.int8),
+        "u8": np.arange(7, dtype=np.uint8), "u16": np.arange(3, dtype=np.uint16), "bool": np.array([True, False]),
+        "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32),
+        "strided": rng.standard_normal((4, 6)).astype(np.float32)[::2, ::3],
+    }
+    p = tmp_path / "t.safetensors"
+    write_safetensors(p, tensors, {"who": "test", "n": "3"})
+    got, meta = read_safetensors(p)
+    assert meta == {"who": "test", "n": "3"}
+    assert list(got) == list(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), k
+    got32, _ = read_safetensors(p, dtype="float32")
+    assert got32["f64"].dtype == np.float32 and got32["i64"].dtype == np.int64   # dtype converts floats only
+    assert os.listdir(tmp_path) == ["t.safetensors"]
+
+
+def test_interoperates_with_the_safetensors_library(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    a = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "h": np.array([1.5, -2], np.float16)}
+    write_safetensors(tmp_path / "ours.safetensors", a, {"k": "v"})
+    theirs = load_file(tmp_path / "ours.safetensors")
+    assert all(np.array_equal(theirs[k], a[k]) and theirs[k].dtype == a[k].dtype for k in a)
+    save_file(a, tmp_path / "theirs.safetensors", metadata={"k": "v"})
+    got, meta = read_safetensors(tmp_path / "theirs.safetensors")
+    assert meta == {"k": "v"} and all(np.array_equal(got[k], a[k]) for k in a)
+
+
+def test_bf16_and_fp16_upcast_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(5000) * 100).astype(np.float32)
+    bits = to_bf16_bits(x)
+    write_safetensors(tmp_path / "h.safetensors", {"bf": RawBF16(bits), "h": x.astype(np.float16)})
+    with io.SafetensorsFile(tmp_path / "h.safetensors") as f:
+        assert f.entries["bf"].dtype == "BF16" and f.entries["h"].dtype == "F16"
+        bf32 = f.read("bf")
+        assert bf32.dtype == np.float32
+        assert np.array_equal(bf32.view(np.uint32), bits.astype(np.uint32) << 16)
+        assert np.array_equal(f.read("bf", np.float64), bf32.astype(np.float64))
+        assert np.array_equal(f.read("h", np.float32), x.astype(np.float16).astype(np.float32))
+        assert np.array_equal(f.read("h", np.float64), x.astype(np.float16).astype(np.float64))
+
+
+def test_bf16_written_by_torch_matches_torch_upcast(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    t = torch.randn(257, 3).bfloat16()
+    save_file({"w": t}, tmp_path / "bf.safetensors")
+    got, _ = read_safetensors(tmp_path / "bf.safetensors")
+    assert np.array_equal(got["w"], t.float().numpy())
+
+
+def test_chunked_conversion_covers_tensors_larger_than_a_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "_CHUNK", 64)                # 32 f16 values per chunk
+    x = np.random.default_rng(2).standard_normal(1000).astype(np.float16)
+    write_safetensors(tmp_path / "c.safetensors", {"x": x})
+    got, _ = read_safetensors(tmp_path / "c.safetensors", dtype="float32")
+    assert np.array_equal(got["x"], x.astype(np.float32))
+
+
+def test_write_is_atomic(tmp_path):
+    p = tmp_path / "w.safetensors"
+    write_safetensors(p, {"a": np.ones(3, np.float32)})
+    before = p.read_bytes()
+
+    class Boom:
+        shape, dtype = (3,), np.dtype(np.float32)
+
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_safetensors(p, {"a": np.zeros(3, np.float32), "b": Boom()})
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]
+    with pytest.raises(WeightsError, match="metadata"):
+        write_safetensors(p, {"a": np.ones(1)}, {"n": 3})
+
+
+# ----------------------------------------------------------------------------
+# Malformed files: one clear error naming the file (and the key)
+
+F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header, data, header_len, match", [
+    ({"a": F32_4}, bytes(16), 10 ** 6, "header length 1000000 exceeds the file"),
+    (b"{not json", b"", None, "not valid JSON"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', bytes(8), None, "duplicate name 'a'"),
+    ({"a": F32_4, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), None,
+     "tensors 'a' and 'b' overlap"),
+    ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16), None,
+     "tensor 'a': data_offsets .* span 16 bytes, but shape \\(2, 3\\) of F32 needs 24"),
+    ({"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, bytes(16), None,
+     "tensor 'a' ends at byte .* out of range"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(16), None, "tensor 'a': bad data_offsets"),
+    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 2]}}, bytes(2), None, "tensor 'a': unknown dtype 'Q4'"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), None, "tensor 'a': bad shape"),
+    ({"a": {"dtype": "F32"}}, b"", None, "tensor 'a': header entry needs"),
+    ({"__metadata__": {"n": 1}}, b"", None, "__metadata__ must map strings to strings"),
+    ([1, 2], b"", None, "not a JSON object"),
+])
+def test_malformed_headers(tmp_path, header, data, header_len, match):
+    p = craft(tmp_path / "bad.safetensors", header, data, header_len)
+    with pytest.raises(WeightsError, match=match) as e:
+        read_safetensors(p)
+    assert str(p) in str(e.value)
+
+
+def test_truncated_and_tiny_files(tmp_path):
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, small_params())
+    data = p.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(WeightsError, match="out of range \\(truncated file\\?\\)"):
+        load_dit(tmp_path / "cut.safetensors")
+    (tmp_path / "cut2.safetensors").write_bytes(data[:50])
+    with pytest.raises(WeightsError, match="exceeds the file"):
+        load_dit(tmp_path / "cut2.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        read_safetensors(tmp_path / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_values_name_the_key(tmp_path, bad):
+    params = small_params()
+    params["blocks.1.mlp.fc2.weight"][3, 4] = bad
+    write_safetensors(tmp_path / "m.safetensors", params)
+    with pytest.raises(WeightsError, match="'blocks.1.mlp.fc2.weight' contains NaN or Inf"):
+        load_dit(tmp_path / "m.safetensors", num_heads=4)
+    with pytest.raises(WeightsError, match="contains NaN or Inf"):
+        read_safetensors(tmp_path / "m.safetensors")
+
+
+# ----------------------------------------------------------------------------
+# load_dit: official layout
+
+def test_load_official_file_exact_and_matches_in_memory_model(tmp_path):
+    params = small_params()
+    write_safetensors(tmp_path / "m.safetensors", params)
+    m = load_dit(tmp_path / "m.safetensors", num_heads=4)
+    assert m.config == SMALL
+    for k, v in params.items():
+        assert m.params[k].dtype == np.float32 and np.array_equal(m.params[k], v), k
+    ref = tl.DiT(SMALL, params)
+    rng = np.random.default_rng(0)
+    x, t, y = rng.standard_normal((2, 4, 8, 8)), np.array([0, 999]), np.array([3, 10])
+    assert np.array_equal(m(x, t, y), ref(x, t, y))
+    m64 = load_dit(tmp_path / "m.safetensors", dtype="float64", num_heads=4)
+    assert m64.params["pos_embed"].dtype == np.float64
+    assert m.weights_hash == m64.weights_hash == weights_hash(ref) == weights_hash(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("cfg", [
+    tl.DiTConfig(input_size=16, patch_size=4, in_channels=3, hidden_size=384, depth=1, num_heads=6, num_classes=5,
+                 learn_sigma=False),
+    tl.DiTConfig(input_size=6, patch_size=2, in_channels=1, hidden_size=768, depth=1, num_heads=12, num_classes=1),
+    tl.DiTConfig(input_size=4, patch_size=1, in_channels=2, hidden_size=1152, depth=1, num_heads=16, num_classes=3,
+                 mlp_ratio=2.0),
+])
+def test_config_inferred_from_shapes_with_official_head_counts(tmp_path, cfg):
+    write_safetensors(tmp_path / "m.safetensors", small_params(cfg))
+    assert load_dit(tmp_path / "m.safetensors").config == cfg
+
+
+def test_num_heads_resolution_order(tmp_path):
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, small_params())                        # hidden 32: not an official width
+    with pytest.raises(WeightsError, match="num_heads=N"):
+        load_dit(p)
+    assert load_dit(p, num_heads=8).config.num_heads == 8
+    write_safetensors(p, small_params(), {"config": json.dumps({"num_heads": 2})})
+    assert load_dit(p).config.num_heads == 2
+    write_safetensors(p, small_params(), {"num_heads": "16", "config": json.dumps({"num_heads": 2})})
+    assert load_dit(p).config.num_heads == 16
+    assert load_dit(p, num_heads=4).config.num_heads == 4
+    with pytest.raises(WeightsError, match="num_heads argument = 5 does not divide hidden size 32"):
+        load_dit(p, num_heads=5)
+
+
+def test_save_dit_roundtrip_records_config_and_hash(tmp_path):
+    m = tl.DiT(SMALL, small_params(), dtype="float64")
+    save_dit(m, tmp_path / "s.safetensors", {"note": "hi"})
+    _, meta = read_safetensors(tmp_path / "s.safetensors")
+    assert json.loads(meta["config"])["num_heads"] == 4 and meta["note"] == "hi"
+    m2 = load_dit(tmp_path / "s.safetensors", dtype="float64")            # heads from the metadata
+    assert m2.config == SMALL and all(np.array_equal(m2.params[k], m.params[k]) for k in m.params)
+    assert m2.weights_hash == meta["weights_hash"] == weights_hash(m)
+    other = small_params(seed=1)
+    assert weights_hash(tl.DiT(SMALL, other)) != weights_hash(m)
+    write_safetensors(tmp_path / "tampered.safetensors", other, meta)      # metadata of another model
+    with pytest.raises(WeightsError, match="do not match the weights_hash"):
+        load_dit(tmp_path / "tampered.safetensors")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_on_each_backend(tmp_path, backend):
+    params = small_params()
+    write_safetensors(tmp_path / "m.safetensors", params)
+    m = load_dit(tmp_path / "m.safetensors", backend=backend, num_heads=4)
+    rng = np.random.default_rng(3)
+    x, t, y = rng.standard_normal((2, 4, 8, 8)), np.array([5, 500]), np.array([1, 2])
+    assert rel_err(m(x, t, y), tl.DiT(SMALL, params)(x, t, y)) <= 1e-5
+
+
+def test_folder_with_one_file(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", small_params())
+    assert load_dit(tmp_path, num_heads=4).config == SMALL
+    write_safetensors(tmp_path / "other.safetensors", small_params())
+    with pytest.raises(WeightsError, match="expected one .safetensors file"):
+        load_dit(tmp_path, num_heads=4)
+    with pytest.raises(WeightsError, match="no such file"):
+        load_dit(tmp_path / "nope.safetensors")
+
+
+# ----------------------------------------------------------------------------
+# load_dit: validation before building
+
+def _load_error(tmp_path, params, **kw):
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, params)
+    with pytest.raises(WeightsError) as e:
+        load_dit(p, num_heads=4, **kw)
+    assert str(p) in str(e.value)
+    return str(e.value)
+
+
+def test_missing_key(tmp_path):
+    params = small_params()
+    del params["blocks.1.attn.proj.bias"]
+    msg = _load_error(tmp_path, params)
+    assert "missing keys (1): blocks.1.attn.proj.bias" in msg
+
+
+def test_missing_key_needed_for_inference(tmp_path):
+    params = small_params()
+    del params["final_layer.linear.weight"]
+    assert "cannot infer the model configuration: missing 'final_layer.linear.weight'" in _load_error(tmp_path, params)
+
+
+def test_unexpected_key(tmp_path):
+    params = small_params()
+    params["blocks.0.attn.extra"] = np.ones(3, np.float32)
+    params["blocks.5.mlp.fc1.weight"] = np.ones((128, 32), np.float32)   # a stray block makes depth 6
+    msg = _load_error(tmp_path, params)
+    assert "unexpected keys (1): blocks.0.attn.extra" in msg and "missing keys" in msg
+
+
+def test_wrong_shape(tmp_path):
+    params = small_params()
+    params["blocks.1.attn.qkv.weight"] = np.ones((96, 31), np.float32)
+    assert "wrong shapes (1): blocks.1.attn.qkv.weight: (96, 31), expected (96, 32)" in _load_error(tmp_path, params)
+
+
+def test_int_tensor(tmp_path):
+    params = small_params()
+    params["blocks.0.mlp.fc1.bias"] = np.arange(128, dtype=np.int64)
+    assert "non-float tensors (1): blocks.0.mlp.fc1.bias (I64)" in _load_error(tmp_path, params)
+
+
+def test_all_problems_in_one_error(tmp_path):
+    params = small_params()
+    del params["blocks.0.mlp.fc2.bias"]
+    params["blocks.1.attn.qkv.bias"] = np.ones(3, np.float32)
+    params["junk"] = np.ones(1, np.float32)
+    msg = _load_error(tmp_path, params)
+    assert "missing keys (1): blocks.0.mlp.fc2.bias" in msg and "unexpected keys (1): junk" in msg
+    assert "wrong shapes (1): blocks.1.attn.qkv.bias" in msg
+
+
+def test_bad_final_layer_rows(tmp_path):
+    params = small_params()
+    params["final_layer.linear.weight"] = np.ones((12, 32), np.float32)
+    assert "'final_layer.linear.weight' has 12 rows" in _load_error(tmp_path, params)
+
+
+def test_fp16_and_bf16_files_load_exactly(tmp_path):
+    params = small_params()
+    write_safetensors(tmp_path / "h.safetensors", {k: v.astype(np.float16) for k, v in params.items()})
+    m = load_dit(tmp_path / "h.safetensors", num_heads=4)
+    assert all(np.array_equal(m.params[k], params[k].astype(np.float16).astype(np.float32)) for k in params)
+    write_safetensors(tmp_path / "b.safetensors", {k: RawBF16(to_bf16_bits(v)) for k, v in params.items()})
+    m = load_dit(tmp_path / "b.safetensors", dtype="float64", num_heads=4)
+    for k, v in params.items():
+        want = (to_bf16_bits(v).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        assert m.params[k].dtype == np.float64 and np.array_equal(m.params[k], want), k
+
+
+# ----------------------------------------------------------------------------
+# load_dit: diffusers DiTTransformer2DModel folders
+
+def _diffusers_model(cfg, torch, diffusers, share_embedders=True, seed=0):
+    m = diffusers.DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels, num_layers=cfg.depth, sample_size=cfg.input_size, patch_size=cfg.patch_size,
+        num_embeds_ada_norm=cfg.num_classes).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():                          # random and non-zero everywhere (adaLN included)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+        if share_embedders:                               # as a model converted from the official DiT
+            emb0 = m.transformer_blocks[0].norm1.emb
+            for blk in m.transformer_blocks[1:]:
+                blk.norm1.emb.load_state_dict(emb0.state_dict())
+    return m
+
+
+def _official_numerics(m, torch):
+    """reference.md's two patches, plus tinylazy's correctly rounded timestep features."""
+    from tinylazy.embeddings import timestep_features
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.eps = 1e-6
+    for blk in m.transformer_blocks:
+        blk.norm1.emb.time_proj.downscale_freq_shift = 0
+        blk.norm1.emb.time_proj.forward = lambda t: torch.from_numpy(timestep_features(t.numpy()))
+    return m
+
+
+def test_diffusers_folder_matches_the_diffusers_module(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    cfg = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2,
+                       num_classes=10)
+    dm = _diffusers_model(cfg, torch, diffusers)
+    dm.save_pretrained(tmp_path / "transformer")
+    m = load_dit(tmp_path / "transformer", dtype="float64")           # heads from config.json
+    assert m.config == cfg
+    assert np.array_equal(m.params["pos_embed"][0], tl.embeddings.pos_embed_2d(64, 4).astype(np.float32))
+    rng = np.random.default_rng(0)
+    x, t, y = rng.standard_normal((3, 4, 8, 8)), np.array([0, 999, 421]), np.array([3, 10, 9])
+    with torch.no_grad():
+        ref = _official_numerics(dm, torch)(torch.from_numpy(x), timestep=torch.from_numpy(t),
+                                            class_labels=torch.from_numpy(y)).sample.numpy()
+    err = rel_err(m(x, t, y), ref)
+    assert err <= 1e-12, err
+    assert load_dit(tmp_path).config == cfg                               # a pipeline folder (transformer/ inside)
+    assert weights_hash(tmp_path) == m.weights_hash
+
+
+def test_diffusers_embedder_copies_must_agree(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    cfg = tl.DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    _diffusers_model(cfg, torch, diffusers, share_embedders=False).save_pretrained(tmp_path)
+    with pytest.raises(WeightsError, match="transformer_blocks.1.norm1.emb.* differs from block 0's copy"):
+        load_dit(tmp_path)
+
+
+def test_diffusers_missing_part_is_named(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    cfg = tl.DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    _diffusers_model(cfg, torch, diffusers).save_pretrained(tmp_path)
+    f = tmp_path / "diffusion_pytorch_model.safetensors"
+    tensors, meta = read_safetensors(f)
+    del tensors["transformer_blocks.1.attn1.to_k.bias"]
+    write_safetensors(f, tensors, meta)
+    with pytest.raises(WeightsError, match="missing keys \\(1\\): transformer_blocks.1.attn1.to_k.bias "
+                                           "\\(for blocks.1.attn.qkv.bias\\)"):
+        load_dit(tmp_path)

@@ -1,0 +1,326 @@
+"""Convert a PyTorch checkpoint to safetensors, without PyTorch and without running its code.
+
+    python -m tinylazy.convert DiT-XL-2-256x256.pt weights/DiT-XL-2-256x256.safetensors
+
+``torch.save`` writes a zip archive: ``<name>/data.pkl`` (a pickle of the object,
+with each tensor storage replaced by a persistent id ``('storage', <Type>Storage,
+key, location, numel)``), the raw storages as ``<name>/data/<key>``, and
+``<name>/byteorder``.  The pickle is read with a restricted unpickler whose
+``find_class`` resolves only the globals needed to rebuild tensors and ordered
+dicts, each to tinylazy's own inert stand-in; every other global is refused, so
+no code named by the file ever runs.  One exception: ``argparse.Namespace`` (the
+``args`` entry that the official DiT train.py and LazyDiT checkpoints carry)
+becomes an inert placeholder, its class never imported, its contents discarded,
+and it never reaches the output.  Tensors are read lazily, one storage at a time,
+while the output is written.
+"""
+import argparse
+import collections
+import math
+import os
+import pickle
+import sys
+import zipfile
+
+import numpy as np
+
+from .io import FLOAT_DTYPES, WeightsError, write_safetensors
+
+
+class ConvertError(WeightsError):
+    """A checkpoint that cannot be converted; the message names the file and the entry."""
+
+
+# torch.<Name>Storage -> (stored dtype, safetensors dtype); bfloat16 is kept as raw uint16.
+_STORAGES = {
+    "DoubleStorage": ("f8", "F64"), "FloatStorage": ("f4", "F32"), "HalfStorage": ("f2", "F16"),
+    "BFloat16Storage": ("u2", "BF16"), "LongStorage": ("i8", "I64"), "IntStorage": ("i4", "I32"),
+    "ShortStorage": ("i2", "I16"), "CharStorage": ("i1", "I8"), "ByteStorage": ("u1", "U8"),
+    "BoolStorage": ("b1", "BOOL"),
+}
+_TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                 "double", "float", "half", "long", "int", "short"}
+_PLACEHOLDER_GLOBALS = {("argparse", "Namespace")}
+
+
+# ----------------------------------------------------------------------------
+# Inert stand-ins for the allowed globals
+
+class _Inert:
+    """Base of the stand-ins: pickle's BUILD may not set attributes on them."""
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("BUILD on a tensor/storage object is not part of the torch.save format")
+
+
+class _StorageType(_Inert):
+    def __init__(self, name):
+        self.name = name
+        code, self.st_dtype = _STORAGES[name]
+        self.raw = np.dtype(code)
+
+
+class _TorchDtype(_Inert):
+    def __init__(self, name):
+        self.name = name
+
+
+class _Storage(_Inert):
+    """One raw storage in the archive, read on first use."""
+
+    def __init__(self, archive, key, stype, numel):
+        self.archive, self.key, self.stype, self.numel = archive, key, stype, numel
+
+
+class TensorRef(_Inert):
+    """A tensor of the checkpoint: a strided view of a storage, materialised by ``read()``."""
+
+    def __init__(self, storage, offset, shape, stride):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+    @property
+    def st_dtype(self):
+        return self.storage.stype.st_dtype
+
+    def read(self):
+        """The tensor as a C-contiguous array of the stored dtype (bfloat16 as raw uint16)."""
+        data = self.storage.archive.storage_array(self.storage)
+        n = math.prod(self.shape)
+        if n and self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) >= data.size:
+            raise ConvertError(f"{self.storage.archive.path}: tensor view (offset {self.offset}, shape {self.shape}, "
+                               f"stride {self.stride}) runs past its storage of {data.size} elements")
+        if n == 0:
+            return np.empty(self.shape, data.dtype)
+        item = data.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(data[self.offset:], self.shape, [s * item for s in self.stride],
+                                               writeable=False)
+        return np.ascontiguousarray(view)
+
+
+class _Placeholder(_Inert):
+    """Stands in for an allowed non-tensor global (argparse.Namespace): takes anything, keeps nothing."""
+
+    qualname = "argparse.Namespace"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    """Stand-in for torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, meta])."""
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"_rebuild_tensor_v2 expects a storage, got {type(storage).__name__}")
+    ints = (storage_offset, *size, *stride)
+    if (not all(type(v) is int and v >= 0 for v in ints)) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"bad tensor geometry: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
+    return TensorRef(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *_ignored):
+    """Stand-in for torch._utils._rebuild_parameter(data, requires_grad, hooks[, state]): the tensor itself."""
+    if not isinstance(data, TensorRef):
+        raise pickle.UnpicklingError(f"_rebuild_parameter expects a tensor, got {type(data).__name__}")
+    return data
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive):
+        super().__init__(file)
+        self.archive = archive
+        self.storages = {}
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGES:
+            return _StorageType(name)
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TorchDtype(name)
+        if (module, name) in _PLACEHOLDER_GLOBALS:
+            return _Placeholder
+        raise pickle.UnpicklingError(f"refused global '{module}.{name}': only tensors, storages and "
+                                     f"ordered dicts may be rebuilt (no code from the checkpoint is run)")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, stype, key, _location, numel = pid
+        if key not in self.storages:
+            self.storages[key] = _Storage(self.archive, key, stype, numel)
+        elif self.storages[key].stype.name != stype.name:
+            # One storage viewed as two dtypes: torch itself refuses to load this.
+            raise pickle.UnpicklingError(f"storage {key} is referenced as {self.storages[key].stype.name} and {stype.name}")
+        return self.storages[key]
+
+
+# ----------------------------------------------------------------------------
+# The archive
+
+class Checkpoint:
+    """A torch.save zip checkpoint: ``obj`` is the unpickled object with ``TensorRef`` leaves."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not zipfile.is_zipfile(self.path):
+            raise ConvertError(f"{self.path}: not a zip checkpoint (torch.save writes zip archives since "
+                               f"PyTorch 1.6; the legacy format is not supported)")
+        self.zip = zipfile.ZipFile(self.path)
+        try:
+            self._read_pickle()
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def _read_pickle(self):
+        pkls = [n for n in self.zip.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(pkls) != 1:
+            raise ConvertError(f"{self.path}: expected one data.pkl in the archive, found {pkls or 'none'}")
+        self.prefix = pkls[0][:-len("data.pkl")]
+        order = self._member("byteorder").decode().strip() if self.prefix + "byteorder" in self.zip.NameToInfo \
+            else "little"                                   # files from before the byteorder record are little-endian
+        if order not in ("little", "big"):
+            raise ConvertError(f"{self.path}: unknown byteorder {order!r}")
+        self.byteorder = "<" if order == "little" else ">"
+        self._cached = (None, None)
+        with self.zip.open(pkls[0]) as f:
+            try:
+                self.obj = _RestrictedUnpickler(f, self).load()
+            except Exception as e:                          # any failure here means a malformed or hostile pickle
+                raise ConvertError(f"{self.path}: cannot read {pkls[0]}: {e}") from None
+
+    def _member(self, name, nbytes=None):
+        try:
+            info = self.zip.getinfo(self.prefix + name)
+        except KeyError:
+            raise ConvertError(f"{self.path}: archive has no {self.prefix + name}") from None
+        if nbytes is not None and info.file_size != nbytes:          # checked before anything is decompressed
+            raise ConvertError(f"{self.path}: {info.filename} has {info.file_size} bytes, expected {nbytes}")
+        return self.zip.read(info)
+
+    def storage_array(self, storage):
+        """The storage's elements as a 1-D array (byte order as recorded); the last one read is cached."""
+        if self._cached[0] is not storage:
+            raw = storage.stype.raw.newbyteorder(self.byteorder)
+            buf = self._member("data/" + storage.key, storage.numel * raw.itemsize)
+            self._cached = (storage, np.frombuffer(buf, raw))
+        return self._cached[1]
+
+    def close(self):
+        self._cached = (None, None)
+        self.zip.close()
+
+
+def select_state_dict(obj, key="auto", path="checkpoint"):
+    """The mapping that holds the weights -> (key used or None for the top level, mapping).
+
+    ``auto``: ``ema`` when present (as the official DiT ``find_model`` picks for train.py
+    checkpoints), else ``model`` (official LazyDiT gate checkpoints), else the top level.
+    """
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    if key == "auto":
+        for k in ("ema", "model"):
+            if isinstance(obj.get(k), dict):
+                return k, obj[k]
+        return None, obj
+    if not isinstance(obj.get(key), dict):
+        raise ConvertError(f"{path}: no dict under key {key!r}; top-level keys: {', '.join(map(str, obj))}")
+    return key, obj[key]
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, name + ".")
+        else:
+            yield name, v
+
+
+def _describe(v):
+    if isinstance(v, TensorRef):
+        return f"{v.st_dtype} tensor"
+    if isinstance(v, _Placeholder):
+        return v.qualname
+    return type(v).__name__
+
+
+class _Converted:
+    """A tensor to write: float32 (widened exactly from f16/bf16, rounded from f64) or as stored."""
+
+    def __init__(self, ref, keep):
+        self.ref, self.shape = ref, ref.shape
+        self.st_dtype = ref.st_dtype if keep else "F32"
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.ref.read()
+        if self.st_dtype == "F32" and self.ref.st_dtype != "F32":
+            a = (a.astype(np.uint32) << 16).view(np.float32) if self.ref.st_dtype == "BF16" else a.astype(np.float32)
+        return a
+
+
+def convert(src, dst, key="auto", dtype="float32", progress=True):
+    """Convert checkpoint ``src`` to safetensors ``dst``; float tensors are kept by name.
+
+    Returns (key used, names written, {skipped name: why}).
+    """
+    if dtype not in ("float32", "keep"):
+        raise ValueError(f"dtype must be 'float32' or 'keep', got {dtype!r}")
+    ckpt = Checkpoint(src)
+    try:
+        used, tree = select_state_dict(ckpt.obj, key, ckpt.path)
+        tensors, skipped = {}, {}
+        for name, v in _flatten(tree):
+            if isinstance(v, TensorRef) and v.st_dtype in FLOAT_DTYPES:
+                tensors[name] = _Converted(v, keep=dtype == "keep")
+            else:
+                skipped[name] = _describe(v)
+        if not tensors:
+            raise ConvertError(f"{ckpt.path}: no float tensors " + (f"under key {used!r}" if used else "in the checkpoint"))
+        names = list(tensors)
+        meta = {"source": os.path.basename(ckpt.path), "key": used or "", "converter": "tinylazy.convert"}
+        write_safetensors(dst, tensors, meta, progress="convert" if progress else None)
+    finally:
+        ckpt.close()
+    return used, names, skipped
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m tinylazy.convert",
+        description="Convert a PyTorch checkpoint (torch.save zip format) to safetensors, keeping float tensors "
+                    "by name. No PyTorch needed; the pickle is read with a restricted unpickler that runs no code.")
+    ap.add_argument("src", help="checkpoint written by torch.save, e.g. DiT-XL-2-256x256.pt")
+    ap.add_argument("dst", help="output .safetensors file (written atomically)")
+    ap.add_argument("--key", default="auto",
+                    help="top-level entry holding the weights: ema, model, any other key, or auto "
+                         "(default: ema if present, else model, else the whole dict)")
+    ap.add_argument("--dtype", choices=("float32", "keep"), default="float32",
+                    help="float32 (default): store float32 (f16/bf16 widened exactly); keep: store as in the checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        used, names, skipped = convert(args.src, args.dst, args.key, args.dtype)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if skipped:
+        print(f"skipped {len(skipped)} non-float entries: " +
+              ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:10]) + (" ..." if len(skipped) > 10 else ""),
+              file=sys.stderr)
+    print(f"wrote {args.dst}: {len(names)} tensors from {args.src}" + (f" [{used}]" if used else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

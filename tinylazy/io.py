@@ -1,0 +1,639 @@
+"""Weights on disk: a safetensors reader/writer, and loading/saving a DiT.
+
+The safetensors format (huggingface/safetensors): an 8-byte little-endian header
+length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then raw little-endian tensor data; offsets count
+from the end of the header.  The reader is written on the format itself (not
+``safetensors.numpy``) so that every tensor is read with one ``readinto`` straight
+into its final array (float16/bfloat16 through a small chunk buffer): loading
+never holds a second copy of the weights, and a bad file fails with an error
+that names the file and the key before any model is built.
+
+``load_dit`` accepts the official layout (the keys of facebookresearch/DiT's state
+dict) or diffusers' ``DiTTransformer2DModel`` layout, mapped back to the official
+names (reference.md), and infers the configuration from the tensor shapes.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+
+import numpy as np
+
+from .backend import resolve_dtype, to_numpy
+from .config import HEADS_BY_WIDTH, DiTConfig
+from .dit import DiT, param_shapes
+from .embeddings import pos_embed_2d
+from .progress import Progress
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be used; the message names the file and the key."""
+
+
+# ----------------------------------------------------------------------------
+# The safetensors format
+
+# safetensors dtype -> dtype of the stored bytes.  BF16 has no NumPy dtype: its
+# bytes are read as uint16 and widened to float32 (the top half of a float32).
+_RAW = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in _RAW.items() if k != "BF16"}
+_MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+_CHUNK = 16 << 20                # bytes per chunk when converting f16/bf16 on the fly
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: str          # safetensors dtype, e.g. "F32"
+    shape: tuple
+    begin: int          # absolute byte offsets in the file
+    end: int
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise WeightsError(f"duplicate name {k!r} in the header")
+        seen[k] = v
+    return seen
+
+
+class SafetensorsFile:
+    """A validated safetensors file; ``read(name)`` reads one tensor.
+
+    Opening parses and checks the whole header (length, JSON, dtypes, shapes,
+    offsets in range, no overlaps) and reads no tensor data.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._f = open(self.path, "rb", buffering=0)
+        try:
+            self.metadata, self.entries = self._parse_header()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _error(self, msg):
+        return WeightsError(f"{self.path}: {msg}")
+
+    def _parse_header(self):
+        size = os.fstat(self._f.fileno()).st_size
+        if size < 8:
+            raise self._error(f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        n = int.from_bytes(self._f.read(8), "little")
+        if n > size - 8:
+            raise self._error(f"header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+        if n > _MAX_HEADER:
+            raise self._error(f"header length {n} exceeds the {_MAX_HEADER}-byte limit")
+        raw = self._f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except WeightsError as e:
+            raise self._error(str(e)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._error(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise self._error("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._error("__metadata__ must map strings to strings")
+        data_start = 8 + n
+        entries = {}
+        for name, e in header.items():
+            entries[name] = self._parse_entry(name, e, data_start, size)
+        spans = sorted((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin)
+        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise self._error(f"tensors {k0!r} and {k1!r} overlap "
+                                  f"(bytes {b0 - data_start}..{e0 - data_start} and {b1 - data_start}..{e1 - data_start})")
+        return metadata, entries
+
+    def _parse_entry(self, name, e, data_start, size):
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise self._error(f"tensor {name!r}: header entry needs dtype, shape and data_offsets, got {e!r}")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in _RAW:
+            raise self._error(f"tensor {name!r}: unknown dtype {dtype!r} (known: {', '.join(_RAW)})")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise self._error(f"tensor {name!r}: bad shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+            raise self._error(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _RAW[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise self._error(f"tensor {name!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                              f"but shape {tuple(shape)} of {dtype} needs {nbytes}")
+        begin, end = data_start + offsets[0], data_start + offsets[1]
+        if end > size:
+            raise self._error(f"tensor {name!r} ends at byte {end} but the file has {size} bytes: "
+                              f"data offsets out of range (truncated file?)")
+        return TensorInfo(dtype, tuple(shape), begin, end)
+
+    # -- reading ----------------------------------------------------------------
+    def keys(self):
+        return list(self.entries)
+
+    def read(self, name, dtype=None, out=None):
+        """Read tensor ``name``.
+
+        Float tensors are converted to ``dtype`` (None keeps F64/F32/F16 and widens
+        BF16 to float32; the widening of F16/BF16 is exact); integer and bool tensors
+        are returned as stored.  ``out``: a C-contiguous array of the tensor's shape
+        to fill instead of allocating.  NaN or Inf in a float tensor is an error.
+        """
+        if name not in self.entries:
+            raise self._error(f"no tensor {name!r}")
+        e = self.entries[name]
+        raw = _RAW[e.dtype]
+        if e.dtype in FLOAT_DTYPES:
+            target = (np.dtype(np.float32) if e.dtype == "BF16" else raw.newbyteorder("=")) if dtype is None \
+                else np.dtype(dtype)
+            if target.kind != "f":
+                raise self._error(f"tensor {name!r}: cannot read a float tensor as {target}")
+        else:
+            target = raw.newbyteorder("=")
+        if out is None:
+            out = np.empty(e.shape, target)
+        elif tuple(out.shape) != e.shape or not out.flags.c_contiguous or out.dtype != target:
+            raise self._error(f"tensor {name!r}: output array {out.shape} {out.dtype} does not fit {e.shape} {target}")
+        flat = out.reshape(-1)
+        if flat.dtype == raw:
+            self._pread(e.begin, flat.view(np.uint8))        # straight into the final array
+        else:
+            step = max(1, _CHUNK // raw.itemsize)
+            buf = np.empty(min(flat.size, step), raw)
+            for i in range(0, flat.size, step):
+                m = min(step, flat.size - i)
+                self._pread(e.begin + i * raw.itemsize, buf[:m].view(np.uint8))
+                flat[i:i + m] = _widen(buf[:m], e.dtype)
+        if e.dtype in FLOAT_DTYPES and not np.isfinite(flat).all():
+            raise self._error(f"tensor {name!r} contains NaN or Inf")
+        return out
+
+    def _pread(self, offset, buf):
+        mv = memoryview(buf)
+        self._f.seek(offset)
+        while mv.nbytes:
+            n = self._f.readinto(mv)
+            if not n:
+                raise self._error(f"unexpected end of file at byte {self._f.tell()}")
+            mv = mv[n:]
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _widen(raw, st_dtype):
+    """Stored values -> NumPy values; BF16 is the top 16 bits of a float32."""
+    if st_dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw
+
+
+def read_safetensors(path, dtype=None):
+    """Read a whole file -> (dict name -> array, metadata dict).
+
+    ``dtype`` converts float tensors (None keeps the file's float dtype, BF16 -> float32);
+    integer and bool tensors are returned as stored.
+    """
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k, dtype) for k in f.keys()}, dict(f.metadata)
+
+
+def _st_dtype(name, v):
+    st = getattr(v, "st_dtype", None)                     # lazy values may declare e.g. "BF16"
+    if st is None:
+        st = _FROM_NUMPY.get(np.dtype(v.dtype).newbyteorder("="))
+    if st not in _RAW:
+        raise WeightsError(f"tensor {name!r}: dtype {v.dtype} has no safetensors equivalent")
+    return st
+
+
+def write_safetensors(path, tensors, metadata=None, progress=None):
+    """Write ``tensors`` (name -> array) to ``path`` atomically (temp file + os.replace).
+
+    Values may be NumPy or CuPy arrays, or lazy objects with ``shape``, ``dtype``
+    (or ``st_dtype``) and ``__array__``: each is materialised only while it is
+    written, so a writer never holds more than one tensor.  ``metadata``: str -> str.
+    ``progress``: a label for a progress bar on stderr (None: silent).
+    """
+    path = os.fspath(path)
+    header = {}
+    if metadata:
+        bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+        if bad:
+            raise WeightsError(f"{path}: metadata must map strings to strings, got {bad!r}")
+        header["__metadata__"] = dict(metadata)
+    offset, layout = 0, []
+    for name, v in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise WeightsError(f"{path}: bad tensor name {name!r}")
+        st, shape = _st_dtype(name, v), tuple(int(s) for s in v.shape)
+        nbytes = math.prod(shape) * _RAW[st].itemsize
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        layout.append((name, v, st, nbytes))
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)                       # data starts 8-byte aligned, as safetensors does
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for name, v, st, nbytes in Progress(layout, desc=progress or "", disable=progress is None):
+                a = np.ascontiguousarray(to_numpy(v))
+                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+                if a.nbytes != nbytes:
+                    raise WeightsError(f"{path}: tensor {name!r} produced {a.nbytes} bytes, its header says {nbytes}")
+                f.write(a.reshape(-1).view(np.uint8))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Weight layouts: official names -> the file tensors that hold them
+
+# diffusers DiTTransformer2DModel names per official name (reference.md); several
+# names are concatenated along axis 0 (q, k, v -> qkv).  The timestep and label
+# embedders sit in block 0 and are copied into every other block.
+_DIFFUSERS = [
+    (r"x_embedder\.proj\.(weight|bias)", ["pos_embed.proj.{0}"]),
+    (r"pos_embed", ["pos_embed.pos_embed"]),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", ["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.{0}"]),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", ["transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.{0}"]),
+    (r"y_embedder\.embedding_table\.weight", ["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"]),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", ["transformer_blocks.{0}.attn1.to_q.{1}",
+                                                  "transformer_blocks.{0}.attn1.to_k.{1}",
+                                                  "transformer_blocks.{0}.attn1.to_v.{1}"]),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", ["transformer_blocks.{0}.attn1.to_out.0.{1}"]),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", ["transformer_blocks.{0}.ff.net.0.proj.{1}"]),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", ["transformer_blocks.{0}.ff.net.2.{1}"]),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", ["transformer_blocks.{0}.norm1.linear.{1}"]),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", ["proj_out_1.{0}"]),
+    (r"final_layer\.linear\.(weight|bias)", ["proj_out_2.{0}"]),
+]
+_DIFFUSERS_SHARED = [
+    "norm1.emb.timestep_embedder.linear_1.weight", "norm1.emb.timestep_embedder.linear_1.bias",
+    "norm1.emb.timestep_embedder.linear_2.weight", "norm1.emb.timestep_embedder.linear_2.bias",
+    "norm1.emb.class_embedder.embedding_table.weight",
+]
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class _Layout:
+    """The tensors of one model, in the official or the diffusers layout, and hints for its config."""
+
+    def __init__(self, label, files, config_json=None):
+        self.label = label
+        self.files = files
+        self.where = {}
+        for f in files:
+            for k in f.entries:
+                if k in self.where:
+                    raise WeightsError(f"{label}: tensor {k!r} appears in both {self.where[k].path} and {f.path}")
+                self.where[k] = f
+        self.diffusers = any(k.startswith("transformer_blocks.") for k in self.where)
+        self.config_json = config_json or {}
+        # diffusers does not store pos_embed (it is a recomputed buffer); compute it as the official code does.
+        self.computed = {"pos_embed"} if self.diffusers and "pos_embed.pos_embed" not in self.where else set()
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+    def file_keys(self, name):
+        """Official name -> the file keys that hold it (concatenated along axis 0)."""
+        if not self.diffusers:
+            return [name]
+        for pattern, keys in _DIFFUSERS:
+            m = re.fullmatch(pattern, name)
+            if m:
+                return [k.format(*m.groups()) for k in keys]
+        return [name]
+
+    def copies(self, depth):
+        """(file key, block-0 key) pairs that must hold equal tensors."""
+        if not self.diffusers:
+            return []
+        return [(f"transformer_blocks.{i}.{k}", f"transformer_blocks.0.{k}")
+                for i in range(1, depth) for k in _DIFFUSERS_SHARED]
+
+    def describe(self, name):
+        keys = self.file_keys(name)
+        return "" if keys == [name] else f" ({' + '.join(keys)})"
+
+    def shape(self, name):
+        """Shape of official tensor ``name`` from the header, or None when absent."""
+        shapes = [self.where[k].entries[k].shape for k in self.file_keys(name) if k in self.where]
+        if len(shapes) != len(self.file_keys(name)) or not shapes:
+            return None
+        if any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+            return tuple(shapes)                              # parts that cannot be stacked: reported as is
+        return (sum(s[0] for s in shapes),) + shapes[0][1:]
+
+    def depth(self):
+        prefix = "transformer_blocks" if self.diffusers else "blocks"
+        idx = [int(m.group(1)) for k in self.where for m in [re.match(prefix + r"\.(\d+)\.", k)] if m]
+        return max(idx) + 1 if idx else 0
+
+    def heads_hints(self):
+        """(where it came from, value) candidates for num_heads, in order of preference."""
+        hints = []
+        for f in self.files:
+            if "num_heads" in f.metadata:
+                hints.append((f"{f.path} metadata 'num_heads'", f.metadata["num_heads"]))
+            if "config" in f.metadata:
+                try:
+                    cfg = json.loads(f.metadata["config"])
+                except json.JSONDecodeError:
+                    raise WeightsError(f"{f.path}: metadata 'config' is not valid JSON") from None
+                if isinstance(cfg, dict) and "num_heads" in cfg:
+                    hints.append((f"{f.path} metadata 'config'", cfg["num_heads"]))
+        if "num_attention_heads" in self.config_json:
+            hints.append(("diffusers config.json", self.config_json["num_attention_heads"]))
+        return hints
+
+    def read(self, name, shape, dtype):
+        """Official tensor ``name`` in ``dtype``, read part by part into one array."""
+        out = np.empty(shape, dtype)
+        if name in self.computed:
+            D, grid = shape[-1], math.isqrt(shape[1])
+            out[0] = pos_embed_2d(D, grid).astype(np.float32)   # official buffer: float64 -> float32
+            return out
+        row = 0
+        for k in self.file_keys(name):
+            n = self.where[k].entries[k].shape[0]
+            self.where[k].read(k, dtype, out=out[row:row + n])
+            row += n
+        return out
+
+
+def _open_layout(path):
+    """A file (official or diffusers keys), a diffusers model/pipeline folder, or a folder with one file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsError(f"{path}: no such file or folder")
+    config_json = None
+    if os.path.isdir(path):
+        root = path
+        if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+            root = os.path.join(path, "transformer")                  # a diffusers pipeline folder
+        if os.path.isfile(os.path.join(root, "config.json")):
+            with open(os.path.join(root, "config.json")) as f:
+                try:
+                    config_json = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise WeightsError(f"{root}/config.json is not valid JSON ({e})") from None
+        names = _weight_files(root)
+    else:
+        names = [path]
+    files = []
+    try:
+        for n in names:
+            files.append(SafetensorsFile(n))
+        return _Layout(path, files, config_json)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+
+
+def _weight_files(root):
+    index = os.path.join(root, _DIFFUSERS_WEIGHTS + ".index.json")
+    if os.path.isfile(os.path.join(root, _DIFFUSERS_WEIGHTS)):
+        return [os.path.join(root, _DIFFUSERS_WEIGHTS)]
+    if os.path.isfile(index):                                          # sharded diffusers weights
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(root, s) for s in shards]
+    found = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
+    if len(found) != 1:
+        raise WeightsError(f"{root}: expected one .safetensors file (or a diffusers {_DIFFUSERS_WEIGHTS}), "
+                           f"found {found or 'none'}")
+    return [os.path.join(root, found[0])]
+
+
+# ----------------------------------------------------------------------------
+# Configuration inference and validation
+
+def _infer_config(layout, num_heads=None):
+    """DiTConfig from the tensor shapes (and, for num_heads only, metadata or the width table)."""
+    label = layout.label
+
+    def need(name, ndim):
+        s = layout.shape(name)
+        if s is None:
+            raise WeightsError(f"{label}: cannot infer the model configuration: missing {name!r}{layout.describe(name)}")
+        if len(s) != ndim or not all(isinstance(d, int) for d in s):
+            raise WeightsError(f"{label}: {name!r}{layout.describe(name)} has shape {s}, expected {ndim} dimensions")
+        return s
+
+    D, C, p, p2 = need("x_embedder.proj.weight", 4)
+    if p != p2:
+        raise WeightsError(f"{label}: 'x_embedder.proj.weight' has a non-square {p}x{p2} kernel")
+    if layout.shape("pos_embed") is not None:
+        _, N, _ = need("pos_embed", 3)
+        grid = math.isqrt(N)
+        if grid * grid != N:
+            raise WeightsError(f"{label}: 'pos_embed' has {N} tokens, not a square grid")
+        input_size = grid * p
+    elif "sample_size" in layout.config_json:
+        input_size = int(layout.config_json["sample_size"])
+    else:
+        raise WeightsError(f"{label}: cannot infer the input size: no 'pos_embed' tensor and no config.json sample_size")
+    depth = layout.depth()
+    if depth == 0:
+        raise WeightsError(f"{label}: no transformer blocks found")
+    rows = need("y_embedder.embedding_table.weight", 2)[0]
+    F = need("blocks.0.mlp.fc1.weight", 2)[0]
+    out_rows = need("final_layer.linear.weight", 2)[0]
+    out_channels, rem = divmod(out_rows, p * p)
+    if rem or out_channels not in (C, 2 * C):
+        raise WeightsError(f"{label}: 'final_layer.linear.weight' has {out_rows} rows; expected "
+                           f"{p}*{p}*{2 * C} (learned sigma) or {p}*{p}*{C}")
+    heads = _resolve_heads(layout, D, num_heads)
+    try:
+        cfg = DiTConfig(input_size=input_size, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
+                        num_heads=heads, mlp_ratio=F / D, num_classes=rows - 1,
+                        learn_sigma=out_channels == 2 * C).validate()
+    except ValueError as e:
+        raise WeightsError(f"{label}: {e}") from None
+    if cfg.mlp_hidden != F:
+        raise WeightsError(f"{label}: MLP width {F} is not representable as hidden {D} x mlp_ratio")
+    return cfg
+
+
+def _resolve_heads(layout, D, num_heads):
+    """num_heads: the argument, then file metadata, then diffusers' config.json, then the official widths."""
+    candidates = [("num_heads argument", num_heads)] if num_heads is not None else []
+    candidates += layout.heads_hints()
+    for source, value in candidates:
+        try:
+            heads = int(value)
+        except (TypeError, ValueError):
+            raise WeightsError(f"{layout.label}: {source} is {value!r}, not an integer") from None
+        if heads < 1 or D % heads:
+            raise WeightsError(f"{layout.label}: {source} = {heads} does not divide hidden size {D}")
+        return heads
+    if D in HEADS_BY_WIDTH:
+        return HEADS_BY_WIDTH[D]
+    raise WeightsError(f"{layout.label}: cannot tell the number of attention heads for hidden size {D} "
+                       f"(not an official DiT width, and the file records none): pass load_dit(..., num_heads=N)")
+
+
+def _listing(title, items, limit=12):
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def _validate(layout, cfg):
+    """Every key present, no key left over, every shape and dtype right: one error listing all problems."""
+    expected = param_shapes(cfg)
+    missing, misshaped, used = [], [], set()
+    for name, shape in expected.items():
+        if name in layout.computed:
+            continue
+        keys = layout.file_keys(name)
+        used.update(keys)
+        absent = [k for k in keys if k not in layout.where]
+        if absent:
+            missing += [f"{k}" + ("" if k == name else f" (for {name})") for k in absent]
+        elif layout.shape(name) != shape:
+            misshaped.append(f"{name}{layout.describe(name)}: {layout.shape(name)}, expected {shape}")
+    for key, ref in layout.copies(cfg.depth):
+        used.add(key)
+        if key not in layout.where:
+            missing.append(key)
+        elif ref in layout.where and layout.where[key].entries[key].shape != layout.where[ref].entries[ref].shape:
+            misshaped.append(f"{key}: {layout.where[key].entries[key].shape}, expected {ref}'s "
+                             f"{layout.where[ref].entries[ref].shape}")
+    unexpected = sorted(set(layout.where) - used)
+    nonfloat = sorted(f"{k} ({layout.where[k].entries[k].dtype})" for k in used
+                      if k in layout.where and layout.where[k].entries[k].dtype not in FLOAT_DTYPES)
+    problems = [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                      ("wrong shapes", misshaped), ("non-float tensors", nonfloat))
+                if items]
+    if problems:
+        kind = "diffusers DiT" if layout.diffusers else "official DiT"
+        raise WeightsError(f"{layout.label}: does not match a {kind} with {_cfg_summary(cfg)}: " + "; ".join(problems))
+    return expected
+
+
+def _cfg_summary(cfg):
+    return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, patch {cfg.patch_size}, "
+            f"{cfg.in_channels} channels, input {cfg.input_size}, {cfg.num_classes} classes")
+
+
+def _iter_params(layout, cfg, dtype):
+    """Validated (name, array) pairs in name order; diffusers' per-block embedder copies are checked first."""
+    expected = _validate(layout, cfg)
+    for key, ref in layout.copies(cfg.depth):
+        a, b = layout.where[key].read(key), layout.where[ref].read(ref)
+        if not np.array_equal(a, b):
+            raise WeightsError(f"{layout.label}: {key!r} differs from block 0's copy {ref!r} "
+                               f"(the official DiT has one timestep/label embedder)")
+    for name in sorted(expected):
+        yield name, layout.read(name, expected[name], dtype)
+
+
+# ----------------------------------------------------------------------------
+# Content hash
+
+class _WeightsHasher:
+    """sha256 over (name, shape, float32 little-endian values) of each tensor, in name order.
+
+    The values are hashed at float32 precision, so a model keeps its hash across
+    formats (official / diffusers, bf16 / fp16 upcasts) and load dtypes.
+    """
+
+    def __init__(self):
+        self._h = hashlib.sha256(b"tinylazy-weights-v1\0")
+
+    def update(self, name, a):
+        a = np.ascontiguousarray(to_numpy(a), dtype="<f4")
+        self._h.update(f"{name}\0{','.join(map(str, a.shape))}\0".encode())
+        self._h.update(a.reshape(-1).view(np.uint8))
+
+    def hexdigest(self):
+        return self._h.hexdigest()
+
+
+def weights_hash(model_or_path):
+    """Content hash of a DiT's weights (a model, or a path ``load_dit`` accepts); see ``_WeightsHasher``."""
+    h = _WeightsHasher()
+    if hasattr(model_or_path, "params"):
+        for name in sorted(model_or_path.params):
+            h.update(name, model_or_path.params[name])
+        return h.hexdigest()
+    layout = _open_layout(model_or_path)
+    try:
+        cfg = _infer_config(layout, num_heads=1)          # heads do not change the tensors
+        for name, a in _iter_params(layout, cfg, np.float32):
+            h.update(name, a)
+    finally:
+        layout.close()
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# DiT loading and saving
+
+def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
+    """Load a DiT from official-key safetensors, a diffusers DiTTransformer2DModel folder,
+    or a folder holding one official safetensors file.
+
+    The configuration is inferred from the tensor shapes (num_heads: the argument,
+    the file's metadata, diffusers' config.json, or the official width table).
+    Every key, shape and dtype is checked before any data is read; tensors are
+    read one by one straight into arrays of the model dtype, so no second copy of
+    the weights is made.  Sets ``model.weights_hash``.
+    """
+    dt = resolve_dtype(dtype)
+    layout = _open_layout(path)
+    try:
+        cfg = _infer_config(layout, num_heads)
+        h = _WeightsHasher()
+        params = {}
+        for name, a in _iter_params(layout, cfg, dt):
+            h.update(name, a)
+            params[name] = a
+        recorded = next((f.metadata["weights_hash"] for f in layout.files if "weights_hash" in f.metadata), None)
+    finally:
+        layout.close()
+    digest = h.hexdigest()
+    if recorded is not None and recorded != digest:
+        raise WeightsError(f"{layout.label}: tensors do not match the weights_hash in the file's metadata "
+                           f"(modified or corrupted file)")
+    model = DiT(cfg, params, dtype=dt, backend=backend)
+    model.weights_hash = digest
+    return model
+
+
+def save_dit(model, path, metadata=None):
+    """Save ``model`` with official keys in its dtype; metadata records the config, num_heads and weights_hash."""
+    meta = dict(metadata or {})
+    meta.update(config=json.dumps(dataclasses.asdict(model.config)), num_heads=str(model.config.num_heads),
+                weights_hash=weights_hash(model))
+    write_safetensors(path, {k: model.params[k] for k in sorted(model.params)}, meta)
