@@ -1,0 +1,143 @@
+"""The trainer: one step vs PyTorch, bit-identical resume, the export, the data and the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+import tinylazy as tl
+from tinylazy import train as T
+from tinylazy.diffusion import create_diffusion
+from tinylazy.io import load_dit, read_safetensors
+from tinylazy.optim import AdamW
+
+from conftest import rel_err
+
+TINY = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+
+
+def _fake_digits(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    images = (rng.integers(0, 17, size=(n, 1, 8, 8)) / 8.0 - 1.0).repeat(2, 2).repeat(2, 3).astype(np.float32)
+    return images, np.arange(n, dtype=np.int64) % 10
+
+
+def test_one_step_matches_torch_adamw():
+    torch = pytest.importorskip("torch")
+    from test_losses import _torch_terms
+    from torch_dit import TorchDiT
+
+    cfg = tl.DiTConfig(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2,
+                       num_classes=5)
+    params = tl.init_params(cfg, seed=4, scheme="random")
+    diffusion = create_diffusion("")
+    rng = np.random.default_rng(5)
+    B = 6
+    x0 = rng.integers(0, 17, size=(B, 2, 8, 8)) / 8.0 - 1.0
+    y = np.array([0, 1, 5, 3, 5, 4])                      # 5 = the null class (a dropped label)
+    t = np.array([0, 0, 3, 250, 998, 999])
+    noise = rng.standard_normal(x0.shape)
+    settings = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+    model = tl.DiT(cfg, {k: v.copy() for k, v in params.items()}, dtype="float64")   # AdamW updates in place
+    trainable = {k: v for k, v in model.params.items() if k != "pos_embed"}
+    terms = T.train_step(model, diffusion, AdamW(trainable, **settings), x0, y, t, noise)
+
+    tm = TorchDiT.from_params(cfg, params, torch.float64)
+    opt = torch.optim.AdamW([p for n, p in tm.named_parameters() if n != "pos_embed"], **settings)
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = tm(torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(y))
+    ref = _torch_terms(torch, out, x0, x_t, t, noise)
+    ref["loss"].mean().backward()
+    opt.step()
+
+    assert rel_err(terms["loss"], ref["loss"].detach().numpy()) <= 1e-12
+    worst = 0.0
+    for k, v in tm.state_dict().items():
+        new = v.numpy()
+        assert rel_err(model.params[k], new) <= 1e-10, k
+        if k != "pos_embed":                              # the step itself, not only the weights
+            worst = max(worst, rel_err(model.params[k] - params[k], new - params[k]))
+    assert worst <= 1e-8
+
+
+def _recipe(**kw):
+    return T.Recipe(overrides=TINY, batch_size=8, lr=1e-3, ema_decay=0.9, **kw)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_gives_bit_identical_weights(tmp_path):
+    images, labels = _fake_digits()
+    kw = dict(ckpt_every=3, sample_every=0, log_every=2, progress=False, images=images, labels=labels)
+    straight = T.train(_recipe(steps=8), tmp_path / "a", **kw)
+
+    def crash_at_5(tr):
+        if tr.step_count == 5:
+            raise _Stop
+    with pytest.raises(_Stop):                       # dies after step 5; the last checkpoint is step 3
+        T.train(_recipe(steps=8), tmp_path / "b", callback=crash_at_5, **kw)
+    assert not list((tmp_path / "b").glob("*.tmp"))
+    assert read_safetensors(tmp_path / "b" / T.CHECKPOINT)[1]["step"] == "3"
+    with pytest.raises(FileExistsError):
+        T.train(_recipe(steps=8), tmp_path / "b", **kw)
+    resumed = T.train(_recipe(steps=8), tmp_path / "b", resume=True, **kw)
+
+    assert resumed.step_count == straight.step_count == 8
+    a, _ = read_safetensors(tmp_path / "a" / T.CHECKPOINT)
+    b, _ = read_safetensors(tmp_path / "b" / T.CHECKPOINT)
+    assert set(a) == set(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    ea, _ = read_safetensors(tmp_path / "a" / "ema.safetensors")
+    eb, _ = read_safetensors(tmp_path / "b" / "ema.safetensors")
+    for k in ea:
+        assert np.array_equal(ea[k], eb[k]), k
+    assert straight.rng.bit_generator.state == resumed.rng.bit_generator.state
+    assert not np.array_equal(a["model/final_layer.linear.weight"], a["ema/final_layer.linear.weight"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    images, labels = _fake_digits()
+    kw = dict(sample_every=0, progress=False, images=images, labels=labels)
+    T.train(_recipe(steps=2), tmp_path, **kw)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.001, now 0.002"):
+        T.train(T.Recipe(overrides=TINY, batch_size=8, lr=2e-3, ema_decay=0.9, steps=4), tmp_path, resume=True, **kw)
+
+
+def test_export_official_keys_config_and_facts(tmp_path):
+    images, labels = _fake_digits()
+    tr = T.train(_recipe(steps=3), tmp_path, sample_every=3, progress=False, images=images, labels=labels,
+                 export=tmp_path / "m.safetensors")
+    assert (tmp_path / "samples" / "step_000003.png").exists()
+    model = load_dit(tmp_path / "m.safetensors")
+    assert model.config == tl.get_config("tiny-dit-digits", **TINY)
+    assert set(model.params) == set(tl.param_shapes(model.config))
+    for k, v in tr.ema.items():
+        assert np.array_equal(model.params[k], v)
+    _, meta = read_safetensors(tmp_path / "m.safetensors")
+    assert meta["num_heads"] == "2" and meta["steps"] == "3" and meta["weights"] == "ema"
+    assert json.loads(meta["recipe"])["lr"] == 1e-3 and json.loads(meta["config"])["depth"] == 1
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 3 and np.isfinite(lines[-1]["loss"])
+
+
+def test_digits_dataset():
+    pytest.importorskip("sklearn")
+    from tinylazy.data import load_digits_dataset
+    images, labels = load_digits_dataset()
+    assert images.shape == (1797, 1, 16, 16) and images.dtype == np.float32
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert np.array_equal(images[:, :, ::2, ::2], images[:, :, 1::2, 1::2])        # 2x2 nearest blocks
+    assert set(np.unique((images + 1) * 8)) <= set(range(17))
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--help"])
+    assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", "DiT-Q/2", "--no-progress"])
+    assert e.value.code == 2 and "unknown DiT configuration" in capsys.readouterr().err

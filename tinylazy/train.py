@@ -1,0 +1,324 @@
+"""Train a class-conditional DiT from scratch with the official DiT recipe, in NumPy.
+
+    python -m tinylazy.train --config tiny-dit-digits --steps 3000 --lr 1e-3 --ema-decay 0.999 \\
+        --out runs/digits --export weights/tiny-dit-digits.safetensors
+
+One step, as facebookresearch/DiT ``train.py``: a batch of the data (shuffled every epoch, the
+last partial batch dropped), uniform t in 0..999, labels dropped to the null class with
+probability 0.1 (classifier-free guidance), ADM's learned-sigma loss (``losses.py``),
+AdamW, then the EMA update.  Every random draw comes from one ``np.random.Generator``,
+in a fixed order per step: the epoch's permutation (when one starts), t, the noise, the
+label-drop mask.  A checkpoint holds the model, the EMA, the AdamW moments, that
+generator's state, the step, and the epoch's permutation and position, so a resumed run
+gives bit-identical weights to an uninterrupted one.  Checkpoints are safetensors
+with JSON metadata (no pickle), written to a temp file and renamed.
+At the end the EMA weights are exported with official keys, the configuration and the
+training facts in the file's metadata.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from .config import DIT_CONFIGS, get_config
+from .diffusion import create_diffusion
+from .dit import DiT
+from .losses import training_losses, training_losses_backward
+from .optim import AdamW, update_ema
+from .progress import Progress
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "tinylazy-train-checkpoint-1"
+FROZEN = ("pos_embed",)            # a fixed sin-cos buffer in the official model (requires_grad=False)
+# Settings that must not change when a run is resumed (the step count may grow).
+RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "betas", "adam_eps", "weight_decay",
+               "ema_decay", "class_dropout_prob", "seed", "dtype", "init")
+
+
+@dataclasses.dataclass
+class Recipe:
+    config: str = "tiny-dit-digits"
+    overrides: dict = dataclasses.field(default_factory=dict)   # DiTConfig fields changed from the preset
+    data: str = "digits"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-4                # official DiT AdamW settings
+    betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999       # official; the bundled model uses 0.999
+    class_dropout_prob: float = 0.1
+    seed: int = 0
+    dtype: str = "float32"
+    init: str = "official"          # DiT.initialize_weights
+
+    def model_config(self):
+        return get_config(self.config, **self.overrides)
+
+    def to_json(self):
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return json.dumps(d, sort_keys=True)
+
+
+def load_data(name):
+    """Training images (N, C, H, W) float32 in [-1, 1] and labels (N,) int64."""
+    if name == "digits":
+        from .data import load_digits_dataset
+        return load_digits_dataset()
+    raise ValueError(f"unknown dataset {name!r}; known: digits")
+
+
+# ----------------------------------------------------------------------------
+# One step
+
+def train_step(model, diffusion, opt, x_start, y, t, noise):
+    """One AdamW step on ADM's loss for the batch (x_start, y, t, noise); returns the loss terms (B,)."""
+    x_t = diffusion.q_sample(x_start, t, noise)
+    out, cache = model.forward_train(x_t, t, y)
+    terms, loss_cache = training_losses(diffusion, out, x_start, x_t, t, noise)
+    grads, _ = model.backward(training_losses_backward(loss_cache), cache)
+    opt.step(grads)
+    return terms
+
+
+class Trainer:
+    """The whole training state; ``step()`` advances it by one step."""
+
+    def __init__(self, recipe: Recipe, images=None, labels=None):
+        self.recipe = r = recipe
+        self.config = r.model_config()
+        if images is None:
+            images, labels = load_data(r.data)
+        cfg = self.config
+        if images.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(f"data {r.data!r} has images {images.shape[1:]}, the model takes "
+                             f"{(cfg.in_channels, cfg.input_size, cfg.input_size)}")
+        if labels.min() < 0 or labels.max() >= cfg.num_classes:
+            raise ValueError(f"data {r.data!r} has labels {labels.min()}..{labels.max()}, the model "
+                             f"{cfg.num_classes} classes")
+        if r.batch_size < 1 or r.batch_size > len(images):
+            raise ValueError(f"batch size {r.batch_size} must be in 1..{len(images)} (the dataset size)")
+        self.model = DiT.from_config(cfg, seed=r.seed, scheme=r.init, dtype=r.dtype)
+        self.images = images.astype(self.model.dtype)
+        self.labels = labels.astype(np.int64)
+        self.diffusion = create_diffusion("")
+        self.trainable = {k: v for k, v in self.model.params.items() if k not in FROZEN}   # shared arrays
+        self.opt = AdamW(self.trainable, lr=r.lr, betas=r.betas, eps=r.adam_eps, weight_decay=r.weight_decay)
+        self.ema = {k: v.copy() for k, v in self.trainable.items()}          # official: update_ema(decay=0)
+        self.rng = np.random.default_rng([r.seed, 1])                         # a stream apart from the init's
+        self.step_count = 0
+        self.perm = np.zeros(0, dtype=np.int64)                               # current epoch order
+        self.pos = 0
+        self.train_seconds = 0.0
+        self.last_terms = None
+
+    # -- data ---------------------------------------------------------------------
+    def next_batch(self):
+        """Indices of the next batch; a new permutation starts each epoch (drop_last, as official)."""
+        B = self.recipe.batch_size
+        if self.pos + B > len(self.perm):
+            self.perm = self.rng.permutation(len(self.images))
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + B]
+        self.pos += B
+        return idx
+
+    def step(self):
+        t0 = time.perf_counter()
+        idx = self.next_batch()
+        B = len(idx)
+        x_start = self.images[idx]
+        t = self.rng.integers(0, self.diffusion.num_timesteps, size=B)                   # uniform t
+        noise = self.rng.standard_normal(x_start.shape).astype(self.model.dtype)
+        drop = self.rng.random(B) < self.recipe.class_dropout_prob                       # LabelEmbedder.token_drop
+        y = np.where(drop, self.config.num_classes, self.labels[idx])
+        self.last_terms = train_step(self.model, self.diffusion, self.opt, x_start, y, t, noise)
+        update_ema(self.ema, self.trainable, self.recipe.ema_decay)
+        self.step_count += 1
+        self.train_seconds += time.perf_counter() - t0
+        return self.last_terms
+
+    # -- models -------------------------------------------------------------------------
+    def ema_model(self):
+        """A DiT on the EMA weights (sharing their arrays)."""
+        params = dict(self.ema)
+        params.update({k: self.model.params[k] for k in FROZEN})
+        return DiT(self.config, params, dtype=self.model.dtype)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, path):
+        from .io import write_safetensors
+        tensors = {}
+        for k in self.trainable:
+            tensors[f"model/{k}"] = self.trainable[k]
+            tensors[f"ema/{k}"] = self.ema[k]
+            tensors[f"exp_avg/{k}"] = self.opt.exp_avg[k]
+            tensors[f"exp_avg_sq/{k}"] = self.opt.exp_avg_sq[k]
+        tensors["data/perm"] = self.perm
+        meta = {"format": CHECKPOINT_FORMAT, "recipe": self.recipe.to_json(), "step": str(self.step_count),
+                "adam_step": str(self.opt.step_count), "data_pos": str(self.pos),
+                "rng": json.dumps(self.rng.bit_generator.state), "train_seconds": repr(self.train_seconds)}
+        write_safetensors(path, tensors, meta)                # temp file + os.replace
+
+    def load_checkpoint(self, path):
+        """Restore a checkpoint of the same recipe (the step count may differ) in place."""
+        from .io import read_safetensors
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a tinylazy training checkpoint (format {meta.get('format')!r})")
+        saved = json.loads(meta["recipe"])
+        mine = json.loads(self.recipe.to_json())
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in RECIPE_KEYS if saved.get(k) != mine[k]]
+        if diff:
+            raise ValueError(f"{path}: the run's settings changed since the checkpoint ({'; '.join(diff)})")
+        for part, target in (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
+                             ("exp_avg_sq", self.opt.exp_avg_sq)):
+            for k, a in target.items():
+                src = tensors.get(f"{part}/{k}")
+                if src is None or src.shape != a.shape or src.dtype != a.dtype:
+                    raise ValueError(f"{path}: tensor {part}/{k} is missing or does not match "
+                                     f"{a.shape} {a.dtype}")
+                a[...] = src
+        self.opt.step_count = int(meta["adam_step"])
+        self.step_count = int(meta["step"])
+        self.perm, self.pos = tensors["data/perm"].astype(np.int64), int(meta["data_pos"])
+        self.rng.bit_generator.state = json.loads(meta["rng"])
+        self.train_seconds = float(meta["train_seconds"])
+
+    # -- export ---------------------------------------------------------------------------
+    def export(self, path, extra=None):
+        """EMA weights, official keys, in the training dtype; config and training facts in the metadata."""
+        from .io import save_dit
+        from . import __version__
+        r = self.recipe
+        meta = {"recipe": r.to_json(), "steps": str(self.step_count), "train_seconds": f"{self.train_seconds:.1f}",
+                "seed": str(r.seed), "data": r.data, "weights": "ema", "ema_decay": repr(r.ema_decay),
+                "objective": "ADM training_losses, learned sigma (eps MSE + vb), uniform t, 10% label drop",
+                "trainer": f"tinylazy {__version__} (python -m tinylazy.train), NumPy {np.__version__}, "
+                           f"{platform.machine()}"}
+        if r.data == "digits":
+            from .data import SOURCE
+            meta["data"] = f"digits: {SOURCE}, nearest upsampled to 16x16, [-1, 1]"
+        meta.update(extra or {})
+        save_dit(self.ema_model(), path, meta)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+def sample_grid(trainer, path, steps=20, cfg_scale=1.5, per_class=2, seed=0):
+    """A PNG grid from the EMA model: ``per_class`` rows of the classes in order (DDIM)."""
+    from .image import save_grid
+    from .sampling import ddim_sample, make_noise
+    model = trainer.ema_model()
+    n = model.config.num_classes
+    labels = np.tile(np.arange(n, dtype=np.int64), per_class)
+    x = ddim_sample(model, make_noise(model, batch=len(labels), seed=seed), labels, steps=steps,
+                    cfg_scale=cfg_scale)
+    save_grid(x, path, nrow=n)
+
+
+def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_every=50, export=None,
+          progress=True, callback=None, images=None, labels=None):
+    """Run (or resume) ``recipe`` to ``recipe.steps`` steps; returns the Trainer.
+
+    out_dir receives checkpoint.safetensors, log.jsonl, samples/step_*.png and (unless
+    ``export`` names another path) ema.safetensors.  ``callback(trainer)`` runs after every step.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    tr = Trainer(recipe, images, labels)
+    ckpt = os.path.join(out_dir, CHECKPOINT)
+    if resume and os.path.exists(ckpt):
+        tr.load_checkpoint(ckpt)
+        print(f"resumed {ckpt} at step {tr.step_count}", file=sys.stderr)
+    elif not resume and os.path.exists(ckpt):
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or use another --out")
+    log = open(os.path.join(out_dir, "log.jsonl"), "a")
+    window = []
+    try:
+        steps = range(tr.step_count, recipe.steps)
+        bar = Progress(steps, desc="train", disable=not progress)
+        for _ in bar:
+            terms = tr.step()
+            window.append([float(terms[k].mean()) for k in ("loss", "mse", "vb")])
+            window = window[-log_every:]
+            s = tr.step_count
+            bar.set_postfix(step=s, loss=float(np.mean([w[0] for w in window])))
+            if s % log_every == 0 or s == recipe.steps:
+                loss, mse, vb = np.mean(window, axis=0)
+                log.write(json.dumps({"step": s, "loss": loss, "mse": mse, "vb": vb,
+                                      "train_seconds": round(tr.train_seconds, 2)}) + "\n")
+                log.flush()
+            if s % ckpt_every == 0 or s == recipe.steps:
+                tr.save_checkpoint(ckpt)
+            if sample_every and (s % sample_every == 0 or s == recipe.steps):
+                os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+                sample_grid(tr, os.path.join(out_dir, "samples", f"step_{s:06d}.png"))
+            if callback is not None:
+                callback(tr)
+    finally:
+        log.close()
+    tr.export(export or os.path.join(out_dir, "ema.safetensors"))
+    return tr
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tinylazy.train",
+        description="Train a class-conditional DiT from scratch (official DiT recipe: ADM learned-sigma loss, "
+                    "uniform t, 10%% label drop, AdamW, EMA) in NumPy, with resumable checkpoints.")
+    d = Recipe()
+    p.add_argument("--config", default=d.config, help=f"model configuration (default {d.config}; known: "
+                   f"{', '.join(DIT_CONFIGS)})")
+    p.add_argument("--depth", type=int, help="override the configuration's depth")
+    p.add_argument("--hidden-size", type=int, help="override the configuration's hidden size")
+    p.add_argument("--num-heads", type=int, help="override the configuration's number of heads")
+    p.add_argument("--data", default=d.data, choices=("digits",), help="training data (default digits)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"total training steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr}, official)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay} (official)")
+    p.add_argument("--class-dropout", type=float, default=d.class_dropout_prob,
+                   help="probability of the null label (default 0.1)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
+                   "generator (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    p.add_argument("--out", default="runs/train", help="run folder: checkpoint, log.jsonl, sample grids "
+                   "(default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval in steps (default 250)")
+    p.add_argument("--sample-every", type=int, default=500, help="sample-grid interval in steps (0 = never; "
+                   "default 500)")
+    p.add_argument("--log-every", type=int, default=50, help="log.jsonl interval in steps (default 50)")
+    p.add_argument("--export", default=None, help="where to write the EMA weights (default OUT/ema.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("steps", "ckpt_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
+                                   ("num_heads", args.num_heads)) if v is not None}
+    recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    ema_decay=args.ema_decay, class_dropout_prob=args.class_dropout, seed=args.seed,
+                    dtype=args.dtype)
+    try:
+        recipe.model_config()
+        tr = train(recipe, args.out, resume=args.resume, ckpt_every=args.ckpt_every, sample_every=args.sample_every,
+                   log_every=args.log_every, export=args.export, progress=not args.no_progress)
+    except (KeyError, ValueError, FileExistsError) as e:
+        p.error(str(e).strip('"'))
+    print(f"{tr.step_count} steps in {tr.train_seconds:.1f} s of training; EMA weights: "
+          f"{args.export or os.path.join(args.out, 'ema.safetensors')}", file=sys.stderr)
+    return tr
+
+
+if __name__ == "__main__":
+    main()
