@@ -258,6 +258,22 @@ def test_state_dict_converts_exactly_and_matches_the_torch_forward(tmp_path, tor
     assert rel_err(m(x, t, y), ref) <= 1e-12
 
 
+def test_xl_width_checkpoint_infers_the_official_config(tmp_path, torch):
+    from torch_dit import TorchDiT
+    cfg = tl.get_config("DiT-XL/2", input_size=8, depth=1)             # 1152 wide: 16 heads from the width table
+    params = {k: v.astype(np.float32) for k, v in tl.init_params(cfg, seed=3, scheme="random").items()}
+    tm = TorchDiT.from_params(cfg, params, dtype=torch.float32)
+    torch.save(tm.state_dict(), tmp_path / "xl.pt")
+    convert(tmp_path / "xl.pt", tmp_path / "xl.safetensors", progress=False)
+    m = load_dit(tmp_path / "xl.safetensors")
+    assert m.config == cfg
+    rng = np.random.default_rng(1)
+    x, t, y = rng.standard_normal((2, 4, 8, 8)).astype(np.float32), np.array([999, 0]), np.array([1000, 207])
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    assert rel_err(m(x, t, y), ref) <= 1e-5
+
+
 def test_training_checkpoint_picks_ema_by_default(tmp_path, torch):
     model, ema = _torch_model(torch, 0), _torch_model(torch, 1)
     ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": _adamw_state(torch, model.parameters()),

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -615,10 +616,13 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
     try:
         cfg = _infer_config(layout, num_heads)
         h = _WeightsHasher()
-        params = {}
-        for name, a in _iter_params(layout, cfg, dt):
-            h.update(name, a)
-            params[name] = a
+        params, hashed = {}, []
+        with ThreadPoolExecutor(max_workers=1) as pool:     # sha256 and reads release the GIL: overlap them
+            for name, a in _iter_params(layout, cfg, dt):
+                params[name] = a
+                hashed.append(pool.submit(h.update, name, a))
+        for f in hashed:
+            f.result()
         recorded = next((f.metadata["weights_hash"] for f in layout.files if "weights_hash" in f.metadata), None)
     finally:
         layout.close()
