@@ -320,6 +320,21 @@ def test_lazydit_gate_checkpoint_keeps_names(tmp_path, torch):
     assert used == "model"
 
 
+def test_diffusers_bin_folder_converts_and_loads(tmp_path, torch):
+    diffusers = pytest.importorskip("diffusers")
+    from test_io import _diffusers_model
+    cfg = tl.DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    dm = _diffusers_model(cfg, torch, diffusers)
+    dm.save_pretrained(tmp_path / "t", safe_serialization=False)          # diffusion_pytorch_model.bin (torch.save)
+    convert(tmp_path / "t" / "diffusion_pytorch_model.bin", tmp_path / "t" / "diffusion_pytorch_model.safetensors",
+            dtype="keep", progress=False)
+    m = load_dit(tmp_path / "t", dtype="float64")
+    assert m.config == cfg
+    qkv = dm.transformer_blocks[1].attn1
+    want = torch.cat([qkv.to_q.weight, qkv.to_k.weight, qkv.to_v.weight]).detach().numpy()
+    assert np.array_equal(m.params["blocks.1.attn.qkv.weight"], want)
+
+
 def test_legacy_torch_format_is_refused(tmp_path, torch):
     torch.save({"w": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     with pytest.raises(ConvertError, match="not a zip checkpoint"):

@@ -264,6 +264,10 @@ def test_folder_with_one_file(tmp_path):
         load_dit(tmp_path, num_heads=4)
     with pytest.raises(WeightsError, match="no such file"):
         load_dit(tmp_path / "nope.safetensors")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(WeightsError, match="found none; convert diffusion_pytorch_model.bin with python -m tinylazy"):
+        load_dit(tmp_path / "bin")
 
 
 # ----------------------------------------------------------------------------

@@ -431,8 +431,10 @@ def _weight_files(root):
         return [os.path.join(root, s) for s in shards]
     found = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
     if len(found) != 1:
+        bins = sorted(n for n in os.listdir(root) if n.endswith((".bin", ".pt", ".pth")))
+        hint = f"; convert {bins[0]} with python -m tinylazy.convert" if bins and not found else ""
         raise WeightsError(f"{root}: expected one .safetensors file (or a diffusers {_DIFFUSERS_WEIGHTS}), "
-                           f"found {found or 'none'}")
+                           f"found {found or 'none'}{hint}")
     return [os.path.join(root, found[0])]
 
 
