@@ -74,6 +74,19 @@ def test_gelu_tanh(rng):
     check_grads("gelu_tanh", ops.gelu_tanh_forward, lambda dy: (ops.gelu_tanh_backward(dy, x),), [x], rng)
 
 
+def test_gelu_tanh_gate(rng):
+    """s = (1 + tanh(u)) / 2 in the exp form, finite and exact at the extremes."""
+    x = np.concatenate([3 * rng.standard_normal(50), [-1e4, -60.0, 0.0, 60.0, 1e4]])
+    u = ops.GELU_K * (x + ops.GELU_C * x ** 3)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        s = ops.gelu_tanh_gate(x)
+        s32 = ops.gelu_tanh_gate(x.astype(np.float32))
+    np.testing.assert_allclose(s, (1 + np.tanh(u)) / 2, rtol=1e-14, atol=1e-15)   # 1 + tanh cancels near 0
+    np.testing.assert_allclose(x * s, ops.gelu_tanh_forward(x), rtol=1e-14, atol=1e-13)
+    assert s32.dtype == np.float32 and s[-5] == 0 and s[-1] == 1
+    np.testing.assert_array_equal(ops.gelu_tanh_backward(x, x, s), ops.gelu_tanh_backward(x, x))
+
+
 def test_layernorm(rng):
     x = 2 + 3 * rng.standard_normal((2, 5, 8))
     xhat, rstd = ops.layernorm_forward(x, return_rstd=True)

@@ -298,7 +298,8 @@ class DiT:
         do = do.reshape(B, T, H, D // H).transpose(0, 2, 1, 3)           # (B, T, D) -> (B, H, T, Dh)
         o = cache["o"].reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
         dqkv = self.xp.empty((B, T, 3, H, D // H), dtype=da.dtype)
-        dqkv.transpose(2, 0, 3, 1, 4)[...] = ops.sdpa_backward(do, q, k, v, o, cache["lse"])  # (3, B, H, T, Dh)
+        for i, d in enumerate(ops.sdpa_backward(do, q, k, v, o, cache["lse"])):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)                      # (B, H, T, Dh) -> (B, T, H, Dh)
         dz, dw, db = ops.linear_backward(dqkv.reshape(B, T, 3 * D), cache["z"],
                                          P[f"blocks.{l}.attn.qkv.weight"], pg)
         if pg:
@@ -319,11 +320,11 @@ class DiT:
     def mlp_backward(self, l, dm, cache, grads=None):
         """dm (B, T, D), the gradient of the branch output -> dz (B, T, D)."""
         P, pg, h = self.params, grads is not None, cache["h"]
-        dg, dw, db = ops.linear_backward(dm, ops.gelu_tanh_forward(h) if pg else None,
-                                         P[f"blocks.{l}.mlp.fc2.weight"], pg)
+        s = ops.gelu_tanh_gate(h)                                         # gelu(h) = h s
+        dg, dw, db = ops.linear_backward(dm, h * s if pg else None, P[f"blocks.{l}.mlp.fc2.weight"], pg)
         if pg:
             _put(grads, f"blocks.{l}.mlp.fc2", dw, db)
-        dh = ops.gelu_tanh_backward(dg, h)
+        dh = ops.gelu_tanh_backward(dg, h, s)
         dz, dw, db = ops.linear_backward(dh, cache["z"], P[f"blocks.{l}.mlp.fc1.weight"], pg)
         if pg:
             _put(grads, f"blocks.{l}.mlp.fc1", dw, db)
@@ -422,22 +423,29 @@ class DiT:
         """dout = dL/dout (B, out_channels, H, W) and the cache of forward_train ->
         (grads, dx): grads maps every trainable official name to dL/dparam (None
         without param_grads; pos_embed is a frozen buffer, as in the official code),
-        dx = dL/dx (B, C, H, W)."""
-        x = cache["embed"]["x"]
+        dx = dL/dx (B, C, H, W).
+
+        The cache is consumed: each block's activations are freed once its backward
+        ran, so the peak holds the gradients and the activations at once only briefly.
+        """
         cfg = self.config
-        expected = (x.shape[0], cfg.out_channels, cfg.input_size, cfg.input_size)
+        needed = ["embed", "cond", "final"] + [f"blocks.{l}" for l in range(cfg.depth)]
+        if any(k not in cache for k in needed):
+            raise ValueError("cache is incomplete: backward needs the cache of one forward_train "
+                             "and consumes it (run forward_train again)")
+        expected = (cache["embed"]["x"].shape[0], cfg.out_channels, cfg.input_size, cfg.input_size)
         if tuple(dout.shape) != expected:
             raise ValueError(f"dout has shape {tuple(dout.shape)}, expected the output's {expected}")
         dout = self.xp.asarray(dout, dtype=self.dtype)
         grads = {} if param_grads else None
-        dh, dc_act = self.final_layer_backward(dout, cache["final"], grads)
+        dh, dc_act = self.final_layer_backward(dout, cache.pop("final"), grads)
         for l in reversed(range(cfg.depth)):
-            dh, dc = self.block_backward(l, dh, cache[f"blocks.{l}"], grads)
+            dh, dc = self.block_backward(l, dh, cache.pop(f"blocks.{l}"), grads)
             if param_grads:
                 dc_act += dc
         if param_grads:
-            self.condition_backward(dc_act, cache["cond"], grads)
-        dx = self.embed_tokens_backward(dh, cache["embed"], grads)
+            self.condition_backward(dc_act, cache.pop("cond"), grads)
+        dx = self.embed_tokens_backward(dh, cache.pop("embed"), grads)
         return grads, dx
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):

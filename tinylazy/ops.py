@@ -7,6 +7,8 @@ their arguments.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
 """
 import math
 
+import numpy as np
+
 from .backend import array_module_of
 
 LN_EPS = 1e-6                                  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
@@ -76,27 +78,37 @@ def gelu_tanh_forward(x):
     return y
 
 
-def gelu_tanh_backward(dy, x):
-    """Cache: x, the forward input (the output is recomputed where needed, not kept).
+def gelu_tanh_gate(x):
+    """s = (1 + tanh(u)) / 2 = sigmoid(2 u), u = k (x + c x^3), so that gelu(x) = x s.
 
-    With u = k (x + c x^3) and t = tanh(u):
-    d/dx [x (1 + t) / 2] = (1 + t) (1 + x u' (1 - t)) / 2,  x u' = x k (1 + 3 c x^2).
+    The backward's form of the forward: one exp instead of a tanh (about twice as
+    fast in NumPy float32), and s serves both the derivative and a recomputed output.
     """
     xp = array_module_of(x)
-    a = x * x
-    t = a * (GELU_K * GELU_C)
-    t += GELU_K
-    t *= x                                        # u = k x + k c x^3
-    xp.tanh(t, out=t)
-    a *= 3 * GELU_K * GELU_C
-    a += GELU_K
-    a *= x                                        # x u'
-    g = 1 - t
-    g *= a
-    g += 1                                        # 1 + x u' (1 - t)
-    t += 1
-    t *= 0.5
-    g *= t
+    e = x * x
+    e *= -2 * GELU_K * GELU_C
+    e -= 2 * GELU_K
+    e *= x                                        # -2 u
+    with np.errstate(over="ignore"):              # exp -> inf for u << 0 gives s = 0, the right limit
+        xp.exp(e, out=e)
+    e += 1
+    return xp.reciprocal(e, out=e)
+
+
+def gelu_tanh_backward(dy, x, s=None):
+    """Cache: x, the forward input; s = gelu_tanh_gate(x) is recomputed unless given.
+
+    d/dx [x s] = s + 2 x u' s (1 - s) = s (1 + 2 x u' (1 - s)),  u' = k (1 + 3 c x^2).
+    """
+    if s is None:
+        s = gelu_tanh_gate(x)
+    g = x * x
+    g *= 6 * GELU_K * GELU_C
+    g += 2 * GELU_K
+    g *= x                                        # 2 x u'
+    g *= 1 - s
+    g += 1
+    g *= s
     g *= dy
     return g
 
