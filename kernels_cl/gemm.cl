@@ -5,20 +5,25 @@
  *
  * Inputs   A     (M, K)  row-major activations, any M and K
  *          Wt    (K, Np) the packed weight: W^T of the official (N, K) weight, columns
- *                        zero-padded to Np = roundup(N, 16) (tinylazy.opencl.pack_linear)
+ *                        zero-padded to Np = roundup(N, 16) (tinylazy.opencl.PackedLinear)
  *          bias  (Np)    zero-padded like Wt
  * Output   C     (M, N)  row-major
  * Layout   one work-item computes a 6 x 16 register tile, rows 6*gid(1)..+5 and columns
  *          16*gid(0)..+15: per k it loads two float8 of row k of Wt, broadcasts six
  *          elements of A and does 12 vector multiply-adds (the AVX2 micro-kernel shape:
  *          12 accumulators + 2 operands + 1 broadcast = 15 of 16 registers).
- *          Work-groups are (1, 16): 96 rows x 16 columns, so the K x 16 strip of Wt is
- *          reused from L1 by the 16 work-items, and consecutive groups share rows of A.
+ *          A work-group of 4 x 16 work-items covers a 96 x 64 block of C and walks K in
+ *          chunks of KC together: the barrier after each chunk carries no data, it keeps
+ *          the group on the same chunk, so the chunk's 96 x KC of A and KC x 64 of Wt are
+ *          reused from cache by every work-item (on a CPU, PoCL runs the work-items of a
+ *          group one after another between barriers; on a GPU they share the L1).
  * Edges    rows past M are clamped for loads and never stored; columns past N read the
- *          zero padding and are not stored, so no size needs to be a multiple of the tile.
+ *          zero padding and are not stored; work-items wholly outside C only take part in
+ *          the barriers.  So no size needs to be a multiple of a tile.
  */
 #define TM 6
 #define TN 16
+#define KC 128
 #define GELU_K 0.7978845608028654f   /* sqrt(2 / pi) */
 #define GELU_C 0.044715f
 
@@ -44,15 +49,14 @@ void store_row(__global float* c, const int n0, const int N, float8 v0, float8 v
     }
 }
 
-__kernel __attribute__((reqd_work_group_size(1, 16, 1)))
+__kernel __attribute__((reqd_work_group_size(4, 16, 1)))
 void linear(const int M, const int N, const int K, const int Np,
             __global const float* restrict A, __global const float* restrict Wt,
             __global const float* restrict bias, __global float* restrict C, const int act)
 {
     const int n0 = get_global_id(0) * TN;
     const int m0 = get_global_id(1) * TM;
-    if (m0 >= M || n0 >= Np)
-        return;
+    const int active = m0 < M && n0 < Np;
     const __global float* a0 = A + (m0 + 0 < M ? m0 + 0 : M - 1) * K;
     const __global float* a1 = A + (m0 + 1 < M ? m0 + 1 : M - 1) * K;
     const __global float* a2 = A + (m0 + 2 < M ? m0 + 2 : M - 1) * K;
@@ -61,17 +65,25 @@ void linear(const int M, const int N, const int K, const int Np,
     const __global float* a5 = A + (m0 + 5 < M ? m0 + 5 : M - 1) * K;
     float8 c00 = 0.0f, c01 = 0.0f, c10 = 0.0f, c11 = 0.0f, c20 = 0.0f, c21 = 0.0f;
     float8 c30 = 0.0f, c31 = 0.0f, c40 = 0.0f, c41 = 0.0f, c50 = 0.0f, c51 = 0.0f;
-    const __global float* w = Wt + n0;
-    for (int k = 0; k < K; k++, w += Np) {
-        const float8 w0 = LOAD8(w), w1 = LOAD8(w + 8);
-        float a;
-        a = a0[k]; c00 += a * w0; c01 += a * w1;
-        a = a1[k]; c10 += a * w0; c11 += a * w1;
-        a = a2[k]; c20 += a * w0; c21 += a * w1;
-        a = a3[k]; c30 += a * w0; c31 += a * w1;
-        a = a4[k]; c40 += a * w0; c41 += a * w1;
-        a = a5[k]; c50 += a * w0; c51 += a * w1;
+    for (int kb = 0; kb < K; kb += KC) {
+        if (active) {
+            const int ke = kb + KC < K ? kb + KC : K;
+            const __global float* w = Wt + kb * Np + n0;
+            for (int k = kb; k < ke; k++, w += Np) {
+                const float8 w0 = LOAD8(w), w1 = LOAD8(w + 8);
+                float a;
+                a = a0[k]; c00 += a * w0; c01 += a * w1;
+                a = a1[k]; c10 += a * w0; c11 += a * w1;
+                a = a2[k]; c20 += a * w0; c21 += a * w1;
+                a = a3[k]; c30 += a * w0; c31 += a * w1;
+                a = a4[k]; c40 += a * w0; c41 += a * w1;
+                a = a5[k]; c50 += a * w0; c51 += a * w1;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
     }
+    if (!active)
+        return;
     const float8 b0 = LOAD8(bias + n0), b1 = LOAD8(bias + n0 + 8);
     __global float* c = C + m0 * N;
     store_row(c, n0, N, c00 + b0, c01 + b1, act);

@@ -41,7 +41,7 @@ def rand(rng, *shape, scale=1.0, shift=0.0):
 # ----------------------------------------------------------------------------
 # Kernels
 
-@pytest.mark.parametrize("M,K,N", [(37, 29, 45), (5, 40, 16), (97, 64, 101)])
+@pytest.mark.parametrize("M,K,N", [(37, 29, 45), (5, 40, 16), (97, 300, 101)])   # K = 300: 3 chunks of KC
 @pytest.mark.parametrize("gelu", [False, True])
 def test_linear(rt, M, K, N, gelu):
     rng = np.random.default_rng(M * N)

@@ -99,14 +99,20 @@ def select_device(spec=None):
 
 
 class Runtime:
-    """A device, its context and in-order queue, and the built kernel programs."""
+    """A device, its context and in-order queue, and the built kernel programs.
 
-    def __init__(self, device=None):
+    profile=True records every launch's event in ``self.events`` as (kernel name, event),
+    for per-kernel device times (``profile_summary``).
+    """
+
+    def __init__(self, device=None, profile=False):
         cl = _cl()
         self.cl = cl
         self.device = device if isinstance(device, cl.Device) else select_device(device)
         self.context = cl.Context([self.device])
-        self.queue = cl.CommandQueue(self.context)
+        props = cl.command_queue_properties.PROFILING_ENABLE if profile else 0
+        self.queue = cl.CommandQueue(self.context, properties=props)
+        self.events = [] if profile else None
         self._programs = {}
 
     def __repr__(self):
@@ -124,6 +130,22 @@ class Runtime:
         if name not in kernels:
             kernels[name] = getattr(program, name)
         return kernels[name]
+
+    def launch(self, family, name, global_size, local_size, *args, **defines):
+        """Enqueue kernel ``name`` of ``family`` (built with ``defines``) on the queue."""
+        event = self.kernel(family, name, **defines)(self.queue, global_size, local_size, *args)
+        if self.events is not None:
+            self.events.append((name, event))
+        return event
+
+    def profile_summary(self):
+        """{kernel name: total device seconds} of the recorded launches (profile=True); clears them."""
+        self.queue.finish()
+        total = {}
+        for name, e in self.events:
+            total[name] = total.get(name, 0.0) + (e.profile.end - e.profile.start) * 1e-9
+        self.events.clear()
+        return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
     def _build(self, family, defines):
         path = KERNEL_DIR / f"{family}.cl"
@@ -218,53 +240,47 @@ def linear(rt, x, layer, out=None, gelu=False):
     if x.size != M * layer.K:
         raise ValueError(f"linear: input of {x.size} floats is not (M, {layer.K})")
     out = rt.empty((M, layer.N)) if out is None else out
-    k = rt.kernel("gemm", "linear")
-    k(rt.queue, (layer.Np // GEMM_TN, _up(-(-M // GEMM_TM), 16)), (1, 16),
-      _i32(M), _i32(layer.N), _i32(layer.K), _i32(layer.Np), x.data, layer.wt.data, layer.bias.data,
-      out.data, _i32(1 if gelu else 0))
+    rt.launch("gemm", "linear", (_up(layer.Np // GEMM_TN, 4), _up(-(-M // GEMM_TM), 16)), (4, 16),
+              _i32(M), _i32(layer.N), _i32(layer.K), _i32(layer.Np), x.data, layer.wt.data, layer.bias.data,
+              out.data, _i32(1 if gelu else 0))
     return out
 
 
 def layernorm_modulate(rt, x, mod, shift_off, scale_off, T, out):
     """out = LN(x) * (1 + scale) + shift, x (B*T, D), mod (B, ldm).  DiT.modulated_input."""
     rows, D = x.shape
-    k = rt.kernel("layernorm", "layernorm_modulate", VW=_vw(D))
-    k(rt.queue, (_up(rows, 16),), (16,), _i32(rows), _i32(T), _i32(D), x.data, mod.data,
-      _i32(mod.shape[-1]), _i32(shift_off), _i32(scale_off), out.data)
+    rt.launch("layernorm", "layernorm_modulate", (_up(rows, 16),), (16,), _i32(rows), _i32(T), _i32(D),
+              x.data, mod.data, _i32(mod.shape[-1]), _i32(shift_off), _i32(scale_off), out.data, VW=_vw(D))
     return out
 
 
 def attention(rt, qkv, B, T, H, out):
     """Softmax attention of every head: qkv (B, T, 3D) -> out (B, T, D).  ops.sdpa_forward."""
-    D = qkv.shape[-1] // 3
-    Dh = D // H
-    k = rt.kernel("attention", "attention", HEAD_DIM=Dh, VW=_vw(Dh))
-    k(rt.queue, (_up(T, 16), H, B), (16, 1, 1), _i32(T), _i32(H), _f32(1.0 / math.sqrt(Dh)),
-      qkv.data, out.data)
+    Dh = qkv.shape[-1] // 3 // H
+    rt.launch("attention", "attention", (_up(T, 16), H, B), (16, 1, 1), _i32(T), _i32(H),
+              _f32(1.0 / math.sqrt(Dh)), qkv.data, out.data, HEAD_DIM=Dh, VW=_vw(Dh))
     return out
 
 
 def silu(rt, x, out=None):
     """y = x / (1 + exp(-x)).  ops.silu_forward."""
     out = x if out is None else out
-    rt.kernel("elementwise", "silu")(rt.queue, (_up(x.size, 64),), (64,), _i32(x.size), x.data, out.data)
+    rt.launch("elementwise", "silu", (_up(x.size, 64),), (64,), _i32(x.size), x.data, out.data)
     return out
 
 
 def class_embed_add(rt, c, labels, table):
     """c (B, D) += table[labels].  DiT.class_embed added to the timestep embedding."""
     B, D = c.shape
-    rt.kernel("elementwise", "class_embed_add")(rt.queue, (_up(D, 64), B), (64, 1), _i32(D),
-                                                 labels.data, table.data, c.data)
+    rt.launch("elementwise", "class_embed_add", (_up(D, 64), B), (64, 1), _i32(D), labels.data, table.data, c.data)
     return c
 
 
 def gated_residual(rt, x, mod, gate_off, branch, T):
     """x += gate * branch, x and branch (B*T, D), gate = mod[:, gate_off:gate_off + D]."""
-    rows, D = x.shape[0], x.shape[-1]
-    k = rt.kernel("elementwise", "gated_residual", VW=_vw(D))
-    k(rt.queue, (_up(rows, 16),), (16,), _i32(rows), _i32(T), _i32(D), x.data, mod.data,
-      _i32(mod.shape[-1]), _i32(gate_off), branch.data)
+    rows, D = x.shape
+    rt.launch("elementwise", "gated_residual", (_up(rows, 16),), (16,), _i32(rows), _i32(T), _i32(D), x.data,
+              mod.data, _i32(mod.shape[-1]), _i32(gate_off), branch.data, VW=_vw(D))
     return x
 
 
@@ -272,17 +288,16 @@ def patch_embed(rt, x, wp, bias, pos, p, out):
     """Images (B, C, S, S) -> tokens (B*T, D) + pos.  ops.patch_embed_forward + pos_embed."""
     B, C, S, _ = x.shape
     D, G = wp.shape[-1], S // p
-    k = rt.kernel("patch", "patch_embed", VW=_vw(D))
-    k(rt.queue, (_up(D // _vw(D), 16), B * G * G), (16, 1), _i32(B), _i32(C), _i32(G), _i32(p), _i32(D),
-      x.data, wp.data, bias.data, pos.data, out.data)
+    rt.launch("patch", "patch_embed", (_up(D // _vw(D), 16), B * G * G), (16, 1), _i32(B), _i32(C), _i32(G),
+              _i32(p), _i32(D), x.data, wp.data, bias.data, pos.data, out.data, VW=_vw(D))
     return out
 
 
 def unpatchify(rt, tok, B, G, p, C, out):
     """Tokens (B, T, p*p*C) -> images (B, C, G*p, G*p).  ops.unpatchify."""
     S = G * p
-    rt.kernel("patch", "unpatchify")(rt.queue, (_up(S * S, 64), C, B), (64, 1, 1), _i32(G), _i32(p),
-                                     _i32(C), tok.data, out.data)
+    rt.launch("patch", "unpatchify", (_up(S * S, 64), C, B), (64, 1, 1), _i32(G), _i32(p), _i32(C),
+              tok.data, out.data)
     return out
 
 
@@ -290,8 +305,8 @@ def cfg_combine(rt, out, cfg_scale, guide_channels):
     """In place on a [cond; uncond] output (2h, Co, S, S): DiT.forward_with_cfg's guidance."""
     B2, Co, S, _ = out.shape
     n, ng = Co * S * S, guide_channels * S * S
-    rt.kernel("diffusion", "cfg_combine")(rt.queue, (_up(ng, 64), B2 // 2), (64, 1), _i32(B2 // 2),
-                                           _i32(n), _i32(ng), _f32(cfg_scale), out.data)
+    rt.launch("diffusion", "cfg_combine", (_up(ng, 64), B2 // 2), (64, 1), _i32(B2 // 2), _i32(n), _i32(ng),
+              _f32(cfg_scale), out.data)
     return out
 
 
@@ -300,31 +315,30 @@ def ddim_update(rt, x, model_out, coefs, x_next, pred_x0, eps):
     B, C, S, _ = x.shape
     n, n_out = C * S * S, model_out.shape[1] * S * S
     c1, c2, a, b = (_f32(v) for v in coefs)
-    rt.kernel("diffusion", "ddim_update")(rt.queue, (_up(n, 64), B), (64, 1), _i32(n), _i32(n_out),
-                                           c1, c2, a, b, x.data, model_out.data, x_next.data,
-                                           pred_x0.data, eps.data)
+    rt.launch("diffusion", "ddim_update", (_up(n, 64), B), (64, 1), _i32(n), _i32(n_out), c1, c2, a, b,
+              x.data, model_out.data, x_next.data, pred_x0.data, eps.data)
     return x_next
 
 
 def gate_score(rt, z, gates, row, B, T, out):
     """score[b] = sigmoid(sum_t Z[b, t] . w), z (B*T, D), w = gates[row] of (rows, D) -> out (B,)."""
     D = z.shape[-1]
-    k = rt.kernel("lazy", "gate_score", VW=_vw(D))
-    k(rt.queue, (64 * B,), (64,), _i32(T), _i32(D), z.data, gates.data, _i32(row), out.data)
+    rt.launch("lazy", "gate_score", (64 * B,), (64,), _i32(T), _i32(D), z.data, gates.data, _i32(row), out.data,
+              VW=_vw(D))
     return out
 
 
 def gather_samples(rt, src, idx, n, out):
     """out[i] = src[idx[i]] for samples of n floats; idx a device int32 array."""
-    k = rt.kernel("lazy", "gather_samples", VW=_vw(n))
-    k(rt.queue, (_up(n // _vw(n), 64), idx.size), (64, 1), _i32(n), idx.data, src.data, out.data)
+    rt.launch("lazy", "gather_samples", (_up(n // _vw(n), 64), idx.size), (64, 1), _i32(n), idx.data, src.data,
+              out.data, VW=_vw(n))
     return out
 
 
 def skip_select(rt, cache, fresh, slot, n):
     """cache[b] = fresh[slot[b]] where slot[b] >= 0, else unchanged; slot a device int32 (B,)."""
-    k = rt.kernel("lazy", "skip_select", VW=_vw(n))
-    k(rt.queue, (_up(n // _vw(n), 64), slot.size), (64, 1), _i32(n), slot.data, fresh.data, cache.data)
+    rt.launch("lazy", "skip_select", (_up(n // _vw(n), 64), slot.size), (64, 1), _i32(n), slot.data, fresh.data,
+              cache.data, VW=_vw(n))
     return cache
 
 
