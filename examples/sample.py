@@ -52,7 +52,32 @@ def parse_args(argv=None):
     p.add_argument("--out", default="sample.png", help="output PNG (default: sample.png)")
     p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--lazy", action="store_true",
+                   help="LazyDiT: reuse module outputs where the learned gates say so, with the gates "
+                        "<weights>.gates-ddim<steps>.safetensors (made by examples/train_gates.py)")
+    p.add_argument("--gates", help="LazyDiT gates file to use instead of the one beside the weights (implies --lazy)")
     return p.parse_args(argv)
+
+
+def load_lazy_gates(args, path, model, steps):
+    """The gates for --lazy / --gates, or None; a missing or unfitting file is a UsageError."""
+    if not (args.lazy or args.gates):
+        return None
+    import glob
+    from tinylazy.lazy import GatesError, gates_file
+    if args.sampler != "ddim":
+        raise UsageError("--lazy works with --sampler ddim (the gates are trained for DDIM steps)")
+    gpath = args.gates or gates_file(path, steps)
+    if not os.path.isfile(gpath):
+        found = sorted(glob.glob(gates_file(path, 0).replace("ddim0", "ddim*")))
+        have = ", ".join(f.rsplit("ddim", 1)[1].split(".")[0] for f in found)
+        raise UsageError(f"no LazyDiT gates for {steps} steps: {gpath} does not exist "
+                         f"({'gates exist for --steps ' + have if have else 'no gates for these weights'}; "
+                         f"train them: python examples/train_gates.py --weights {path} --steps {steps})")
+    try:
+        return tl.load_gates(gpath, model, steps)
+    except (GatesError, OSError, ValueError) as e:
+        raise UsageError(f"--lazy: {e}") from e
 
 
 def resolve_weights(path):
@@ -122,13 +147,19 @@ def main(argv=None):
         raise UsageError(str(e).replace("steps must", "--steps must").replace("cfg_scale", "--cfg-scale")) from e
     path, model, vae = load_model(args)
     labels = choose_labels(args, model)
+    gates = load_lazy_gates(args, path, model, steps)
     print(f"{model} from {path}", file=sys.stderr)
     print(f"{args.sampler.upper()} {steps} steps, cfg {args.cfg_scale}, seed {args.seed}, "
           f"classes {labels.tolist()}", file=sys.stderr)
 
     noise = tl.make_noise(model, len(labels), seed=args.seed)
     t0 = time.perf_counter()
-    if args.sampler == "ddim":
+    if gates is not None:
+        stats = tl.LazyStats()
+        z = tl.ddim_sample(model, noise, labels, steps=steps, cfg_scale=args.cfg_scale, progress=True,
+                           gates=gates, lazy_stats=stats)
+        print(f"LazyDiT: {stats}", file=sys.stderr)
+    elif args.sampler == "ddim":
         z = tl.ddim_sample(model, noise, labels, steps=steps, cfg_scale=args.cfg_scale, progress=True)
     else:
         step_noise = np.random.default_rng([args.seed, 1])          # a stream apart from the initial noise

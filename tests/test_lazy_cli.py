@@ -78,3 +78,22 @@ def test_usage_errors(files, extra, message):
     argv = _argv(files, files / "err.safetensors") + extra
     r = subprocess.run([sys.executable, SCRIPT] + argv, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sample_lazy_finds_the_gates_for_the_step_count(files, tmp_path):
+    weights = str(files / "tiny.safetensors")
+    sample = os.path.join(ROOT, "examples", "sample.py")
+    run = lambda *extra: subprocess.run([sys.executable, sample, "--weights", weights, "--out",
+                                         str(tmp_path / "s.png"), "--lazy", *extra],
+                                        capture_output=True, text=True, cwd=ROOT)
+    r = run("--steps", "6")
+    assert r.returncode == 2 and "no LazyDiT gates for 6 steps" in r.stderr and "train_gates.py" in r.stderr
+    model = tl.io.load_dit(weights)
+    gates = tl.LazyGates.zeros(model, 6)
+    gates.attn[:4] = -1.0                          # non-zero gates: some modules reuse their cache
+    tl.save_gates(gates, tl.lazy.gates_file(weights, 6))
+    r = run("--steps", "6")
+    assert r.returncode == 0, r.stderr
+    assert "LazyDiT: lazy ratio" in r.stderr and os.path.isfile(tmp_path / "s.png")
+    r = run("--steps", "8")
+    assert r.returncode == 2 and "gates exist for --steps 6" in r.stderr
