@@ -1,0 +1,9 @@
+"""Train a DiT from scratch; the same command line as ``python -m tinylazy.train``.
+
+    python examples/train_dit.py --config tiny-dit-digits --steps 3000 --lr 1e-3 --ema-decay 0.999 \\
+        --out runs/tiny-dit-digits --export weights/tiny-dit-digits.safetensors
+"""
+from tinylazy.train import main
+
+if __name__ == "__main__":
+    main()
