@@ -20,6 +20,7 @@ from .embeddings import pos_embed_2d, timestep_features
 
 FREQ_DIM = 256          # TimestepEmbedder.frequency_embedding_size
 NUM_TIMESTEPS = 1000    # the model is called with original (0..999) timesteps
+MODULATION_NAMES = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")   # official chunk order
 
 
 # ----------------------------------------------------------------------------
@@ -125,6 +126,10 @@ class DiT:
     computes input gradients only (the frozen-DiT case of LazyDiT's gate training).
     """
 
+    # A tinylazy.trace.Recorder receives every named intermediate while it is set;
+    # when None (the default) each recording point costs one ``is None`` test.
+    recorder = None
+
     def __init__(self, config: DiTConfig, params, dtype="float32", backend="numpy"):
         self.config = config.validate()
         self.dtype = resolve_dtype(dtype)
@@ -175,6 +180,8 @@ class DiT:
         P, p = self.params, self.config.patch_size
         h = ops.patch_embed_forward(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], p)
         h += P["pos_embed"]
+        if self.recorder is not None:
+            self.recorder("embed/tokens", h)
         if cache is not None:
             cache["x"] = x
         return h
@@ -196,7 +203,11 @@ class DiT:
         h = ops.linear_forward(f, P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
         if cache is not None:
             cache.update(features=f, hidden=h)
-        return ops.linear_forward(ops.silu_forward(h), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
+        emb = ops.linear_forward(ops.silu_forward(h), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
+        if self.recorder is not None:
+            self.recorder("cond/t_freq", f)
+            self.recorder("cond/t_emb", emb)
+        return emb
 
     def timestep_embed_backward(self, demb, cache, grads):
         """demb (B, D) -> parameter gradients only: the features are constant."""
@@ -212,7 +223,10 @@ class DiT:
         y = self.xp.asarray(y)
         if cache is not None:
             cache["y"] = y
-        return ops.embedding_forward(self.params["y_embedder.embedding_table.weight"], y)
+        emb = ops.embedding_forward(self.params["y_embedder.embedding_table.weight"], y)
+        if self.recorder is not None:
+            self.recorder("cond/y_emb", emb)
+        return emb
 
     def class_embed_backward(self, demb, cache, grads):
         """demb (B, D) -> the label table's gradient (rows of repeated labels add up)."""
@@ -224,6 +238,8 @@ class DiT:
 
         cache: t and y (the embedders' caches), c (B, D)."""
         c = self.timestep_embed(t, _sub(cache, "t")) + self.class_embed(y, _sub(cache, "y"))
+        if self.recorder is not None:
+            self.recorder("cond/c", c)
         if cache is not None:
             cache["c"] = c
         return ops.silu_forward(c)
@@ -244,7 +260,11 @@ class DiT:
                                P[f"blocks.{l}.adaLN_modulation.1.bias"])
         if cache is not None:
             cache["c_act"] = c_act
-        return tuple(m[:, i * D:(i + 1) * D] for i in range(6))
+        mods = tuple(m[:, i * D:(i + 1) * D] for i in range(6))
+        if self.recorder is not None:
+            for name, v in zip(MODULATION_NAMES, mods):
+                self.recorder(f"block.{l:02d}/mod/{name}", v)
+        return mods
 
     def block_modulation_backward(self, l, dmods, cache, grads):
         """dmods: the six (B, D) gradients in forward order -> dc_act (B, D)."""
@@ -277,6 +297,8 @@ class DiT:
         P, H = self.params, self.config.num_heads
         B, T, D = z.shape
         qkv = ops.linear_forward(z, P[f"blocks.{l}.attn.qkv.weight"], P[f"blocks.{l}.attn.qkv.bias"])
+        if self.recorder is not None:
+            self._record_qkv(l, qkv)
         qkv = qkv.reshape(B, T, 3, H, D // H).transpose(2, 0, 3, 1, 4)   # (3, B, H, T, Dh)
         if cache is None:
             o = ops.sdpa_forward(qkv[0], qkv[1], qkv[2])                 # (B, H, T, Dh)
@@ -285,6 +307,8 @@ class DiT:
         o = o.transpose(0, 2, 1, 3).reshape(B, T, D)                     # (B, T, D)
         if cache is not None:
             cache.update(z=z, qkv=qkv, lse=lse, o=o)
+        if self.recorder is not None:
+            self.recorder(f"block.{l:02d}/attn/o", o)
         return ops.linear_forward(o, P[f"blocks.{l}.attn.proj.weight"], P[f"blocks.{l}.attn.proj.bias"])
 
     def attn_backward(self, l, da, cache, grads=None):
@@ -315,6 +339,9 @@ class DiT:
         if cache is not None:
             cache.update(z=z, h=h)
         g = ops.gelu_tanh_forward(h)
+        if self.recorder is not None:
+            self.recorder(f"block.{l:02d}/mlp/hidden", h)
+            self.recorder(f"block.{l:02d}/mlp/act", g)
         return ops.linear_forward(g, P[f"blocks.{l}.mlp.fc2.weight"], P[f"blocks.{l}.mlp.fc2.bias"])
 
     def mlp_backward(self, l, dm, cache, grads=None):
@@ -337,10 +364,20 @@ class DiT:
         gate_msa, gate_mlp (B, D) and the branch outputs a, m (B, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(
             l, c_act, _sub(cache, "modulation"))
-        a = self.attn(l, self.modulated_input(x, shift_msa, scale_msa, _sub(cache, "attn_in")), _sub(cache, "attn"))
+        z = self.modulated_input(x, shift_msa, scale_msa, _sub(cache, "attn_in"))
+        if self.recorder is not None:
+            self.record_branch_input(l, "attn", x, z)
+        a = self.attn(l, z, _sub(cache, "attn"))
         x = x + gate_msa[:, None, :] * a
-        m = self.mlp(l, self.modulated_input(x, shift_mlp, scale_mlp, _sub(cache, "mlp_in")), _sub(cache, "mlp"))
+        if self.recorder is not None:
+            self.record_branch_output(l, "attn", a, x)
+        z = self.modulated_input(x, shift_mlp, scale_mlp, _sub(cache, "mlp_in"))
+        if self.recorder is not None:
+            self.record_branch_input(l, "mlp", x, z)
+        m = self.mlp(l, z, _sub(cache, "mlp"))
         x = x + gate_mlp[:, None, :] * m
+        if self.recorder is not None:
+            self.record_branch_output(l, "mlp", m, x)
         if cache is not None:
             cache.update(gate_msa=gate_msa, a=a, gate_mlp=gate_mlp, m=m)
         return x
@@ -381,7 +418,13 @@ class DiT:
         if cache is not None:
             cache.update(c_act=c_act, z=z)
         h = ops.linear_forward(z, P["final_layer.linear.weight"], P["final_layer.linear.bias"])
-        return ops.unpatchify(h, cfg.patch_size, cfg.out_channels)
+        out = ops.unpatchify(h, cfg.patch_size, cfg.out_channels)
+        if self.recorder is not None:
+            rec = self.recorder
+            for name, v in (("shift", shift), ("scale", scale), ("norm", ops.layernorm_forward(x)), ("z", z),
+                            ("tokens", h), ("out", out)):
+                rec(f"final/{name}", v)
+        return out
 
     def final_layer_backward(self, dout, cache, grads=None):
         """dout (B, out_channels, H, W) -> dx (B, T, D), dc_act (B, D) (None without grads)."""
@@ -401,6 +444,8 @@ class DiT:
     def forward(self, x, t, y, cache=None):
         """The official forward.  Pass a dict as ``cache`` to keep what ``backward`` needs."""
         x, t, y = self._check_inputs(x, t, y)
+        if self.recorder is not None:
+            self.record_inputs(x, t, y)
         h = self.embed_tokens(x, _sub(cache, "embed"))
         c_act = self.condition(t, y, _sub(cache, "cond"))
         for l in range(self.config.depth):
@@ -465,7 +510,37 @@ class DiT:
         eps, rest = out[:, :g], out[:, g:]
         cond_eps, uncond_eps = eps[: len(eps) // 2], eps[len(eps) // 2:]
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        rec = getattr(self, "recorder", None)              # LazyDiT and duck-typed models call this unbound
+        if rec is not None:
+            rec("cfg/eps", half_eps)
         return xp.concatenate([xp.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
+
+    # -- trace recording (tinylazy.trace; called only while ``recorder`` is set) --------
+    def record_inputs(self, x, t, y):
+        self.recorder("input/x", x)
+        self.recorder("input/t", t)
+        self.recorder("input/y", y)
+
+    def record_branch_input(self, l, kind, x, z):
+        """LN(x) (recomputed: the same op on the same array, so the same bits) and Z = modulate(LN(x))."""
+        self.recorder(f"block.{l:02d}/{kind}/norm", ops.layernorm_forward(x))
+        self.recorder(f"block.{l:02d}/{kind}/z", z)
+
+    def record_branch_output(self, l, kind, out, x):
+        """The branch output before the gate multiply, and the residual stream after it."""
+        self.recorder(f"block.{l:02d}/{kind}/out", out)
+        self.recorder(f"block.{l:02d}/{kind}/residual", x)
+
+    def _record_qkv(self, l, qkv):
+        """q, k, v as (B, T, D) (head h at columns h*Dh..(h+1)*Dh) and, if asked, softmax(q k^T / sqrt(Dh))."""
+        rec, D, H = self.recorder, self.config.hidden_size, self.config.num_heads
+        for i, name in enumerate("qkv"):
+            rec(f"block.{l:02d}/attn/{name}", qkv[..., i * D:(i + 1) * D])
+        if rec.attn_probs:
+            B, T, _ = qkv.shape
+            q, k, _ = qkv.reshape(B, T, 3, H, D // H).transpose(2, 0, 3, 1, 4)     # (B, H, T, Dh)
+            s = (q * (1.0 / float(np.sqrt(D // H)))) @ k.swapaxes(-1, -2)            # as ops.sdpa_forward
+            rec(f"block.{l:02d}/attn/probs", ops.softmax_forward(s))                # (B, H, T, T)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def num_params(self):

@@ -463,6 +463,11 @@ class LazyDiT:
         self.cache = {}                     # (layer, kind) -> (rows, T, D) module output before the gate multiply
         self._w = None
 
+    @property
+    def recorder(self):
+        """The DiT's trace recorder (tinylazy.trace): one run records through the model it wraps."""
+        return self.model.recorder
+
     def forward(self, x, t, y):
         model = self.model
         x, t, y = model._check_inputs(x, t, y)
@@ -474,14 +479,27 @@ class LazyDiT:
             self._w = {kind: self.xp.asarray(self.gates.of(kind)[s], dtype=self.dtype) for kind in KINDS}  # (L, D)
         if self.stats is not None:
             self.stats.row_steps += x.shape[0]
+        rec = model.recorder
+        if rec is not None:
+            model.record_inputs(x, t, y)
         h = model.embed_tokens(x)
         c_act = model.condition(t, y)
         for l in range(self.config.depth):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = model.block_modulation(l, c_act)
-            a = self._module(k, l, "attn", model.modulated_input(h, shift_msa, scale_msa))
+            z = model.modulated_input(h, shift_msa, scale_msa)
+            if rec is not None:
+                model.record_branch_input(l, "attn", h, z)
+            a = self._module(k, l, "attn", z)
             h = h + gate_msa[:, None, :] * a
-            m = self._module(k, l, "mlp", model.modulated_input(h, shift_mlp, scale_mlp))
+            if rec is not None:
+                model.record_branch_output(l, "attn", a, h)
+            z = model.modulated_input(h, shift_mlp, scale_mlp)
+            if rec is not None:
+                model.record_branch_input(l, "mlp", h, z)
+            m = self._module(k, l, "mlp", z)
             h = h + gate_mlp[:, None, :] * m
+            if rec is not None:
+                model.record_branch_output(l, "mlp", m, h)
         return model.final_layer(h, c_act)
 
     __call__ = forward
@@ -501,7 +519,10 @@ class LazyDiT:
         fn = self.model.attn if kind == "attn" else self.model.mlp
         rows = z.shape[0]
         cached = self.cache.get((l, kind))
+        rec = self.model.recorder
         if cached is None:                                              # first step: always compute
+            if rec is not None:
+                rec(f"block.{l:02d}/{kind}/compute", np.ones(rows, dtype=bool))
             out = fn(l, z)
             self.cache[(l, kind)] = out
             if self.stats is not None:
@@ -516,6 +537,10 @@ class LazyDiT:
             keep = scores >= self.threshold
         else:
             keep = np.ones(rows, dtype=bool)
+        if rec is not None:                                             # the computing rows' internals follow
+            if scores is not None:
+                rec(f"block.{l:02d}/{kind}/score", scores)
+            rec(f"block.{l:02d}/{kind}/compute", keep)
         n_keep = int(keep.sum())
         if n_keep == rows:
             out = fn(l, z)

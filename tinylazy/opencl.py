@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .diffusion import create_diffusion
-from .dit import DiT, FREQ_DIM
+from .dit import DiT, FREQ_DIM, MODULATION_NAMES
 from .embeddings import timestep_features
 from .lazy import DEFAULT_THRESHOLD, KINDS, _Decider
 from .progress import Progress
@@ -357,6 +357,7 @@ class OpenCLDiT:
     backend = "opencl"
     xp = np
     dtype = np.dtype(np.float32)
+    recorder = None             # a tinylazy.trace.Recorder: the names DiT records (those the fused kernels keep)
 
     def __init__(self, config, params, device=None):
         self.host = DiT(config, params, dtype="float32")      # validates names and shapes
@@ -426,7 +427,12 @@ class OpenCLDiT:
         ws["labels"].set(np.asarray(y, dtype=np.int32))
         silu(rt, linear(rt, ws["tfeat"], self.t_mlp[0], out=ws["t_hidden"]))
         linear(rt, ws["t_hidden"], self.t_mlp[1], out=ws["c"])
+        if self.recorder is not None:
+            self._record("cond/t_freq", ws["tfeat"])
+            self._record("cond/t_emb", ws["c"])
         class_embed_add(rt, ws["c"], ws["labels"], self.table)
+        if self.recorder is not None:
+            self._record("cond/c", ws["c"])
         return silu(rt, ws["c"])
 
     def _attn(self, l, z, B, ws, out):
@@ -434,12 +440,21 @@ class OpenCLDiT:
         rt, blk, cfg = self.rt, self.blocks[l], self.config
         qkv = linear(rt, z, blk["attn.qkv"], out=ws["qkv"])
         o = attention(rt, qkv, B, cfg.num_tokens, cfg.num_heads, out=ws["o"])
+        if self.recorder is not None:
+            D = cfg.hidden_size
+            host = qkv.get()[: B * cfg.num_tokens].reshape(B, cfg.num_tokens, 3 * D)
+            for i, name in enumerate("qkv"):
+                self.recorder(f"block.{l:02d}/attn/{name}", host[..., i * D:(i + 1) * D])
+            self._record(f"block.{l:02d}/attn/o", o, B)
         return linear(rt, o, blk["attn.proj"], out=out)
 
     def _mlp(self, l, z, ws, out):
         """MLP branch of block l before the gate: DiT.mlp (fc1 + GELU fused)."""
         rt, blk = self.rt, self.blocks[l]
-        return linear(rt, linear(rt, z, blk["mlp.fc1"], out=ws["mlp"], gelu=True), blk["mlp.fc2"], out=out)
+        act = linear(rt, z, blk["mlp.fc1"], out=ws["mlp"], gelu=True)
+        if self.recorder is not None:
+            self._record(f"block.{l:02d}/mlp/act", act, z.shape[0] // self.config.num_tokens)
+        return linear(rt, act, blk["mlp.fc2"], out=out)
 
     def _compute(self, l, kind, z, B, ws, out):
         """Module ``kind`` ("attn" or "mlp") of block l on z (B*T, D), into out (B*T, D)."""
@@ -450,10 +465,25 @@ class OpenCLDiT:
         rt, T, D = self.rt, self.config.num_tokens, self.config.hidden_size
         mod = linear(rt, ws["c"], self.blocks[l]["adaLN_modulation.1"], out=ws["mod"])   # (B, 6D)
         # chunks of mod: shift_msa 0, scale_msa D, gate_msa 2D, shift_mlp 3D, scale_mlp 4D, gate_mlp 5D
+        rec = self.recorder
+        if rec is not None:
+            host = mod.get()
+            for i, name in enumerate(MODULATION_NAMES):
+                rec(f"block.{l:02d}/mod/{name}", host[:, i * D:(i + 1) * D])
         z = layernorm_modulate(rt, ws["h"], mod, 0, D, T, out=ws["z"])
-        gated_residual(rt, ws["h"], mod, 2 * D, branch(l, "attn", z, B, ws), T)
+        if rec is not None:
+            self._record(f"block.{l:02d}/attn/z", z, B)
+        a = branch(l, "attn", z, B, ws)
+        gated_residual(rt, ws["h"], mod, 2 * D, a, T)
+        if rec is not None:
+            self._record_branch_output(l, "attn", a, ws["h"], B)
         z = layernorm_modulate(rt, ws["h"], mod, 3 * D, 4 * D, T, out=ws["z"])
-        gated_residual(rt, ws["h"], mod, 5 * D, branch(l, "mlp", z, B, ws), T)
+        if rec is not None:
+            self._record(f"block.{l:02d}/mlp/z", z, B)
+        m = branch(l, "mlp", z, B, ws)
+        gated_residual(rt, ws["h"], mod, 5 * D, m, T)
+        if rec is not None:
+            self._record_branch_output(l, "mlp", m, ws["h"], B)
 
     def _final_layer(self, ws, B):
         """Final adaLN layer and unpatchify into ws["out"]: DiT.final_layer."""
@@ -461,7 +491,24 @@ class OpenCLDiT:
         mod = linear(rt, ws["c"], self.final_mod, out=ws["final_mod"])            # (B, 2D): shift, scale
         z = layernorm_modulate(rt, ws["h"], mod, 0, D, cfg.num_tokens, out=ws["z"])
         tok = linear(rt, z, self.final_linear, out=ws["tokens_out"])
-        return unpatchify(rt, tok, B, cfg.grid_size, cfg.patch_size, cfg.out_channels, out=ws["out"])
+        out = unpatchify(rt, tok, B, cfg.grid_size, cfg.patch_size, cfg.out_channels, out=ws["out"])
+        if self.recorder is not None:
+            host = mod.get()
+            self.recorder("final/shift", host[:, :D])
+            self.recorder("final/scale", host[:, D:])
+            self._record("final/z", z, B)
+            self._record("final/tokens", tok, B)
+            self._record("final/out", out)
+        return out
+
+    def _record(self, name, a, B=None):
+        """Record device array a; with B, its first B*T rows (a workspace may be larger) as (B, T, n)."""
+        host, T = a.get(), self.config.num_tokens
+        self.recorder(name, host if B is None else host[: B * T].reshape(B, T, -1))
+
+    def _record_branch_output(self, l, kind, out, h, B):
+        self._record(f"block.{l:02d}/{kind}/out", out, B)
+        self._record(f"block.{l:02d}/{kind}/residual", h, B)
 
     def forward_device(self, x, t, y, branch=None):
         """x: a device array (B, C, H, W) float32; t, y: host (B,) -> device (B, Co, H, W).
@@ -474,8 +521,14 @@ class OpenCLDiT:
         ws = self._workspace(B)
         if branch is None:
             branch = lambda l, kind, z, B, ws: self._compute(l, kind, z, B, ws, out=ws["branch"])
+        if self.recorder is not None:
+            self.recorder("input/x", x)
+            self.recorder("input/t", np.asarray(t))
+            self.recorder("input/y", np.asarray(y))
         self._condition(ws, t, y)
         patch_embed(self.rt, x, self.patch_w, self.patch_b, self.pos, self.config.patch_size, out=ws["h"])
+        if self.recorder is not None:
+            self._record("embed/tokens", ws["h"], B)
         for l in range(self.config.depth):
             self._block(l, ws, B, branch)
         return self._final_layer(ws, B)
@@ -500,7 +553,10 @@ class OpenCLDiT:
         ws["x"].set(np.ascontiguousarray(x))
         out = self.forward_device(ws["x"], t, y)
         g = self.config.in_channels if guide_channels is None else min(guide_channels, self.config.out_channels)
-        return cfg_combine(self.rt, out, cfg_scale, g).get()
+        out = cfg_combine(self.rt, out, cfg_scale, g).get()
+        if self.recorder is not None:
+            self.recorder("cfg/eps", out[: len(out) // 2, :g])
+        return out
 
 
 # ----------------------------------------------------------------------------
@@ -549,7 +605,10 @@ class OpenCLLazyDiT:
     def _module(self, k, s, l, kind, z, B, ws):
         model, rt, T = self.model, self.model.rt, self.config.num_tokens
         cache = self.cache.get((l, kind))
+        rec = model.recorder
         if cache is None:                                                  # first step: always compute
+            if rec is not None:
+                rec(f"block.{l:02d}/{kind}/compute", np.ones(B, dtype=bool))
             cache = self.cache[(l, kind)] = rt.empty(z.shape)
             model._compute(l, kind, z, B, ws, out=cache)
             if self.stats is not None:
@@ -566,6 +625,10 @@ class OpenCLLazyDiT:
             keep = scores >= self.threshold
         else:
             keep = np.ones(B, dtype=bool)
+        if rec is not None:
+            if scores is not None:
+                rec(f"block.{l:02d}/{kind}/score", scores)
+            rec(f"block.{l:02d}/{kind}/compute", keep)
         n_keep = int(keep.sum())
         if n_keep == B:
             model._compute(l, kind, z, B, ws, out=cache)
@@ -627,6 +690,8 @@ def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, progress=False, c
         out = net.forward_device(x_in, np.full(x_in.shape[0], t, dtype=np.int64), y)
         if guided:
             cfg_combine(rt, out, cfg_scale, g)
+            if model.recorder is not None:
+                model.recorder("cfg/eps", out.get()[:B, :g])
         x_before = x.get() if callback is not None else None
         ddim_update(rt, x, out, ddim_coefficients(diffusion, i), x, pred_x0, eps)   # x_next in place of x
         if callback is not None:
