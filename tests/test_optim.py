@@ -9,7 +9,8 @@ from conftest import rel_err
 
 def _params(seed=0):
     rng = np.random.default_rng(seed)
-    return {"a.weight": rng.standard_normal((5, 3)), "a.bias": rng.standard_normal(5), "b": rng.standard_normal((2, 2, 2))}
+    return {"a.weight": rng.standard_normal((5, 3)), "a.bias": rng.standard_normal(5),
+            "b": rng.standard_normal((2, 2, 2))}
 
 
 def _grads(step, params):

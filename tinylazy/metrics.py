@@ -27,12 +27,13 @@ import time
 
 import numpy as np
 
-from .data import NUM_CLASSES, load_digits_dataset
+from .data import load_digits_dataset
 from .optim import AdamW
 
 RECIPE = {
     "name": "digits-mlp", "version": 1, "data": "load_digits, 1x16x16 nearest, [-1, 1]",
-    "layers": [256, 128, 64, 10], "activation": "relu", "init": "he-uniform", "prune": "fc2 units dead on every real digit",
+    "layers": [256, 128, 64, 10], "activation": "relu", "init": "he-uniform",
+    "prune": "fc2 units dead on every real digit",
     "holdout": 0.2, "split_seed": 0, "seed": 0, "epochs": 60, "batch_size": 64,
     "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
     "augment": "random shift by up to 1 pixel (16x16 grid), edge filled with -1",
@@ -365,7 +366,8 @@ def main(argv=None):
             p.error(f"{args.compare}: not a sample set of the same noise (seed {meta.get('seed')}, "
                     f"shape {ref['samples'].shape}; this run: seed {args.seed}, shape {samples.shape})")
         res["psnr"], res["max_abs_diff"] = psnr(samples, ref["samples"]), max_abs_diff(samples, ref["samples"])
-        rows += [("PSNR vs --compare", f"{res['psnr']:.2f} dB"), ("max |diff| vs --compare", f"{res['max_abs_diff']:.4g}")]
+        rows += [("PSNR vs --compare", f"{res['psnr']:.2f} dB"),
+                 ("max |diff| vs --compare", f"{res['max_abs_diff']:.4g}")]
     if args.save:
         write_safetensors(args.save, {"samples": samples, "labels": labels},
                           {"seed": str(args.seed), "sampler": args.sampler, "steps": str(args.steps),
