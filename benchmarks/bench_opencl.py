@@ -7,6 +7,8 @@
 2. A forward pass of a DiT-S/2-sized model (random weights, 32x32x4 latents, batch 8):
    the OpenCL forward with input and output on the device, the same with the host
    upload and download (``OpenCLDiT.__call__``), and the NumPy float32 backend.
+3. With --lazy: DDIM sampling on the device, every module computed vs LazyDiT's
+   alternate-step rule (50% of the modules reuse their cache): latency should track MACs.
 Ratios are OpenCL time / NumPy time (< 1: OpenCL is faster); the two peers run interleaved,
 so background load hits both alike.  --profile adds the device time per kernel.
 On PoCL (the CPU) the target is a forward within 2x of NumPy.
@@ -18,6 +20,7 @@ import time
 import numpy as np
 
 import tinylazy as tl
+from tinylazy import lazy
 from tinylazy import opencl as O
 
 
@@ -55,10 +58,8 @@ def bench_gemm(rt, reps):
         print(f"{label:<34}{flops / t_cl / 1e9:>12.1f}{flops / t_np / 1e9:>12.1f}{t_cl / t_np:>7.2f}x")
 
 
-def bench_forward(rt, reps, profile):
-    cfg, B = tl.get_config("DiT-S/2"), 8
-    host = tl.DiT.from_config(cfg, seed=0, scheme="random", dtype="float32")
-    dev = O.OpenCLDiT.from_model(host, device=rt)
+def bench_forward(rt, host, dev, reps, profile):
+    cfg, B = host.config, 8
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
     t, y = rng.integers(0, 1000, B), rng.integers(0, cfg.num_classes, B)
@@ -84,6 +85,19 @@ def bench_forward(rt, reps, profile):
             print(f"  {name:<22}{s * 1e3:>9.1f} ms")
 
 
+def bench_lazy(host, dev, steps, reps):
+    cfg, B = host.config, 8
+    noise, labels = tl.make_noise(host, batch=B, seed=0), tl.sample_labels(host, batch=B, seed=0)
+    stats = lazy.LazyStats()
+    skip = lazy.alternate_decisions(steps, cfg.depth)
+    t_full, t_lazy = bench_pair(lambda: O.ddim_sample(dev, noise, labels, steps=steps),
+                                lambda: O.ddim_sample(dev, noise, labels, steps=steps, decisions=skip,
+                                                      lazy_stats=stats), reps)
+    print(f"\nDDIM {steps} steps on the device, DiT-S/2 batch 8, no guidance")
+    print(f"  all modules       {t_full:.3f} s")
+    print(f"  lazy, ratio {stats.lazy_ratio:.2f}   {t_lazy:.3f} s   speedup {t_full / t_lazy:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -91,13 +105,19 @@ def main():
                                      "or the first GPU, else the first device)")
     ap.add_argument("--profile", action="store_true", help="print the device time per kernel")
     ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--lazy", type=int, default=0, metavar="STEPS",
+                    help="also time DDIM sampling over STEPS steps, full vs 50%% lazy (e.g. 10)")
     args = ap.parse_args()
     rt = O.Runtime(args.device, profile=args.profile)
     print(f"OpenCL device: {rt.device.platform.name.strip()} / {rt.device.name.strip()} "
           f"({rt.device.max_compute_units} compute units)")
     if not args.skip_gemm:
         bench_gemm(rt, args.reps)
-    bench_forward(rt, args.reps, args.profile)
+    host = tl.DiT.from_config(tl.get_config("DiT-S/2"), seed=0, scheme="random", dtype="float32")
+    dev = O.OpenCLDiT.from_model(host, device=rt)
+    bench_forward(rt, host, dev, args.reps, args.profile)
+    if args.lazy:
+        bench_lazy(host, dev, args.lazy, max(1, args.reps // 2))
 
 
 if __name__ == "__main__":
