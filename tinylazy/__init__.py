@@ -5,5 +5,6 @@ from .io import load_dit, save_dit
 from .diffusion import GaussianDiffusion, SpacedDiffusion, create_diffusion, space_timesteps
 from .sampling import ddim_sample, ddpm_sample, make_noise, sample_labels
 from .lazy import LazyGates, LazyStats, load_gates, save_gates
+from .vae import AutoencoderKL, VAEConfig, load_vae
 
 __version__ = "0.1.0"
