@@ -6,7 +6,8 @@
    linear layers of a DiT-S/2 forward at batch 8, and on a square 2048^3 product.
 2. A forward pass of a DiT-S/2-sized model (random weights, 32x32x4 latents, batch 8):
    the OpenCL forward with input and output on the device, the same with the host
-   upload and download (``OpenCLDiT.__call__``), and the NumPy float32 backend.
+   upload and download (``OpenCLDiT.__call__``), the same with float16 weight storage,
+   and the NumPy float32 backend.
 3. With --lazy: DDIM sampling on the device, every module computed vs LazyDiT's
    alternate-step rule (50% of the modules reuse their cache): latency should track MACs.
 Ratios are OpenCL time / NumPy time (< 1: OpenCL is faster); the two peers run interleaved,
@@ -72,9 +73,17 @@ def bench_forward(rt, host, dev, reps, profile):
 
     t_dev, t_np = bench_pair(run_device, lambda: host(x, t, y), reps)
     t_host, _ = bench_pair(lambda: dev(x, t, y), lambda: None, reps)
+    dev16 = O.OpenCLDiT.from_model(host, device=rt, weights="float16")
+
+    def run_half():
+        dev16.forward_device(dx, t, y)
+        rt.finish()
+
+    t_half, t_np2 = bench_pair(run_half, lambda: host(x, t, y), reps)
     print(f"\nDiT-S/2 forward, batch 8, 32x32x4 (relative error vs NumPy {err:.1e})")
     print(f"  OpenCL, on the device   {t_dev:.3f} s   ratio to NumPy {t_dev / t_np:.2f}x")
     print(f"  OpenCL, host in/out     {t_host:.3f} s   ratio to NumPy {t_host / t_np:.2f}x")
+    print(f"  OpenCL, float16 weights {t_half:.3f} s   ratio to NumPy {t_half / t_np2:.2f}x")
     print(f"  NumPy float32           {t_np:.3f} s")
     if profile:
         rt.events.clear()

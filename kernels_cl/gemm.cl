@@ -20,10 +20,21 @@
  * Edges    rows past M are clamped for loads and never stored; columns past N read the
  *          zero padding and are not stored; work-items wholly outside C only take part in
  *          the barriers.  So no size needs to be a multiple of a tile.
+ * Storage  built with -DHALF_WEIGHTS, Wt holds IEEE half floats (as phone GPUs store
+ *          weights, half the memory and bandwidth), widened to float32 on load with
+ *          vload_half8 (core OpenCL 1.2, no cl_khr_fp16 needed); arithmetic stays float32.
  */
 #define TM 6
 #define TN 16
 #define KC 128
+#ifdef HALF_WEIGHTS
+typedef half wtype;
+#define LOADW8(p) vload_half8(0, p)
+#else
+typedef float wtype;
+#define LOADW8(p) LOAD8(p)
+#endif
+
 #define GELU_K 0.7978845608028654f   /* sqrt(2 / pi) */
 #define GELU_C 0.044715f
 
@@ -51,7 +62,7 @@ void store_row(__global float* c, const int n0, const int N, float8 v0, float8 v
 
 __kernel __attribute__((reqd_work_group_size(4, 16, 1)))
 void linear(const int M, const int N, const int K, const int Np,
-            __global const float* restrict A, __global const float* restrict Wt,
+            __global const float* restrict A, __global const wtype* restrict Wt,
             __global const float* restrict bias, __global float* restrict C, const int act)
 {
     const int n0 = get_global_id(0) * TN;
@@ -68,9 +79,9 @@ void linear(const int M, const int N, const int K, const int Np,
     for (int kb = 0; kb < K; kb += KC) {
         if (active) {
             const int ke = kb + KC < K ? kb + KC : K;
-            const __global float* w = Wt + kb * Np + n0;
+            const __global wtype* w = Wt + kb * Np + n0;
             for (int k = kb; k < ke; k++, w += Np) {
-                const float8 w0 = LOAD8(w), w1 = LOAD8(w + 8);
+                const float8 w0 = LOADW8(w), w1 = LOADW8(w + 8);
                 float a;
                 a = a0[k]; c00 += a * w0; c01 += a * w1;
                 a = a1[k]; c10 += a * w0; c11 += a * w1;

@@ -51,6 +51,15 @@ def test_linear(rt, M, K, N, gelu):
     check(f"linear {M}x{K}x{N} gelu={gelu}", got, ops.gelu_tanh_forward(want) if gelu else want)
 
 
+def test_linear_half_weights(rt):
+    """Half-precision weight storage: exact float32 arithmetic on float16-rounded weights."""
+    rng = np.random.default_rng(1)
+    x, w, b = rand(rng, 37, 300), rand(rng, 45, 300, scale=300 ** -0.5), rand(rng, 45)
+    got = O.linear(rt, rt.to_device(x), O.PackedLinear(rt, w, b, weights="float16"), gelu=True).get()
+    want = ops.gelu_tanh_forward(ops.linear_forward(x, w.astype(np.float16).astype(np.float32), b))
+    check("linear float16 weights", got, want)
+
+
 @pytest.mark.parametrize("D", [36, 31, 40])
 def test_layernorm_modulate(rt, D):
     rng = np.random.default_rng(D)
@@ -179,6 +188,16 @@ def test_forward(models):
     x = rand(rng, 4, 3, 10, 10)
     t, y = np.array([0, 999, 500, 17]), np.array([0, 7, 6, 1])  # the null class included
     check("forward", dev(x, t, y), host(x, t, y))
+
+
+def test_forward_half_weights(models):
+    host, _ = models
+    linear = lambda k: k.endswith(".weight") and not k.startswith(("x_embedder", "y_embedder"))
+    half = {k: v.astype(np.float16).astype(np.float32) if linear(k) else v for k, v in host.params.items()}
+    dev = O.OpenCLDiT.from_model(host, weights="float16")
+    rng = np.random.default_rng(7)
+    x, t, y = rand(rng, 2, 3, 10, 10), np.array([3, 900]), np.array([4, 7])
+    check("forward float16 weights", dev(x, t, y), tl.DiT(CFG, half, dtype="float32")(x, t, y))
 
 
 @pytest.mark.parametrize("guide_channels", [3, None])

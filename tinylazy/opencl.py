@@ -214,24 +214,32 @@ def _vw(n):
 _i32 = np.int32
 _f32 = np.float32
 GEMM_TM, GEMM_TN = 6, 16
+WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class PackedLinear:
     """A linear layer's weight in the GEMM kernel's layout: W^T (K, Np) and bias (Np),
-    columns zero-padded to Np = roundup(N, 16).  w: the official (N, K) weight."""
+    columns zero-padded to Np = roundup(N, 16).  w: the official (N, K) weight.
 
-    def __init__(self, rt, w, b=None):
+    weights="float16" stores W^T in half precision (the bias stays float32), the storage
+    phone GPUs use; the kernel widens it to float32 on load.
+    """
+
+    def __init__(self, rt, w, b=None, weights="float32"):
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise ValueError(f"a linear weight must be (out, in), got shape {w.shape}")
+        if weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {tuple(WEIGHT_DTYPES)}, got {weights!r}")
         self.N, self.K = w.shape
         self.Np = _up(self.N, GEMM_TN)
-        wt = np.zeros((self.K, self.Np), np.float32)          # (N, K) -> (K, Np)
+        self.half = weights == "float16"
+        wt = np.zeros((self.K, self.Np), WEIGHT_DTYPES[weights])     # (N, K) -> (K, Np)
         wt[:, :self.N] = w.T
         bias = np.zeros(self.Np, np.float32)
         if b is not None:
             bias[:self.N] = np.asarray(b, dtype=np.float32)
-        self.wt, self.bias = rt.to_device(wt), rt.to_device(bias)
+        self.wt, self.bias = rt.to_device(wt, wt.dtype), rt.to_device(bias)
 
 
 def linear(rt, x, layer, out=None, gelu=False):
@@ -240,9 +248,10 @@ def linear(rt, x, layer, out=None, gelu=False):
     if x.size != M * layer.K:
         raise ValueError(f"linear: input of {x.size} floats is not (M, {layer.K})")
     out = rt.empty((M, layer.N)) if out is None else out
+    defines = {"HALF_WEIGHTS": 1} if layer.half else {}
     rt.launch("gemm", "linear", (_up(layer.Np // GEMM_TN, 4), _up(-(-M // GEMM_TM), 16)), (4, 16),
               _i32(M), _i32(layer.N), _i32(layer.K), _i32(layer.Np), x.data, layer.wt.data, layer.bias.data,
-              out.data, _i32(1 if gelu else 0))
+              out.data, _i32(1 if gelu else 0), **defines)
     return out
 
 
@@ -352,6 +361,9 @@ class OpenCLDiT:
     ``OpenCLDiT.from_model``.  ``forward`` and ``forward_with_cfg`` take and return NumPy
     arrays with ``DiT``'s signatures and checks, so host-side code (samplers, goldens)
     can use it as a float32 DiT; ``forward_device`` keeps input and output on the device.
+    weights="float16" keeps the linear layers' weights in half precision on the device
+    (arithmetic stays float32); it then matches a DiT whose linear weights were rounded
+    to float16, not the float32 DiT.
     """
 
     backend = "opencl"
@@ -359,9 +371,10 @@ class OpenCLDiT:
     dtype = np.dtype(np.float32)
     recorder = None             # a tinylazy.trace.Recorder: the names DiT records (those the fused kernels keep)
 
-    def __init__(self, config, params, device=None):
+    def __init__(self, config, params, device=None, weights="float32"):
         self.host = DiT(config, params, dtype="float32")      # validates names and shapes
         self.config, self.params = self.host.config, self.host.params
+        self.weights = weights
         self.rt = get_runtime(device)
         cfg, P, rt = self.config, self.params, self.rt
         D = cfg.hidden_size
@@ -369,7 +382,7 @@ class OpenCLDiT:
         self.patch_b = rt.to_device(P["x_embedder.proj.bias"])
         self.pos = rt.to_device(P["pos_embed"].reshape(cfg.num_tokens, D))
         self.table = rt.to_device(P["y_embedder.embedding_table.weight"])
-        lin = lambda name: PackedLinear(rt, P[name + ".weight"], P[name + ".bias"])
+        lin = lambda name: PackedLinear(rt, P[name + ".weight"], P[name + ".bias"], weights)
         self.t_mlp = (lin("t_embedder.mlp.0"), lin("t_embedder.mlp.2"))
         self.blocks = [{k: lin(f"blocks.{l}.{k}") for k in
                         ("adaLN_modulation.1", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -379,24 +392,25 @@ class OpenCLDiT:
         self._workspaces = {}
 
     @classmethod
-    def from_model(cls, model, device=None):
-        """The OpenCL twin of a ``tinylazy.DiT`` (any backend and dtype; weights cast to float32)."""
+    def from_model(cls, model, device=None, weights="float32"):
+        """The OpenCL twin of a ``tinylazy.DiT`` (any backend and dtype; weights cast to float32,
+        or the linear layers' to float16 with weights="float16")."""
         from .backend import to_numpy
-        twin = cls(model.config, {k: to_numpy(v) for k, v in model.params.items()}, device=device)
+        twin = cls(model.config, {k: to_numpy(v) for k, v in model.params.items()}, device=device, weights=weights)
         if getattr(model, "weights_hash", None) is not None:
             twin.weights_hash = model.weights_hash          # lets LazyGates check they fit
         return twin
 
     @classmethod
-    def from_config(cls, config, seed=0, scheme="official", device=None):
+    def from_config(cls, config, seed=0, scheme="official", device=None, weights="float32"):
         from .dit import init_params
-        return cls(config, init_params(config, seed, scheme), device=device)
+        return cls(config, init_params(config, seed, scheme), device=device, weights=weights)
 
     def __repr__(self):
         c = self.config
         return (f"OpenCLDiT(depth={c.depth}, hidden={c.hidden_size}, heads={c.num_heads}, "
                 f"patch={c.patch_size}, input={c.in_channels}x{c.input_size}x{c.input_size}, "
-                f"classes={c.num_classes}, device={self.rt.device.name.strip()!r})")
+                f"classes={c.num_classes}, weights={self.weights}, device={self.rt.device.name.strip()!r})")
 
     def num_params(self):
         return self.host.num_params()
