@@ -9,8 +9,9 @@ the op that makes each are listed in ``OPS`` and in docs/golden.md.
 
 A trace file is one safetensors file: the tensors under their trace names, and in
 the metadata a JSON ``manifest`` (format version, tinylazy version, the model's
-weights hash and config, dtype, backend, seed, sampler settings and the ordered
-tensor list with the op that made each).  With ``max_elements`` a tensor larger
+weights hash and config, dtype, backend, seed, sampler settings, and the ordered
+tensor list; each tensor's ``op`` is its name without step and block numbers, a
+key of the manifest's ``ops`` table, which says what made it).  With ``max_elements`` a tensor larger
 than that is stored strided: the 1-D array ``flat[::stride]`` of its row-major
 values, ``stride`` coprime to its size (so every channel and row is visited).
 """
@@ -101,10 +102,6 @@ def position(name):
     return found.get("step"), found.get("block")
 
 
-def op_of(name):
-    return OPS.get(kind_of(name), "")
-
-
 def sample_stride(n, max_elements):
     """The stride that keeps at most about ``max_elements`` of n values: the smallest
     s >= ceil(n / max_elements) coprime to n (1 when the tensor is small enough)."""
@@ -140,13 +137,16 @@ class Recorder:
         self.prefix = ""
         self.arrays = {}            # name -> stored host array (strided: 1-D)
         self.entries = {}           # name -> manifest entry; insertion order = execution order
+        self.ops = {}               # op key (the name's kind) -> what makes it
 
     def wants(self, name):
         return ((not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include))
                 and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
 
     def __call__(self, name, array, op=None):
-        """Record ``array`` (NumPy, CuPy, PyOpenCL or anything ``to_numpy`` takes) as ``prefix + name``."""
+        """Record ``array`` (NumPy, CuPy, PyOpenCL or anything ``to_numpy`` takes) as ``prefix + name``.
+
+        op: what made it, for names ``OPS`` does not describe."""
         name = self.prefix + name
         if not self.wants(name):
             return
@@ -155,12 +155,15 @@ class Recorder:
         a = np.array(to_numpy(array))                     # a copy, on the host
         stride = sample_stride(a.size, self.max_elements) if a.dtype.kind == "f" else 1
         self.arrays[name] = a.reshape(-1)[::stride].copy() if stride > 1 else a
-        self.entries[name] = {"name": name, "op": op or op_of(name), "shape": list(a.shape), "stride": stride}
+        key = kind_of(name)
+        self.ops.setdefault(key, op or OPS.get(key, ""))
+        self.entries[name] = {"name": name, "op": key, "shape": list(a.shape), "stride": stride}
 
     def trace(self, meta):
         """The recorded tensors as a ``Trace`` with manifest fields ``meta``."""
-        meta = dict(meta, recorded={"include": self.include, "exclude": self.exclude,
-                                    "attn_probs": self.attn_probs, "max_elements": self.max_elements})
+        meta = dict(meta, ops=dict(self.ops), recorded={"include": self.include, "exclude": self.exclude,
+                                                        "attn_probs": self.attn_probs,
+                                                        "max_elements": self.max_elements})
         return Trace(meta, list(self.entries.values()), dict(self.arrays))
 
 
@@ -170,8 +173,8 @@ class Recorder:
 class Trace:
     """Tensors in execution order with their manifest.
 
-    meta: the manifest without its tensor list; entries: [{name, op, shape, stride}]
-    in execution order; arrays: name -> stored array.  ``path`` is the file it was
+    meta: the manifest without its tensor list (``meta["ops"]``: op key -> description);
+    entries: [{name, op, shape, stride}] in execution order; arrays: name -> stored array.  ``path`` is the file it was
     read from, if any.
     """
 
@@ -204,7 +207,7 @@ class Trace:
 
     def manifest(self):
         return dict(self.meta, format=FORMAT, format_version=FORMAT_VERSION,
-                    tensors=[dict(e, dtype=str(self.arrays[e["name"]].dtype)) for e in self.entries.values()])
+                    tensors=list(self.entries.values()))
 
     def save(self, path):
         """Write the trace to ``path`` (one safetensors file, atomic)."""

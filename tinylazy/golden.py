@@ -1,0 +1,663 @@
+"""Golden traces: record every intermediate of a sampling run, and compare two runs tensor by tensor.
+
+    python -m tinylazy.golden dump --weights W [--gates G] [--dtype float32|float64]
+        [--backend numpy|cupy|opencl] --steps 4 --seed 0 --batch 2 --out trace.safetensors
+    python -m tinylazy.golden compare REF OTHER [--rtol R] [--atol A] [--per-tensor-tolerances FILE]
+
+``compare`` walks REF's tensors in execution order and reports the first that
+OTHER does not match (name, step, layer, max abs / rel error and where), gate
+decisions that flipped (with the score's margin from the threshold), and a
+summary table; it exits 0 when everything matches, 1 when something diverged and
+2 when the traces cannot be compared (unreadable, or from another model, seed or
+run).  A tensor matches when
+
+    max |other - ref| <= atol + rtol * max |ref|        (over the tensor's elements)
+
+an error measured against the tensor's own scale, so elements that happen to be
+near zero do not make float32 rounding look like a bug.  docs/golden.md says how
+the defaults were chosen and describes the file format for other languages.
+"""
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from . import __version__
+from .backend import to_numpy
+from .diffusion import create_diffusion
+from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates
+from .sampling import check_cfg_scale, check_labels, check_steps, ddim_sample, make_noise, sample_labels
+from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-7
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
+
+
+# ----------------------------------------------------------------------------
+# Recording a run
+
+def gates_hash(gates):
+    """sha256 of a LazyGates' timestep map and float32 gate vectors: which gates a lazy run used."""
+    h = hashlib.sha256(b"tinylazy-gates-v1\0")
+    for a in (gates.timestep_map.astype("<i8"), gates.attn.astype("<f4"), gates.mlp.astype("<f4")):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def model_meta(model, weights_file=None):
+    h = getattr(model, "weights_hash", None)
+    if h is None:
+        from .io import weights_hash
+        h = weights_hash(model)
+    return {"weights_hash": h, "file": os.path.basename(weights_file) if weights_file else None,
+            "config": dataclasses.asdict(model.config)}
+
+
+def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, gates=None,
+                   threshold=DEFAULT_THRESHOLD, decisions=None, guide_channels=3, vae=None, recorder=None,
+                   progress=False, weights_file=None, gates_file=None):
+    """Run DDIM (eta = 0) with a recorder attached -> a ``Trace`` of the whole run.
+
+    model: a ``DiT`` (any backend) or an ``OpenCLDiT``.  noise and labels come from
+    ``seed`` (``make_noise`` / ``sample_labels``) unless labels are given.  gates /
+    threshold / decisions: a LazyDiT run (``lazy.lazy_ddim_sample``).  vae: decode the
+    final latents into ``image``.  recorder: a ``Recorder`` to choose what is kept.
+    """
+    rec = Recorder() if recorder is None else recorder
+    steps, cfg_scale = check_steps(steps), check_cfg_scale(cfg_scale)
+    labels = sample_labels(model, batch, seed) if labels is None else check_labels(model, labels, cfg_scale)
+    noise = make_noise(model, len(labels), seed)
+    lazy = gates is not None or decisions is not None
+    stats = LazyStats() if lazy else None
+    opencl = getattr(model, "backend", "numpy") == "opencl"
+    if opencl:
+        from .opencl import ddim_sample as sampler
+    else:
+        sampler = ddim_sample
+
+    def record_step(i, info):
+        for name, key in (("model_output", "model_output"), ("eps", "eps"), ("x0", "pred_xstart"),
+                          ("x_next", "x_next")):
+            rec(name, info[key])
+        rec.prefix = f"step.{info['step'] + 1:02d}/"
+
+    rec.prefix = ""
+    rec("noise", noise)
+    rec("labels", labels)
+    rec.prefix = "step.00/"
+    model.recorder = rec
+    try:
+        kw = dict(gates=gates, threshold=threshold, decisions=decisions, lazy_stats=stats) if lazy else {}
+        sample = sampler(model, noise, labels, steps=steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
+                         callback=record_step, progress=progress, **kw)
+    finally:
+        model.recorder = None
+        rec.prefix = ""
+    rec("sample", sample)
+    if vae is not None:
+        rec("image", vae.decode(vae.xp.asarray(to_numpy(sample)) / vae.config.scaling_factor))
+    diffusion = create_diffusion(steps)
+    meta = {
+        "kind": "sampling",
+        "tinylazy_version": __version__,
+        "model": model_meta(model, weights_file),
+        "dtype": np.dtype(model.dtype).name,
+        "backend": getattr(model, "backend", "numpy"),
+        "device": repr(model) if opencl else None,
+        "seed": int(seed),
+        "sampler": {"name": "ddim", "steps": int(diffusion.num_timesteps), "eta": 0.0, "cfg_scale": cfg_scale,
+                    "guide_channels": guide_channels, "clip_denoised": False, "batch": len(labels),
+                    "labels": [int(v) for v in labels], "timestep_map": diffusion.timestep_map.tolist()},
+        "lazy": None if not lazy else {
+            "gates_hash": gates_hash(gates) if gates is not None else None,
+            "gates_file": os.path.basename(gates_file) if gates_file else None,
+            "threshold": float(threshold), "forced_decisions": decisions is not None,
+            "lazy_ratio": stats.lazy_ratio},
+        "vae": None if vae is None else {"scaling_factor": vae.config.scaling_factor},
+    }
+    return rec.trace(meta)
+
+
+def trace_forward(model, x, t, y, recorder=None, weights_file=None):
+    """One forward pass ``model(x, t, y)`` with a recorder attached -> a ``Trace`` (names without a step)."""
+    rec = Recorder() if recorder is None else recorder
+    model.recorder = rec
+    try:
+        model(x, t, y)
+    finally:
+        model.recorder = None
+    meta = {"kind": "forward", "tinylazy_version": __version__, "model": model_meta(model, weights_file),
+            "dtype": np.dtype(model.dtype).name, "backend": getattr(model, "backend", "numpy"),
+            "seed": None, "sampler": None, "lazy": None, "vae": None}
+    return rec.trace(meta)
+
+
+# ----------------------------------------------------------------------------
+# The checked-in goldens (tests/golden/) and re-running a trace's run
+
+GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
+GOLDEN_MAX_ELEMENTS = 64          # values kept per tensor in the checked-in goldens (strided)
+LAZY_GOLDEN_STEPS = 20            # the bundled gates' schedule (weights/tiny-dit-digits.gates-ddim20)
+# The lazy goldens run all 20 steps and keep the first 4 whole, every step's decisions,
+# scores and latents, and the sample: a drift anywhere still shows, at a few KB per step.
+LAZY_GOLDEN_INCLUDE = ["noise", "labels", "step.0[0-3]/*", "*/compute", "*/score", "*/x_next", "sample"]
+GOLDENS = {
+    "full.float64": dict(dtype="float64", steps=4),
+    "full.float32": dict(dtype="float32", steps=4),
+    "lazy.float64": dict(dtype="float64", steps=LAZY_GOLDEN_STEPS, lazy=True, include=LAZY_GOLDEN_INCLUDE),
+    "lazy.float32": dict(dtype="float32", steps=LAZY_GOLDEN_STEPS, lazy=True, include=LAZY_GOLDEN_INCLUDE),
+}
+
+
+def golden_path(name, directory=GOLDEN_DIR):
+    return os.path.join(directory, f"tiny-dit-digits.{name}.safetensors")
+
+
+def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
+    """(Re)write the checked-in goldens of the bundled model: seed 0, batch 2, cfg 4 (``GOLDENS``)."""
+    from .io import load_dit
+    from .lazy import gates_file
+    written = []
+    for name in names or GOLDENS:
+        spec = GOLDENS[name]
+        model = load_dit(weights, dtype=spec["dtype"])
+        gpath = gates_file(weights, spec["steps"]) if spec.get("lazy") else None
+        gates = load_gates(gpath, model, steps=spec["steps"]) if gpath else None
+        rec = Recorder(include=spec.get("include"), max_elements=GOLDEN_MAX_ELEMENTS)
+        trace = trace_sampling(model, steps=spec["steps"], seed=0, batch=2, cfg_scale=4.0, gates=gates, recorder=rec,
+                               weights_file=weights, gates_file=gpath)
+        os.makedirs(directory, exist_ok=True)
+        written.append(trace.save(golden_path(name, directory)))
+    return written
+
+
+def rerun(trace, weights, gates=None, backend="numpy", dtype=None):
+    """Run again what ``trace`` records (same seed, labels, sampler, gates and recorder settings),
+    with the weights file ``weights`` and gates file ``gates`` -> a new Trace."""
+    from .io import load_dit
+    m = trace.meta
+    if m.get("kind") != "sampling":
+        raise TraceError(f"{trace.label}: only sampling traces can be re-run")
+    s, rec_cfg = m["sampler"], m.get("recorded") or {}
+    model = load_dit(weights, dtype=dtype or m["dtype"], backend=backend)
+    g = None
+    if m.get("lazy"):
+        if gates is None:
+            raise TraceError(f"{trace.label} records a lazy run: give its gates file")
+        g = load_gates(gates, model, steps=s["steps"])
+    rec = Recorder(include=rec_cfg.get("include"), exclude=rec_cfg.get("exclude"),
+                   attn_probs=rec_cfg.get("attn_probs", False), max_elements=rec_cfg.get("max_elements"))
+    return trace_sampling(model, steps=s["steps"], seed=m["seed"], labels=s["labels"], cfg_scale=s["cfg_scale"],
+                          guide_channels=s["guide_channels"], gates=g,
+                          threshold=(m.get("lazy") or {}).get("threshold", DEFAULT_THRESHOLD), recorder=rec,
+                          weights_file=weights, gates_file=gates)
+
+
+# ----------------------------------------------------------------------------
+# Comparing two traces
+
+def _describe(trace):
+    m = trace.meta
+    return f"{m.get('dtype')} {m.get('backend')}, tinylazy {m.get('tinylazy_version')}"
+
+
+def _run_summary(m):
+    model = m.get("model") or {}
+    who = f"model {model.get('file') or '?'} (weights {str(model.get('weights_hash'))[:12]})"
+    if m.get("kind") == "forward":
+        return f"one forward pass; {who}"
+    s, lazy = m.get("sampler") or {}, m.get("lazy")
+    mode = "full" if not lazy else (f"lazy (gates {str(lazy.get('gates_hash'))[:12]}, threshold "
+                                    f"{lazy.get('threshold')})")
+    return (f"DDIM {s.get('steps')} steps, cfg {s.get('cfg_scale')}, batch {s.get('batch')}, seed {m.get('seed')}, "
+            f"{mode}; {who}")
+
+
+def check_compatible(ref, other):
+    """Raise TraceError unless the two traces record the same run (model, seed, sampler, gates);
+    dtype, backend and what was recorded may differ."""
+    r, o = ref.meta, other.meta
+    rm, om = r.get("model") or {}, o.get("model") or {}
+    problems = []
+    if rm.get("weights_hash") != om.get("weights_hash"):
+        problems.append(f"they come from different models: REF has weights {str(rm.get('weights_hash'))[:12]} "
+                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')})")
+    elif rm.get("config") != om.get("config"):
+        problems.append(f"the model configs differ: REF {rm.get('config')}, OTHER {om.get('config')}")
+    if r.get("kind") != o.get("kind"):
+        problems.append(f"REF records a {r.get('kind')} run, OTHER a {o.get('kind')} run")
+    if r.get("seed") != o.get("seed"):
+        problems.append(f"they use different seeds: REF {r.get('seed')}, OTHER {o.get('seed')}")
+    rs, os_ = r.get("sampler") or {}, o.get("sampler") or {}
+    for key in sorted(set(rs) | set(os_)):
+        if rs.get(key) != os_.get(key):
+            problems.append(f"sampler setting {key!r} differs: REF {rs.get(key)}, OTHER {os_.get(key)}")
+    rl, ol = r.get("lazy"), o.get("lazy")
+    if (rl is None) != (ol is None):
+        problems.append(f"REF is a {'lazy' if rl else 'full'} run, OTHER a {'lazy' if ol else 'full'} run")
+    elif rl is not None:
+        for key in ("gates_hash", "threshold"):
+            if rl.get(key) != ol.get(key):
+                problems.append(f"lazy setting {key!r} differs: REF {rl.get(key)}, OTHER {ol.get(key)}")
+    if problems:
+        raise TraceError(f"refusing to compare {ref.label} with {other.label}: " + "; ".join(problems))
+
+
+def load_tolerances(path):
+    """A JSON object {fnmatch pattern: {"rtol": r, "atol": a} | "skip"}; the first matching pattern
+    (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read the tolerances file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}: the tolerances file is not valid JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise TraceError(f"{path}: the tolerances file must be a JSON object {{pattern: {{rtol, atol}} | \"skip\"}}")
+    rules = []
+    for pattern, rule in table.items():
+        if rule == "skip":
+            rules.append((pattern, None))
+            continue
+        if not isinstance(rule, dict) or not set(rule) <= {"rtol", "atol"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):
+            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"atol\": a}} with numbers "
+                             f">= 0, or \"skip\"; got {rule!r}")
+        rules.append((pattern, rule))
+    return rules
+
+
+@dataclasses.dataclass
+class TensorResult:
+    """One REF tensor against OTHER.  status: ok | fail | missing | skipped | decision."""
+    name: str
+    status: str
+    reason: str = ""            # fail: values | shape | nonfinite | exact
+    max_abs: float = 0.0
+    rel: float = 0.0            # max_abs / max|ref|
+    rtol: float = 0.0
+    atol: float = 0.0
+    where: tuple = None         # index of the largest error in the full shape
+    ref_value: float = None
+    other_value: float = None
+    n_bad: int = 0              # elements over the tolerance
+    n: int = 0                  # elements compared
+
+    @property
+    def failed(self):
+        return self.status == "fail"
+
+
+@dataclasses.dataclass
+class DecisionMismatch:
+    name: str                   # ...block.LL/{attn,mlp}/compute
+    row: int
+    ref_compute: bool
+    other_compute: bool
+    ref_score: float            # None where no gate scored (first step, forced decisions)
+    other_score: float
+    threshold: float
+
+    @property
+    def margin(self):
+        """REF's score minus the threshold: how far REF was from deciding the other way."""
+        return None if self.ref_score is None else self.ref_score - self.threshold
+
+    def describe(self):
+        step, layer = position(self.name)
+        module = self.name.rsplit("/", 2)[-2]
+
+        def side(who, compute, score):
+            s = "no score" if score is None else f"score {score:.6f}"
+            return f"{who} {'computes' if compute else 'skips (reuses the cache)'} ({s})"
+        margin = "" if self.margin is None else f", REF's margin from threshold {self.threshold}: {self.margin:+.3e}"
+        return (f"{self.name} row {self.row} (step {step}, layer {layer}, {module}): "
+                f"{side('REF', self.ref_compute, self.ref_score)}, "
+                f"{side('OTHER', self.other_compute, self.other_score)}{margin}")
+
+
+def _flat(trace, name):
+    """(stored values as 1-D, stride) of a tensor."""
+    return trace.arrays[name].reshape(-1), trace.entries[name]["stride"]
+
+
+def _aligned(ref, other, name):
+    """REF and OTHER values at the flat positions both stored, and those positions."""
+    a, sa = _flat(ref, name)
+    b, sb = _flat(other, name)
+    step = sa * sb // math.gcd(sa, sb)
+    a, b = a[:: step // sa], b[:: step // sb]
+    n = min(len(a), len(b))
+    return a[:n], b[:n], np.arange(n, dtype=np.int64) * step
+
+
+def _compare_values(ref, other, name, rtol, atol):
+    r = TensorResult(name, "ok", rtol=rtol, atol=atol)
+    shape_r, shape_o = ref.entries[name]["shape"], other.entries[name]["shape"]
+    if shape_r != shape_o:
+        r.status, r.reason = "fail", f"shape: REF {tuple(shape_r)}, OTHER {tuple(shape_o)}"
+        return r
+    a, b, pos = _aligned(ref, other, name)
+    r.n = len(a)
+    if r.n == 0:
+        return r
+    unravel = lambda k: tuple(int(i) for i in np.unravel_index(int(pos[k]), shape_r))
+    if a.dtype.kind != "f" and b.dtype.kind != "f":                   # ids, timesteps: exact
+        bad = np.flatnonzero(a != b)
+        if bad.size:
+            k = int(bad[0])
+            r.status, r.reason, r.n_bad, r.where = "fail", "exact", int(bad.size), unravel(k)
+            r.ref_value, r.other_value = a[k].item(), b[k].item()
+        return r
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        r.status, r.reason, r.where = "fail", "nonfinite", unravel(k)
+        r.ref_value, r.other_value, r.max_abs, r.rel = float(a[k]), float(b[k]), math.inf, math.inf
+        r.n_bad = int((~finite).sum())
+        return r
+    err = np.abs(a - b)
+    k = int(np.argmax(err))
+    scale = float(np.abs(a).max())
+    tol = atol + rtol * scale
+    r.max_abs = float(err[k])
+    r.rel = r.max_abs / scale if scale > 0 else (0.0 if r.max_abs == 0 else math.inf)
+    r.where, r.ref_value, r.other_value = unravel(k), float(a[k]), float(b[k])
+    r.n_bad = int((err > tol).sum())
+    if r.max_abs > tol:
+        r.status, r.reason = "fail", "values"
+    return r
+
+
+def _compare_decisions(ref, other, name, threshold):
+    a, b = ref.arrays[name].reshape(-1), other.arrays[name].reshape(-1)
+    if a.shape != b.shape:
+        return [], TensorResult(name, "fail", reason=f"shape: REF {a.shape}, OTHER {b.shape}")
+    score_name = name[: -len("compute")] + "score"
+
+    def score(trace, row):
+        if score_name not in trace or trace.entries[score_name]["stride"] != 1:
+            return None
+        return float(trace.arrays[score_name].reshape(-1)[row])
+    rows = np.flatnonzero(a.astype(bool) != b.astype(bool))
+    mism = [DecisionMismatch(name, int(i), bool(a[i]), bool(b[i]), score(ref, i), score(other, i), threshold)
+            for i in rows]
+    return mism, TensorResult(name, "decision" if mism else "ok", n=len(a), n_bad=len(mism))
+
+
+class Comparison:
+    """The outcome of ``compare``: per-tensor results in REF order, decision mismatches, and a report."""
+
+    def __init__(self, ref, other, results, decisions, rtol, atol):
+        self.ref, self.other = ref, other
+        self.results, self.decisions = results, decisions
+        self.rtol, self.atol = rtol, atol
+        self.extra = [n for n in other.names if n not in ref]
+
+    @property
+    def failures(self):
+        return [r for r in self.results if r.failed]
+
+    @property
+    def first(self):
+        """The first diverging tensor in execution order (None when all match)."""
+        return next((r for r in self.results if r.failed), None)
+
+    @property
+    def missing(self):
+        return [r for r in self.results if r.status == "missing"]
+
+    @property
+    def passed(self):
+        return not self.failures and not self.decisions
+
+    def summary_rows(self):
+        """One row per tensor kind (step and block numbers taken out), in order of first appearance."""
+        rows = {}
+        for r in self.results:
+            if r.status in ("missing", "skipped"):
+                continue
+            row = rows.setdefault(kind_of(r.name), {"n": 0, "fail": 0, "worst": None})
+            row["n"] += 1
+            row["fail"] += r.failed or r.status == "decision"
+            if r.reason in ("", "values", "nonfinite") and not r.name.endswith("/compute") \
+                    and (row["worst"] is None or r.rel > row["worst"].rel):
+                row["worst"] = r
+        return rows
+
+    def format(self, max_listed=10):
+        out = [f"REF    {self.ref.label}: {_describe(self.ref)}",
+               f"OTHER  {self.other.label}: {_describe(self.other)}",
+               f"run    {_run_summary(self.ref.meta)}",
+               f"check  per tensor: max|OTHER - REF| <= atol + rtol * max|REF|  (rtol {self.rtol:g}, "
+               f"atol {self.atol:g} unless a pattern sets them)", ""]
+        n_cmp = sum(r.status not in ("missing", "skipped") for r in self.results)
+        n_skip = sum(r.status == "skipped" for r in self.results)
+        line = f"compared {n_cmp} of REF's {len(self.results)} tensors"
+        if self.missing:
+            line += (f"; OTHER did not record {len(self.missing)} (a partial trace, e.g. "
+                     f"{', '.join(r.name for r in self.missing[:3])})")
+        if n_skip:
+            line += f"; {n_skip} skipped by the tolerances file"
+        out.append(line)
+        if self.extra:
+            out.append(f"OTHER recorded {len(self.extra)} tensors REF lacks (not compared), e.g. "
+                       f"{', '.join(self.extra[:3])}")
+        first = self.first
+        if first is not None:
+            out += ["", f"FIRST DIVERGENCE  {first.name}  ({_where_in_run(first.name)})"]
+            out += ["  " + s for s in _explain(first)]
+            later = self.failures[1:]
+            if later:
+                out.append(f"  then {len(later)} more diverging tensors: "
+                           + ", ".join(r.name for r in later[:max_listed]) + (" ..." if len(later) > max_listed else ""))
+        if self.decisions:
+            margins = [abs(d.margin) for d in self.decisions if d.margin is not None]
+            out += ["", f"GATE DECISIONS: {len(self.decisions)} mismatch{'es' if len(self.decisions) > 1 else ''}"
+                    + (f" (smallest |margin| {min(margins):.3e})" if margins else "")]
+            out += ["  " + d.describe() for d in self.decisions[:max_listed]]
+            if len(self.decisions) > max_listed:
+                out.append(f"  ... and {len(self.decisions) - max_listed} more")
+        out += ["", _table(self.summary_rows()), ""]
+        if self.passed:
+            out.append(f"PASS: {n_cmp} tensors match" + (" (partial trace)" if self.missing else ""))
+        else:
+            parts = []
+            if self.failures:
+                parts.append(f"{len(self.failures)} tensors diverge (first: {first.name})")
+            if self.decisions:
+                parts.append(f"{len(self.decisions)} gate decisions differ (first: {self.decisions[0].name} "
+                             f"row {self.decisions[0].row})")
+            out.append("FAIL: " + "; ".join(parts))
+        return "\n".join(out)
+
+
+def _where_in_run(name):
+    step, layer = position(name)
+    parts = [f"step {step}" if step is not None else "outside the sampling steps"]
+    if layer is not None:
+        parts.append(f"layer {layer}")
+    return ", ".join(parts)
+
+
+def _explain(r):
+    if r.reason.startswith("shape"):
+        return [r.reason]
+    if r.reason == "exact":
+        return [f"{r.n_bad} of {r.n} values differ; first at {list(r.where)}: REF {r.ref_value}, OTHER {r.other_value}"]
+    if r.reason == "nonfinite":
+        return [f"NaN or Inf: {r.n_bad} of {r.n} values; first at {list(r.where)}: REF {r.ref_value}, "
+                f"OTHER {r.other_value}"]
+    scale = abs(r.max_abs / r.rel) if r.rel not in (0.0, math.inf) else 0.0
+    return [f"max abs err {r.max_abs:.3e} at {list(r.where)} (REF {r.ref_value:.9g}, OTHER {r.other_value:.9g})",
+            f"rel err {r.rel:.3e} of max|REF| {scale:.4g}; allowed {r.atol + r.rtol * scale:.3e} "
+            f"(rtol {r.rtol:g}, atol {r.atol:g})",
+            f"{r.n_bad} of {r.n} compared values are over the tolerance"]
+
+
+def _table(rows):
+    head = ("tensor", "n", "fail", "worst rel err", "worst at")
+    lines = []
+    for kind, row in rows.items():
+        w = row["worst"]
+        lines.append((kind, str(row["n"]), str(row["fail"]), "-" if w is None else f"{w.rel:.2e}",
+                      "-" if w is None else w.name))
+    widths = [max(len(head[i]), *(len(l[i]) for l in lines)) if lines else len(head[i]) for i in range(5)]
+    fmt = lambda cells: "  ".join(c.ljust(widths[i]) if i in (0, 4) else c.rjust(widths[i])
+                                  for i, c in enumerate(cells)).rstrip()
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(l) for l in lines])
+
+
+def eps_rtol_factors(meta):
+    """step.KK/eps -> max(1, 1 / sqrt(1/acp_t - 1)) for each step of a sampling trace.
+
+    ADM re-derives eps from x0, (sqrt(1/acp_t) x_t - x0) / sqrt(1/acp_t - 1): a cancellation
+    divided by sqrt(1/acp_t - 1), which is 0.01 at t = 0, so rounding in x_t and x0 comes out
+    up to 100x larger relative to eps.  Its tolerance is scaled by the same factor (the step's
+    x_next is checked at the plain tolerance, and at t = 0 it does not use eps at all).
+    """
+    s = meta.get("sampler") or {}
+    if meta.get("kind") != "sampling" or not s.get("steps"):
+        return {}
+    d = create_diffusion(int(s["steps"]))
+    n = d.num_timesteps
+    return {f"step.{k:02d}/eps": max(1.0, 1.0 / float(d.sqrt_recipm1_alphas_cumprod[n - 1 - k])) for k in range(n)}
+
+
+def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, tolerances=None, require_all=False):
+    """Compare trace OTHER against REF (``Trace`` objects or paths) -> ``Comparison``.
+
+    tolerances: [(pattern, {"rtol", "atol"} | None = skip)] (``load_tolerances``).
+    require_all: tensors of REF that OTHER did not record count as failures.
+    Raises TraceError when the traces are unreadable or record different runs.
+    """
+    ref = ref if isinstance(ref, Trace) else load_trace(ref)
+    other = other if isinstance(other, Trace) else load_trace(other)
+    check_compatible(ref, other)
+    threshold = (ref.meta.get("lazy") or {}).get("threshold", DEFAULT_THRESHOLD)
+    results, decisions = [], []
+    eps_factor = eps_rtol_factors(ref.meta)
+    for name in ref.names:
+        rule = next((rule for pattern, rule in (tolerances or []) if fnmatch.fnmatchcase(name, pattern)), {})
+        if rule is None:
+            results.append(TensorResult(name, "skipped"))
+        elif name not in other:
+            results.append(TensorResult(name, "fail" if require_all else "missing",
+                                        reason="shape: not recorded by OTHER" if require_all else ""))
+        elif kind_of(name).endswith("/compute"):
+            mism, res = _compare_decisions(ref, other, name, threshold)
+            decisions += mism
+            results.append(res)
+        else:
+            r_tol = rule.get("rtol", rtol * eps_factor.get(name, 1.0))
+            results.append(_compare_values(ref, other, name, r_tol, rule.get("atol", atol)))
+    if not any(r.status not in ("missing", "skipped") for r in results):
+        raise TraceError(f"{ref.label} and {other.label} have no tensors in common: nothing to compare")
+    return Comparison(ref, other, results, decisions, rtol, atol)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+def _dump(args):
+    weights = args.weights or BUNDLED
+    if not os.path.exists(weights):
+        raise TraceError(f"{weights}: no such weights file (give --weights)")
+    from .io import load_dit
+    if args.backend == "opencl":
+        if args.dtype != "float32":
+            raise TraceError("the OpenCL backend runs float32 only (drop --dtype or use --dtype float32)")
+        from .opencl import OpenCLDiT
+        model = OpenCLDiT.from_model(load_dit(weights, dtype="float32"), device=args.device)
+    else:
+        model = load_dit(weights, dtype=args.dtype, backend=args.backend)
+    gates = load_gates(args.gates, model, steps=args.steps) if args.gates else None
+    vae = None
+    if args.vae:
+        from .vae import load_vae
+        vae = load_vae(args.vae, dtype=args.dtype if args.backend != "opencl" else "float32",
+                       backend=args.backend if args.backend != "opencl" else "numpy")
+    rec = Recorder(include=args.include, exclude=args.exclude, attn_probs=args.attn_probs,
+                   max_elements=args.max_elements)
+    trace = trace_sampling(model, steps=args.steps, seed=args.seed, batch=args.batch, cfg_scale=args.cfg_scale,
+                           labels=args.classes, gates=gates, threshold=args.threshold, vae=vae, recorder=rec,
+                           progress=True, weights_file=weights, gates_file=args.gates)
+    trace.save(args.out)
+    size = os.path.getsize(args.out)
+    lazy = trace.meta["lazy"]
+    print(f"wrote {args.out}: {len(trace)} tensors, {size / 1e6:.2f} MB ({_describe(trace)}; "
+          f"{_run_summary(trace.meta)}" + (f"; lazy ratio {lazy['lazy_ratio']:.1%}" if lazy else "") + ")")
+    return 0
+
+
+def _compare(args):
+    tolerances = load_tolerances(args.per_tensor_tolerances) if args.per_tensor_tolerances else None
+    result = compare(args.ref, args.other, rtol=args.rtol, atol=args.atol, tolerances=tolerances,
+                     require_all=args.require_all)
+    print(result.format(max_listed=args.max_listed))
+    return 0 if result.passed else 1
+
+
+def _goldens(args):
+    for path in write_goldens(args.weights or BUNDLED, args.dir):
+        print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+    return 0
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m tinylazy.golden", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump", help="record every intermediate of a DDIM sampling run into a trace file")
+    d.add_argument("--weights", help="DiT safetensors file or folder (default: the bundled tiny-dit-digits)")
+    d.add_argument("--gates", help="LazyDiT gates file: record a lazy run (its step count must match --steps)")
+    d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="gate threshold (default 0.5)")
+    d.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    d.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy")
+    d.add_argument("--device", help="OpenCL device (index or name substring; default: the first)")
+    d.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the noise and the labels (default 0)")
+    d.add_argument("--batch", type=int, default=2, help="samples (default 2; guidance doubles the model batch)")
+    d.add_argument("--classes", type=int, nargs="+", help="class ids, one per sample (default: drawn from --seed)")
+    d.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0; 1 = none)")
+    d.add_argument("--vae", help="AutoencoderKL folder: also record the decoded image")
+    d.add_argument("--attn-probs", action="store_true", help="also record attention probabilities (large)")
+    d.add_argument("--include", nargs="+", metavar="PATTERN", help="record only names matching these patterns")
+    d.add_argument("--exclude", nargs="+", metavar="PATTERN", help="do not record names matching these patterns")
+    d.add_argument("--max-elements", type=int, help="store larger tensors strided, keeping about this many values")
+    d.add_argument("--out", required=True, help="output trace (.safetensors)")
+    c = sub.add_parser("compare", help="compare trace OTHER against REF; exit 0 match, 1 diverged, 2 not comparable")
+    c.add_argument("ref")
+    c.add_argument("other")
+    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative to max|REF| (default {DEFAULT_RTOL:g})")
+    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute (default {DEFAULT_ATOL:g})")
+    c.add_argument("--per-tensor-tolerances", metavar="FILE",
+                   help='JSON {"pattern": {"rtol": r, "atol": a} | "skip"}; first match in file order wins')
+    c.add_argument("--require-all", action="store_true", help="tensors of REF that OTHER lacks are failures")
+    c.add_argument("--max-listed", type=int, default=10, help="list at most this many failures and flips")
+    g = sub.add_parser("goldens", help="rewrite the checked-in goldens of the bundled model (tests/golden/)")
+    g.add_argument("--weights", help="DiT weights (default: the bundled tiny-dit-digits; its gates-ddim20 beside it)")
+    g.add_argument("--dir", default=GOLDEN_DIR, help="output folder (default: tests/golden)")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        return {"dump": _dump, "compare": _compare, "goldens": _goldens}[args.command](args)
+    except (TraceError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
