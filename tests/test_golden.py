@@ -380,16 +380,32 @@ def test_cli_dump_and_compare(tmp_path, capsys):
     assert golden.main(["dump", "--weights", str(tmp_path / "none.safetensors"), "--out", paths["float32"]]) == 2
 
 
+def test_vae_image_is_recorded(model):
+    from tinylazy.vae import AutoencoderKL, VAEConfig
+    vae = AutoencoderKL.from_config(VAEConfig(latent_channels=1, block_out_channels=(32, 32), layers_per_block=1),
+                                    dtype="float64")
+    trace = trace_sampling(model, steps=2, cfg_scale=4.0, vae=vae)
+    assert trace.names[-2:] == ["sample", "image"] and trace.meta["vae"] == {"scaling_factor": 0.18215}
+    np.testing.assert_array_equal(trace["image"], vae.decode(trace["sample"] / 0.18215))
+    assert trace["image"].shape == (2, 3, 32, 32)
+
+
 # ----------------------------------------------------------------------------
 # The bundled model and the checked-in goldens
 
 BUNDLED_GATES = gates_file(golden.BUNDLED, golden.LAZY_GOLDEN_STEPS)
-needs_bundled = pytest.mark.skipif(not (os.path.exists(golden.BUNDLED) and os.path.exists(BUNDLED_GATES)),
-                                   reason="the bundled weights/tiny-dit-digits and its gates are not there")
+HAVE_WEIGHTS = os.path.exists(golden.BUNDLED)
+HAVE_GATES = HAVE_WEIGHTS and os.path.exists(BUNDLED_GATES)
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="the bundled weights/tiny-dit-digits is not there")
 
 
-@needs_bundled
-@pytest.mark.parametrize("name", list(golden.GOLDENS))
+def _needs(mode):
+    ok = HAVE_GATES if mode == "lazy" else HAVE_WEIGHTS
+    return pytest.mark.skipif(not ok, reason=f"the bundled weights{' and gates' if mode == 'lazy' else ''} "
+                                             f"are not there")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n.split(".")[0])) for n in golden.GOLDENS])
 def test_checked_in_golden_regenerates(name):
     """Run each golden's run again and compare: float64 to 1e-9 (BLAS summation order may differ
     between machines), float32 at the defaults."""
@@ -401,14 +417,13 @@ def test_checked_in_golden_regenerates(name):
     assert result.passed, result.format()
 
 
-@needs_bundled
-@pytest.mark.parametrize("mode", ["full", "lazy"])
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=_needs(m)) for m in ("full", "lazy")])
 def test_checked_in_float32_golden_matches_float64_at_the_defaults(mode):
     result = compare(golden.golden_path(f"{mode}.float32"), golden.golden_path(f"{mode}.float64"))
     assert result.passed, result.format()
 
 
-@needs_bundled
+@needs_weights
 def test_bundled_float32_vs_float64_defaults_pass_and_catch_a_perturbed_layer():
     load = lambda dtype: tl.load_dit(golden.BUNDLED, dtype=dtype)
     kw = dict(cfg_scale=4.0)

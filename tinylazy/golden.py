@@ -73,6 +73,8 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
     """
     rec = Recorder() if recorder is None else recorder
     steps, cfg_scale = check_steps(steps), check_cfg_scale(cfg_scale)
+    if labels is None and not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     labels = sample_labels(model, batch, seed) if labels is None else check_labels(model, labels, cfg_scale)
     noise = make_noise(model, len(labels), seed)
     lazy = gates is not None or decisions is not None
@@ -93,13 +95,13 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
     rec("noise", noise)
     rec("labels", labels)
     rec.prefix = "step.00/"
-    model.recorder = rec
+    previous, model.recorder = model.recorder, rec
     try:
         kw = dict(gates=gates, threshold=threshold, decisions=decisions, lazy_stats=stats) if lazy else {}
         sample = sampler(model, noise, labels, steps=steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
                          callback=record_step, progress=progress, **kw)
     finally:
-        model.recorder = None
+        model.recorder = previous
         rec.prefix = ""
     rec("sample", sample)
     if vae is not None:
@@ -129,11 +131,11 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
 def trace_forward(model, x, t, y, recorder=None, weights_file=None):
     """One forward pass ``model(x, t, y)`` with a recorder attached -> a ``Trace`` (names without a step)."""
     rec = Recorder() if recorder is None else recorder
-    model.recorder = rec
+    previous, model.recorder = model.recorder, rec
     try:
         model(x, t, y)
     finally:
-        model.recorder = None
+        model.recorder = previous
     meta = {"kind": "forward", "tinylazy_version": __version__, "model": model_meta(model, weights_file),
             "dtype": np.dtype(model.dtype).name, "backend": getattr(model, "backend", "numpy"),
             "seed": None, "sampler": None, "lazy": None, "vae": None}
