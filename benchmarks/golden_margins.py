@@ -64,8 +64,8 @@ def main():
             scores = [abs(float(s) - 0.5) for n, s in ((n, traces["float32"].arrays[n]) for n in traces["float32"].names
                                                        if n.endswith("/score")) for s in np.ravel(s)]
             scored = [s for s in scores if s > 0]                            # 0: an untrained gate, exactly 0.5
-            print(f"       gate decisions flipped: {len(result.decisions)}; {len(scores) - len(scored)} of {len(scores)} "
-                  f"scores exactly 0.5 (untrained gates), smallest other |score - 0.5| "
+            print(f"       gate decisions flipped: {len(result.decisions)}; {len(scores) - len(scored)} of "
+                  f"{len(scores)} scores exactly 0.5 (untrained gates), smallest other |score - 0.5| "
                   f"{min(scored) if scored else float('nan'):.3e}")
     ref = refs["full"]
     cfg = ref.meta["model"]["config"]

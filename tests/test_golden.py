@@ -178,9 +178,10 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
                     "not valid JSON"),
         "missing": (str(tmp_path / "nope.safetensors"), "no such file"),
         "bad json": (_with_manifest(full, tmp_path, lambda m: m[:-3], "json"), "manifest is not valid JSON"),
-        "version": (_with_manifest(full, tmp_path, lambda m: m.replace('"format_version":1', '"format_version":9'), "v9"),
-                    "format version 9"),
-        "unlisted": (_with_manifest(full, tmp_path, lambda m: m.replace('"name":"sample"', '"name":"samples"'), "names"),
+        "version": (_with_manifest(full, tmp_path, lambda m: m.replace('"format_version":1', '"format_version":9'),
+                                   "v9"), "format version 9"),
+        "unlisted": (_with_manifest(full, tmp_path, lambda m: m.replace('"name":"sample"', '"name":"samples"'),
+                                    "names"),
                      "manifest and tensors disagree"),
         "entry": (_with_manifest(full, tmp_path, lambda m: m.replace('"stride":1', '"stride":0', 1), "stride"),
                   "entry 0 is malformed"),
@@ -412,8 +413,8 @@ def test_checked_in_golden_regenerates(name):
     ref = load_trace(golden.golden_path(name))
     other = golden.rerun(ref, golden.BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
     tight = ref.meta["dtype"] == "float64"
-    result = compare(ref, other, rtol=1e-9 if tight else golden.DEFAULT_RTOL, atol=0.0 if tight else golden.DEFAULT_ATOL,
-                     require_all=True)
+    rtol, atol = (1e-9, 0.0) if tight else (golden.DEFAULT_RTOL, golden.DEFAULT_ATOL)
+    result = compare(ref, other, rtol=rtol, atol=atol, require_all=True)
     assert result.passed, result.format()
 
 

@@ -461,8 +461,9 @@ class Comparison:
             out += ["  " + s for s in _explain(first)]
             later = self.failures[1:]
             if later:
+                more = " ..." if len(later) > max_listed else ""
                 out.append(f"  then {len(later)} more diverging tensors: "
-                           + ", ".join(r.name for r in later[:max_listed]) + (" ..." if len(later) > max_listed else ""))
+                           + ", ".join(r.name for r in later[:max_listed]) + more)
         if self.decisions:
             margins = [abs(d.margin) for d in self.decisions if d.margin is not None]
             out += ["", f"GATE DECISIONS: {len(self.decisions)} mismatch{'es' if len(self.decisions) > 1 else ''}"
