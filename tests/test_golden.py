@@ -200,7 +200,7 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
 # Compare
 
 def test_perturbed_mlp_output_is_the_first_divergence(model, full, monkeypatch, tmp_path, capsys):
-    """One element of block 1's MLP output at step 1, nudged by 1e-3 of the tensor's scale."""
+    """One element of block 1's MLP output at step 1, nudged by 1% of the tensor's largest value."""
     mlp, calls = type(model).mlp, []
 
     def nudged(self, l, z, cache=None):
@@ -208,7 +208,7 @@ def test_perturbed_mlp_output_is_the_first_divergence(model, full, monkeypatch, 
         calls.append(l)
         if l == 1 and len(calls) == 2 * 2:              # step 1 (two blocks per forward)
             out = out.copy()
-            out[3, 17, 5] += 1e-3 * np.abs(out).max()
+            out[3, 17, 5] += 1e-2 * np.abs(out).max()
         return out
     monkeypatch.setattr(type(model), "mlp", nudged)
     other = trace_sampling(model, steps=STEPS, seed=0, batch=2, cfg_scale=4.0)
@@ -324,9 +324,9 @@ def test_float32_against_float64_passes_and_a_perturbed_layer_is_found(model, fu
 
 
 def _assert_perturbations_found(make_model, ref, steps, kw, layers=(0, 1)):
-    """Each layer's weight and bias times (1 + 1e-3 s), s = +-1 per element, in a model that keeps
-    the file's weights hash (a backend that loaded the right file and got one layer wrong): the
-    first divergence is that layer's first output, at the first step."""
+    """Each layer's weight and bias times (1 + 1e-3), in a model that keeps the file's weights hash
+    (a backend that loaded the right file and got one layer wrong): the first divergence is that
+    layer's first output, at the first step."""
     a, b = layers
     expect = {f"blocks.{a}.attn.qkv": f"step.00/block.{a:02d}/attn/q",
               f"blocks.{b}.attn.proj": f"step.00/block.{b:02d}/attn/out",
@@ -334,13 +334,11 @@ def _assert_perturbations_found(make_model, ref, steps, kw, layers=(0, 1)):
               f"blocks.{b}.mlp.fc2": f"step.00/block.{b:02d}/mlp/out",
               f"blocks.{b}.adaLN_modulation.1": f"step.00/block.{b:02d}/mod/",
               "final_layer.linear": "step.00/final/tokens", "t_embedder.mlp.2": "step.00/cond/t_emb"}
-    rng = np.random.default_rng(0)
     for layer, first in expect.items():
         m = make_model(dtype="float64")
         m.weights_hash = ref.meta["model"]["weights_hash"]
         for suffix in (".weight", ".bias"):
-            p = m.params[layer + suffix]
-            p *= 1 + 1e-3 * rng.choice([-1.0, 1.0], size=p.shape)
+            m.params[layer + suffix] *= 1 + 1e-3
         result = compare(ref, trace_sampling(m, steps=steps, **kw))
         assert result.first is not None and result.first.name.startswith(first), (layer, result.first)
 
@@ -376,7 +374,7 @@ def test_cli_dump_and_compare(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert golden.main(["compare", paths["float32"], paths["float64"]]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "worst rel err" in out
+    assert "PASS" in out and "worst rms err" in out
     assert load_trace(paths["float64"]).meta["sampler"]["labels"] == [3]
     assert golden.main(["dump", "--weights", str(tmp_path / "none.safetensors"), "--out", paths["float32"]]) == 2
 

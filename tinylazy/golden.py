@@ -2,18 +2,20 @@
 
     python -m tinylazy.golden dump --weights W [--gates G] [--dtype float32|float64]
         [--backend numpy|cupy|opencl] --steps 4 --seed 0 --batch 2 --out trace.safetensors
-    python -m tinylazy.golden compare REF OTHER [--rtol R] [--atol A] [--per-tensor-tolerances FILE]
+    python -m tinylazy.golden compare REF OTHER [--rtol R] [--max-rtol M] [--atol A]
+        [--per-tensor-tolerances FILE]
 
 ``compare`` walks REF's tensors in execution order and reports the first that
-OTHER does not match (name, step, layer, max abs / rel error and where), gate
+OTHER does not match (name, step, layer, rms / max error and where), gate
 decisions that flipped (with the score's margin from the threshold), and a
 summary table; it exits 0 when everything matches, 1 when something diverged and
 2 when the traces cannot be compared (unreadable, or from another model, seed or
-run).  A tensor matches when
+run).  A float tensor matches when both
 
-    max |other - ref| <= atol + rtol * max |ref|        (over the tensor's elements)
+    rms(other - ref) <= atol + rtol * rms(ref)          (a systematic error)
+    max|other - ref| <= atol + max_rtol * max|ref|      (one wrong element)
 
-an error measured against the tensor's own scale, so elements that happen to be
+errors measured against the tensor's own scale, so elements that happen to be
 near zero do not make float32 rounding look like a bug.  docs/golden.md says how
 the defaults were chosen and describes the file format for other languages.
 """
@@ -36,6 +38,7 @@ from .sampling import check_cfg_scale, check_labels, check_steps, ddim_sample, m
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
 
 DEFAULT_RTOL = 1e-4
+DEFAULT_MAX_RTOL = 1e-3
 DEFAULT_ATOL = 1e-7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
@@ -253,9 +256,27 @@ def check_compatible(ref, other):
         raise TraceError(f"refusing to compare {ref.label} with {other.label}: " + "; ".join(problems))
 
 
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """rtol bounds rms(OTHER - REF) / rms(REF), max_rtol bounds max|OTHER - REF| / max|REF|; atol is
+    added to both bounds (it decides for tensors that are zero in REF)."""
+    rtol: float = DEFAULT_RTOL
+    max_rtol: float = DEFAULT_MAX_RTOL
+    atol: float = DEFAULT_ATOL
+
+    def scaled(self, factor):
+        return dataclasses.replace(self, rtol=self.rtol * factor, max_rtol=self.max_rtol * factor)
+
+    def __str__(self):
+        return f"rtol {self.rtol:g}, max-rtol {self.max_rtol:g}, atol {self.atol:g}"
+
+
+_TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
+
+
 def load_tolerances(path):
-    """A JSON object {fnmatch pattern: {"rtol": r, "atol": a} | "skip"}; the first matching pattern
-    (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
+    """A JSON object {fnmatch pattern: {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; the first
+    matching pattern (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
     try:
         with open(path) as f:
             table = json.load(f)
@@ -264,16 +285,17 @@ def load_tolerances(path):
     except json.JSONDecodeError as e:
         raise TraceError(f"{path}: the tolerances file is not valid JSON ({e})") from None
     if not isinstance(table, dict):
-        raise TraceError(f"{path}: the tolerances file must be a JSON object {{pattern: {{rtol, atol}} | \"skip\"}}")
+        raise TraceError(f"{path}: the tolerances file must be a JSON object "
+                         f"{{pattern: {{rtol, max_rtol, atol}} | \"skip\"}}")
     rules = []
     for pattern, rule in table.items():
         if rule == "skip":
             rules.append((pattern, None))
             continue
-        if not isinstance(rule, dict) or not set(rule) <= {"rtol", "atol"} or not all(
+        if not isinstance(rule, dict) or not set(rule) <= _TOLERANCE_KEYS or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):
-            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"atol\": a}} with numbers "
-                             f">= 0, or \"skip\"; got {rule!r}")
+            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"max_rtol\": m, \"atol\": a}} "
+                             f"(any of them) with numbers >= 0, or \"skip\"; got {rule!r}")
         rules.append((pattern, rule))
     return rules
 
@@ -284,14 +306,16 @@ class TensorResult:
     name: str
     status: str
     reason: str = ""            # fail: values | shape | nonfinite | exact
+    rel: float = 0.0            # rms(other - ref) / rms(ref)
+    max_rel: float = 0.0        # max|other - ref| / max|ref|
     max_abs: float = 0.0
-    rel: float = 0.0            # max_abs / max|ref|
-    rtol: float = 0.0
-    atol: float = 0.0
+    tol: Tolerance = None
     where: tuple = None         # index of the largest error in the full shape
     ref_value: float = None
     other_value: float = None
-    n_bad: int = 0              # elements over the tolerance
+    ref_rms: float = 0.0
+    ref_max: float = 0.0
+    n_bad: int = 0              # elements off by more than rtol * max|ref| (or not finite, or unequal)
     n: int = 0                  # elements compared
 
     @property
@@ -342,8 +366,12 @@ def _aligned(ref, other, name):
     return a[:n], b[:n], np.arange(n, dtype=np.int64) * step
 
 
-def _compare_values(ref, other, name, rtol, atol):
-    r = TensorResult(name, "ok", rtol=rtol, atol=atol)
+def _ratio(err, scale):
+    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+
+
+def _compare_values(ref, other, name, tol):
+    r = TensorResult(name, "ok", tol=tol)
     shape_r, shape_o = ref.entries[name]["shape"], other.entries[name]["shape"]
     if shape_r != shape_o:
         r.status, r.reason = "fail", f"shape: REF {tuple(shape_r)}, OTHER {tuple(shape_o)}"
@@ -365,18 +393,18 @@ def _compare_values(ref, other, name, rtol, atol):
     if not finite.all():
         k = int(np.flatnonzero(~finite)[0])
         r.status, r.reason, r.where = "fail", "nonfinite", unravel(k)
-        r.ref_value, r.other_value, r.max_abs, r.rel = float(a[k]), float(b[k]), math.inf, math.inf
+        r.ref_value, r.other_value = float(a[k]), float(b[k])
+        r.max_abs = r.rel = r.max_rel = math.inf
         r.n_bad = int((~finite).sum())
         return r
     err = np.abs(a - b)
     k = int(np.argmax(err))
-    scale = float(np.abs(a).max())
-    tol = atol + rtol * scale
-    r.max_abs = float(err[k])
-    r.rel = r.max_abs / scale if scale > 0 else (0.0 if r.max_abs == 0 else math.inf)
+    r.ref_rms, r.ref_max = float(np.sqrt(np.mean(a * a))), float(np.abs(a).max())
+    err_rms, r.max_abs = float(np.sqrt(np.mean(err * err))), float(err[k])
+    r.rel, r.max_rel = _ratio(err_rms, r.ref_rms), _ratio(r.max_abs, r.ref_max)
     r.where, r.ref_value, r.other_value = unravel(k), float(a[k]), float(b[k])
-    r.n_bad = int((err > tol).sum())
-    if r.max_abs > tol:
+    r.n_bad = int((err > tol.atol + tol.rtol * r.ref_max).sum())
+    if err_rms > tol.atol + tol.rtol * r.ref_rms or r.max_abs > tol.atol + tol.max_rtol * r.ref_max:
         r.status, r.reason = "fail", "values"
     return r
 
@@ -400,10 +428,10 @@ def _compare_decisions(ref, other, name, threshold):
 class Comparison:
     """The outcome of ``compare``: per-tensor results in REF order, decision mismatches, and a report."""
 
-    def __init__(self, ref, other, results, decisions, rtol, atol):
+    def __init__(self, ref, other, results, decisions, tol):
         self.ref, self.other = ref, other
         self.results, self.decisions = results, decisions
-        self.rtol, self.atol = rtol, atol
+        self.tol = tol
         self.extra = [n for n in other.names if n not in ref]
 
     @property
@@ -429,20 +457,22 @@ class Comparison:
         for r in self.results:
             if r.status in ("missing", "skipped"):
                 continue
-            row = rows.setdefault(kind_of(r.name), {"n": 0, "fail": 0, "worst": None})
+            row = rows.setdefault(kind_of(r.name), {"n": 0, "fail": 0, "worst": None, "max": None})
             row["n"] += 1
             row["fail"] += r.failed or r.status == "decision"
-            if r.reason in ("", "values", "nonfinite") and not r.name.endswith("/compute") \
-                    and (row["worst"] is None or r.rel > row["worst"].rel):
-                row["worst"] = r
+            if r.reason in ("", "values", "nonfinite") and not r.name.endswith("/compute"):
+                if row["worst"] is None or r.rel > row["worst"].rel:
+                    row["worst"] = r
+                row["max"] = max(row["max"] or 0.0, r.max_rel)
         return rows
 
     def format(self, max_listed=10):
         out = [f"REF    {self.ref.label}: {_describe(self.ref)}",
                f"OTHER  {self.other.label}: {_describe(self.other)}",
                f"run    {_run_summary(self.ref.meta)}",
-               f"check  per tensor: max|OTHER - REF| <= atol + rtol * max|REF|  (rtol {self.rtol:g}, "
-               f"atol {self.atol:g} unless a pattern sets them)", ""]
+               f"check  per tensor: rms(OTHER - REF) <= atol + rtol * rms(REF) and "
+               f"max|OTHER - REF| <= atol + max-rtol * max|REF|",
+               f"       ({self.tol}; step.KK/eps scaled by its conditioning, see docs/golden.md)", ""]
         n_cmp = sum(r.status not in ("missing", "skipped") for r in self.results)
         n_skip = sum(r.status == "skipped" for r in self.results)
         line = f"compared {n_cmp} of REF's {len(self.results)} tensors"
@@ -501,22 +531,22 @@ def _explain(r):
     if r.reason == "nonfinite":
         return [f"NaN or Inf: {r.n_bad} of {r.n} values; first at {list(r.where)}: REF {r.ref_value}, "
                 f"OTHER {r.other_value}"]
-    scale = abs(r.max_abs / r.rel) if r.rel not in (0.0, math.inf) else 0.0
-    return [f"max abs err {r.max_abs:.3e} at {list(r.where)} (REF {r.ref_value:.9g}, OTHER {r.other_value:.9g})",
-            f"rel err {r.rel:.3e} of max|REF| {scale:.4g}; allowed {r.atol + r.rtol * scale:.3e} "
-            f"(rtol {r.rtol:g}, atol {r.atol:g})",
-            f"{r.n_bad} of {r.n} compared values are over the tolerance"]
+    t = r.tol
+    return [f"rms err {r.rel:.3e} of rms|REF| {r.ref_rms:.4g} (allowed {t.rtol:g} + atol)",
+            f"max abs err {r.max_abs:.3e} at {list(r.where)} (REF {r.ref_value:.9g}, OTHER {r.other_value:.9g}), "
+            f"{r.max_rel:.3e} of max|REF| {r.ref_max:.4g} (allowed {t.max_rtol:g} + atol)",
+            f"{r.n_bad} of {r.n} compared values are off by more than rtol * max|REF|"]
 
 
 def _table(rows):
-    head = ("tensor", "n", "fail", "worst rel err", "worst at")
+    head = ("tensor", "n", "fail", "worst rms err", "worst max err", "worst rms at")
     lines = []
     for kind, row in rows.items():
         w = row["worst"]
         lines.append((kind, str(row["n"]), str(row["fail"]), "-" if w is None else f"{w.rel:.2e}",
-                      "-" if w is None else w.name))
-    widths = [max(len(head[i]), *(len(l[i]) for l in lines)) if lines else len(head[i]) for i in range(5)]
-    fmt = lambda cells: "  ".join(c.ljust(widths[i]) if i in (0, 4) else c.rjust(widths[i])
+                      "-" if w is None else f"{row['max']:.2e}", "-" if w is None else w.name))
+    widths = [max(len(head[i]), *(len(l[i]) for l in lines)) if lines else len(head[i]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(widths[i]) if i in (0, len(head) - 1) else c.rjust(widths[i])
                                   for i, c in enumerate(cells)).rstrip()
     return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(l) for l in lines])
 
@@ -537,10 +567,12 @@ def eps_rtol_factors(meta):
     return {f"step.{k:02d}/eps": max(1.0, 1.0 / float(d.sqrt_recipm1_alphas_cumprod[n - 1 - k])) for k in range(n)}
 
 
-def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, tolerances=None, require_all=False):
+def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, max_rtol=DEFAULT_MAX_RTOL, tolerances=None,
+            require_all=False):
     """Compare trace OTHER against REF (``Trace`` objects or paths) -> ``Comparison``.
 
-    tolerances: [(pattern, {"rtol", "atol"} | None = skip)] (``load_tolerances``).
+    rtol / max_rtol / atol: see ``Tolerance``.  tolerances: [(pattern, {"rtol", "max_rtol",
+    "atol"} | None = skip)] (``load_tolerances``); the first matching pattern wins.
     require_all: tensors of REF that OTHER did not record count as failures.
     Raises TraceError when the traces are unreadable or record different runs.
     """
@@ -548,6 +580,7 @@ def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, tolerances=None, r
     other = other if isinstance(other, Trace) else load_trace(other)
     check_compatible(ref, other)
     threshold = (ref.meta.get("lazy") or {}).get("threshold", DEFAULT_THRESHOLD)
+    base = Tolerance(rtol, max_rtol, atol)
     results, decisions = [], []
     eps_factor = eps_rtol_factors(ref.meta)
     for name in ref.names:
@@ -562,11 +595,11 @@ def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, tolerances=None, r
             decisions += mism
             results.append(res)
         else:
-            r_tol = rule.get("rtol", rtol * eps_factor.get(name, 1.0))
-            results.append(_compare_values(ref, other, name, r_tol, rule.get("atol", atol)))
+            tol = dataclasses.replace(base.scaled(eps_factor.get(name, 1.0)), **rule)
+            results.append(_compare_values(ref, other, name, tol))
     if not any(r.status not in ("missing", "skipped") for r in results):
         raise TraceError(f"{ref.label} and {other.label} have no tensors in common: nothing to compare")
-    return Comparison(ref, other, results, decisions, rtol, atol)
+    return Comparison(ref, other, results, decisions, base)
 
 
 # ----------------------------------------------------------------------------
@@ -605,8 +638,8 @@ def _dump(args):
 
 def _compare(args):
     tolerances = load_tolerances(args.per_tensor_tolerances) if args.per_tensor_tolerances else None
-    result = compare(args.ref, args.other, rtol=args.rtol, atol=args.atol, tolerances=tolerances,
-                     require_all=args.require_all)
+    result = compare(args.ref, args.other, rtol=args.rtol, max_rtol=args.max_rtol, atol=args.atol,
+                     tolerances=tolerances, require_all=args.require_all)
     print(result.format(max_listed=args.max_listed))
     return 0 if result.passed else 1
 
@@ -641,10 +674,14 @@ def _parser():
     c = sub.add_parser("compare", help="compare trace OTHER against REF; exit 0 match, 1 diverged, 2 not comparable")
     c.add_argument("ref")
     c.add_argument("other")
-    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative to max|REF| (default {DEFAULT_RTOL:g})")
+    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help=f"bound on rms(OTHER - REF) / rms(REF) (default {DEFAULT_RTOL:g})")
+    c.add_argument("--max-rtol", type=float, default=DEFAULT_MAX_RTOL,
+                   help=f"bound on max|OTHER - REF| / max|REF| (default {DEFAULT_MAX_RTOL:g})")
     c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute (default {DEFAULT_ATOL:g})")
     c.add_argument("--per-tensor-tolerances", metavar="FILE",
-                   help='JSON {"pattern": {"rtol": r, "atol": a} | "skip"}; first match in file order wins')
+                   help='JSON {"pattern": {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; '
+                        'the first match in file order wins')
     c.add_argument("--require-all", action="store_true", help="tensors of REF that OTHER lacks are failures")
     c.add_argument("--max-listed", type=int, default=10, help="list at most this many failures and flips")
     g = sub.add_parser("goldens", help="rewrite the checked-in goldens of the bundled model (tests/golden/)")
