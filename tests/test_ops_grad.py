@@ -179,3 +179,23 @@ def test_float32_stays_float32(op, rng):
         img, w = x.reshape(2, 2, 4, 4), rng.standard_normal((8, 2, 2, 2)).astype(f)
         grads = ops.patch_embed_backward(ops.patch_embed_forward(img, w, w[:, 0, 0, 0], 2), img, w, 2)
     assert all(g.dtype == f for g in grads), [g.dtype for g in grads]
+
+
+def test_row_parallel_results_do_not_depend_on_threads(monkeypatch, rng):
+    """Row blocks on a thread pool compute every row as one call would: bit for bit."""
+    x = rng.standard_normal((6, 96, 128)).astype(np.float32)        # big enough to be split
+    q, k, v = (rng.standard_normal((4, 3, 96, 32)).astype(np.float32) for _ in range(3))
+
+    def run():
+        xhat, rstd = ops.layernorm_forward(x[:, ::2], return_rstd=True)  # a non-contiguous input too
+        out, lse = ops.sdpa_forward(q, k, v, return_lse=True)
+        return [ops.gelu_tanh_forward(x), ops.gelu_tanh_backward(x, x), xhat, rstd,
+                ops.layernorm_backward(x[:, ::2], xhat, rstd), ops.softmax_forward(x),
+                ops.softmax_backward(x, x), out, lse, *ops.sdpa_backward(q, k, v, q, out, lse)]
+
+    monkeypatch.setattr(ops, "NUM_THREADS", 1)
+    single = run()
+    monkeypatch.setattr(ops, "NUM_THREADS", 3)
+    monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
+    for a, b in zip(single, run()):
+        np.testing.assert_array_equal(a, b)

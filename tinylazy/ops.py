@@ -6,6 +6,8 @@ the cache it needs, named in its docstring; backward functions never modify
 their arguments.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
 """
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -14,6 +16,40 @@ from .backend import array_module_of
 LN_EPS = 1e-6                                  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
 GELU_K = math.sqrt(2.0 / math.pi)              # tanh-GELU: 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
 GELU_C = 0.044715
+
+
+# ----------------------------------------------------------------------------
+# Row-parallel elementwise work.  A NumPy ufunc runs on one core, but it releases
+# the GIL, so the expensive row-wise ops (exp, tanh, softmax, LayerNorm) run their
+# kernel on row blocks from a small thread pool while BLAS's threads are idle.
+# Each row is computed exactly as in one call, so results do not depend on it.
+
+NUM_THREADS = int(os.environ.get("TINYLAZY_NUM_THREADS", "0")) or min(
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
+MIN_BLOCK = 1 << 15                            # elements per block worth a thread hand-off
+_pool = None
+
+
+def rowwise(kernel, *arrays):
+    """kernel(*blocks) on row blocks (axis 0) of ``arrays``, which share their first
+    dimension; the kernel writes its results into blocks of output arrays passed in."""
+    global _pool
+    n = arrays[0].shape[0]
+    k = min(NUM_THREADS, n, arrays[0].size // MIN_BLOCK)
+    if k <= 1 or array_module_of(arrays[0]) is not np:
+        kernel(*arrays)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="tinylazy-ops")
+    cuts = [n * i // k for i in range(k + 1)]
+    jobs = [_pool.submit(kernel, *(a[lo:hi] for a in arrays)) for lo, hi in zip(cuts, cuts[1:])]
+    for job in jobs:
+        job.result()
+
+
+def _rows(x):
+    """(..., n) -> (N, n) view (a copy only if x is not contiguous)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 # ----------------------------------------------------------------------------
@@ -65,17 +101,34 @@ def silu_backward(dy, x):
 # ----------------------------------------------------------------------------
 # tanh-GELU (nn.GELU(approximate="tanh"))
 
-def gelu_tanh_forward(x):
+def _gelu_tanh_kernel(y, x):
     xp = array_module_of(x)
-    inner = x * x
-    inner *= GELU_C * x
-    inner += x
-    inner *= GELU_K
-    y = xp.tanh(inner, out=inner)
+    y = xp.multiply(x, x, out=y)
+    y *= GELU_C * x
+    y += x
+    y *= GELU_K
+    xp.tanh(y, out=y)
     y += 1
     y *= x
     y *= 0.5
+
+
+def gelu_tanh_forward(x):
+    y = array_module_of(x).empty(x.shape, dtype=x.dtype)
+    rowwise(_gelu_tanh_kernel, _rows(y), _rows(x))
     return y
+
+
+def _gelu_tanh_gate_kernel(s, x):
+    xp = array_module_of(x)
+    s = xp.multiply(x, x, out=s)
+    s *= -2 * GELU_K * GELU_C
+    s -= 2 * GELU_K
+    s *= x                                        # -2 u
+    with np.errstate(over="ignore"):              # exp -> inf for u << 0 gives s = 0, the right limit
+        xp.exp(s, out=s)
+    s += 1
+    xp.reciprocal(s, out=s)
 
 
 def gelu_tanh_gate(x):
@@ -84,15 +137,20 @@ def gelu_tanh_gate(x):
     The backward's form of the forward: one exp instead of a tanh (about twice as
     fast in NumPy float32), and s serves both the derivative and a recomputed output.
     """
-    xp = array_module_of(x)
-    e = x * x
-    e *= -2 * GELU_K * GELU_C
-    e -= 2 * GELU_K
-    e *= x                                        # -2 u
-    with np.errstate(over="ignore"):              # exp -> inf for u << 0 gives s = 0, the right limit
-        xp.exp(e, out=e)
-    e += 1
-    return xp.reciprocal(e, out=e)
+    s = array_module_of(x).empty(x.shape, dtype=x.dtype)
+    rowwise(_gelu_tanh_gate_kernel, _rows(s), _rows(x))
+    return s
+
+
+def _gelu_tanh_backward_kernel(g, dy, x, s):
+    g = array_module_of(x).multiply(x, x, out=g)
+    g *= 6 * GELU_K * GELU_C
+    g += 2 * GELU_K
+    g *= x                                        # 2 x u'
+    g *= 1 - s
+    g += 1
+    g *= s
+    g *= dy
 
 
 def gelu_tanh_backward(dy, x, s=None):
@@ -102,19 +160,21 @@ def gelu_tanh_backward(dy, x, s=None):
     """
     if s is None:
         s = gelu_tanh_gate(x)
-    g = x * x
-    g *= 6 * GELU_K * GELU_C
-    g += 2 * GELU_K
-    g *= x                                        # 2 x u'
-    g *= 1 - s
-    g += 1
-    g *= s
-    g *= dy
+    g = array_module_of(x).empty(x.shape, dtype=x.dtype)
+    rowwise(_gelu_tanh_backward_kernel, _rows(g), _rows(dy), _rows(x), _rows(s))
     return g
 
 
 # ----------------------------------------------------------------------------
 # LayerNorm without affine over the last axis
+
+def _layernorm_kernel(xhat, rstd, x, eps):
+    xp = array_module_of(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+    var = (xhat * xhat).mean(axis=-1, keepdims=True)
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+    xhat *= rstd
+
 
 def layernorm_forward(x, eps=LN_EPS, return_rstd=False):
     """(..., D) -> xhat (..., D): (x - mean) / sqrt(var + eps), biased variance.
@@ -123,11 +183,20 @@ def layernorm_forward(x, eps=LN_EPS, return_rstd=False):
     backward's cache is (xhat, rstd).
     """
     xp = array_module_of(x)
-    xc = x - x.mean(axis=-1, keepdims=True)
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xc *= rstd
-    return (xc, rstd) if return_rstd else xc
+    xhat = xp.empty(x.shape, dtype=x.dtype)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    rowwise(lambda xh, r, xx: _layernorm_kernel(xh, r, xx, eps), _rows(xhat), _rows(rstd), _rows(x))
+    return (xhat, rstd) if return_rstd else xhat
+
+
+def _layernorm_backward_kernel(dx, dxhat, xhat, rstd):
+    xp = array_module_of(xhat)
+    dot = xp.einsum("nd,nd->n", dxhat, xhat)[:, None]             # (N, 1)
+    dot *= 1.0 / xhat.shape[-1]
+    xp.multiply(xhat, dot, out=dx)
+    xp.subtract(dxhat, dx, out=dx)
+    dx -= dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
 
 
 def layernorm_backward(dxhat, xhat, rstd):
@@ -135,14 +204,8 @@ def layernorm_backward(dxhat, xhat, rstd):
 
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), means over the last axis.
     """
-    xp = array_module_of(xhat)
-    d = xhat.shape[-1]
-    dot = xp.einsum("...d,...d->...", dxhat, xhat)[..., None]     # (..., 1)
-    dot *= 1.0 / d
-    dx = xhat * dot
-    xp.subtract(dxhat, dx, out=dx)
-    dx -= dxhat.mean(axis=-1, keepdims=True)
-    dx *= rstd
+    dx = array_module_of(xhat).empty(xhat.shape, dtype=xhat.dtype)
+    rowwise(_layernorm_backward_kernel, _rows(dx), _rows(dxhat), _rows(xhat), _rows(rstd))
     return dx
 
 
@@ -172,20 +235,34 @@ def modulate_backward(dy, x, scale, mod_grads=True):
 # ----------------------------------------------------------------------------
 # softmax over the last axis (numerically stable)
 
+def _softmax_kernel(p, lse, s):
+    xp = array_module_of(s)
+    m = s.max(axis=-1, keepdims=True)
+    xp.subtract(s, m, out=p)
+    xp.exp(p, out=p)
+    z = p.sum(axis=-1, keepdims=True)
+    p /= z
+    xp.log(z, out=z)
+    xp.add(z, m, out=lse)
+
+
+def _softmax(s, p):
+    """Softmax of s into p (which may be s itself) -> p, lse."""
+    lse = array_module_of(s).empty(s.shape[:-1] + (1,), dtype=s.dtype)
+    rowwise(_softmax_kernel, _rows(p), _rows(lse), _rows(s))
+    return p, lse
+
+
 def softmax_forward(s, return_lse=False):
     """(..., n) -> p (..., n).  With ``return_lse`` also log-sum-exp of s, (..., 1):
     p = exp(s - lse), which is how the attention backward recomputes p."""
-    xp = array_module_of(s)
-    m = s.max(axis=-1, keepdims=True)
-    s = s - m
-    p = xp.exp(s, out=s)
-    z = p.sum(axis=-1, keepdims=True)
-    p /= z
-    if return_lse:
-        z = xp.log(z, out=z)
-        z += m
-        return p, z
-    return p
+    p, lse = _softmax(s, array_module_of(s).empty(s.shape, dtype=s.dtype))
+    return (p, lse) if return_lse else p
+
+
+def _softmax_backward_kernel(ds, dp, p, dot):
+    array_module_of(p).subtract(dp, dot, out=ds)
+    ds *= p
 
 
 def softmax_backward(dp, p, dot=None):
@@ -193,8 +270,8 @@ def softmax_backward(dp, p, dot=None):
     that knows that sum another way passes it as ``dot`` (..., 1)."""
     if dot is None:
         dot = (dp * p).sum(axis=-1, keepdims=True)
-    ds = dp - dot
-    ds *= p
+    ds = array_module_of(p).empty(p.shape, dtype=p.dtype)
+    rowwise(_softmax_backward_kernel, _rows(ds), _rows(dp), _rows(p), _rows(dot))
     return ds
 
 
@@ -210,10 +287,13 @@ def sdpa_forward(q, k, v, return_lse=False):
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = (q * scale) @ k.swapaxes(-1, -2)                    # (B, H, T, T)
-    if return_lse:
-        p, lse = softmax_forward(s, return_lse=True)
-        return p @ v, lse
-    return softmax_forward(s) @ v
+    p, lse = _softmax(s, s)
+    return (p @ v, lse) if return_lse else p @ v
+
+
+def _exp_minus_kernel(s, lse):
+    s -= lse
+    array_module_of(s).exp(s, out=s)
 
 
 def sdpa_backward(dout, q, k, v, out, lse):
@@ -225,13 +305,12 @@ def sdpa_backward(dout, q, k, v, out, lse):
     xp = array_module_of(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs = q * scale
-    s = qs @ k.swapaxes(-1, -2)                             # (B, H, T, T)
-    s -= lse
-    p = xp.exp(s, out=s)
+    p = qs @ k.swapaxes(-1, -2)                             # (B, H, T, T)
+    rowwise(_exp_minus_kernel, _rows(p), _rows(lse))
     dv = p.swapaxes(-1, -2) @ dout                          # (B, H, T, Dh)
-    dp = dout @ v.swapaxes(-1, -2)                          # (B, H, T, T)
+    ds = dout @ v.swapaxes(-1, -2)                          # dp (B, H, T, T), turned into ds in place
     dot = xp.einsum("bhtd,bhtd->bht", dout, out)[..., None]
-    ds = softmax_backward(dp, p, dot)
+    rowwise(_softmax_backward_kernel, _rows(ds), _rows(ds), _rows(p), _rows(dot))
     dq = ds @ k
     dq *= scale
     dk = ds.swapaxes(-1, -2) @ qs
