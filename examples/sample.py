@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    help="classifier-free guidance scale, >= 1; 1 = no guidance (default: 4.0, as official)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial and per-step noise (default: 0)")
     p.add_argument("--out", default="sample.png", help="output PNG (default: sample.png)")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--backend", choices=BACKENDS + ("opencl",), default="numpy",
+                   help="numpy (CPU), cupy (GPU) or opencl (PyOpenCL; DDIM only; the VAE runs in NumPy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--lazy", action="store_true",
                    help="LazyDiT: reuse module outputs where the learned gates say so, with the gates "
@@ -111,7 +112,7 @@ def load_model(args):
     if args.vae is not None:
         from tinylazy.vae import load_vae
         try:
-            vae = load_vae(args.vae, dtype=args.dtype, backend=args.backend)
+            vae = load_vae(args.vae, dtype=args.dtype, backend="numpy" if args.backend == "opencl" else args.backend)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UsageError(f"cannot load the VAE from {args.vae}: {e}") from e
         if vae.config.latent_channels != C:
@@ -145,6 +146,8 @@ def main(argv=None):
         check_cfg_scale(args.cfg_scale)
     except ValueError as e:
         raise UsageError(str(e).replace("steps must", "--steps must").replace("cfg_scale", "--cfg-scale")) from e
+    if args.backend == "opencl" and (args.sampler != "ddim" or args.dtype != "float32"):
+        raise UsageError("--backend opencl runs --sampler ddim in --dtype float32")
     path, model, vae = load_model(args)
     labels = choose_labels(args, model)
     gates = load_lazy_gates(args, path, model, steps)

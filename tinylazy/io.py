@@ -603,9 +603,12 @@ def weights_hash(model_or_path):
 # ----------------------------------------------------------------------------
 # DiT loading and saving
 
-def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
+def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None):
     """Load a DiT from official-key safetensors, a diffusers DiTTransformer2DModel folder,
     or a folder holding one official safetensors file.
+
+    backend "numpy" or "cupy" gives a ``DiT``; "opencl" an ``OpenCLDiT`` (float32 only)
+    on ``device`` (see ``tinylazy.opencl.select_device``).
 
     The configuration is inferred from the tensor shapes (num_heads: the argument,
     the file's metadata, diffusers' config.json, or the official width table).
@@ -613,6 +616,11 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
     read one by one straight into arrays of the model dtype, so no second copy of
     the weights is made.  Sets ``model.weights_hash``.
     """
+    if backend == "opencl":
+        if resolve_dtype(dtype) != np.float32:
+            raise ValueError("the OpenCL backend runs float32 only (use dtype='float32')")
+        from .opencl import OpenCLDiT
+        return OpenCLDiT.from_model(load_dit(path, "float32", "numpy", num_heads), device=device)
     dt = resolve_dtype(dtype)
     layout = _open_layout(path)
     try:

@@ -213,6 +213,13 @@ def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, eta=0.0, step_noi
     LazyDiT (``lazy.py``): ``gates`` (``load_gates``) skip modules whose score is below
     ``threshold``; ``decisions`` forces them; ``lazy_stats`` (a ``LazyStats``) is filled in.
     """
+    if getattr(model, "backend", None) == "opencl":                   # latents stay on the OpenCL device
+        if eta != 0 or clip_denoised:
+            raise ValueError("the OpenCL sampler runs DDIM with eta = 0 and no clipping")
+        from .opencl import ddim_sample as opencl_ddim_sample
+        return opencl_ddim_sample(model, noise, labels, steps, cfg_scale, progress=progress, callback=callback,
+                                  guide_channels=guide_channels, gates=gates, threshold=threshold,
+                                  decisions=decisions, lazy_stats=lazy_stats)
     if gates is not None or decisions is not None or lazy_stats is not None:
         from .lazy import lazy_ddim_sample
         return lazy_ddim_sample(model, noise, labels, steps, cfg_scale, gates=gates, threshold=threshold,
