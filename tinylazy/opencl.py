@@ -18,6 +18,7 @@ Layers, bottom up:
 import math
 import numbers
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,13 @@ from .lazy import DEFAULT_THRESHOLD, KINDS, _Decider
 from .progress import Progress
 from .sampling import check_cfg_scale, check_labels, check_steps
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels_cl"
+def _kernel_dir():
+    """kernels_cl/ of the checkout (editable install), else the copy a wheel installs under <prefix>/share."""
+    here = Path(__file__).resolve().parent.parent / "kernels_cl"
+    return here if here.is_dir() else Path(sys.prefix) / "share" / "tinylazy" / "kernels_cl"
+
+
+KERNEL_DIR = _kernel_dir()
 DEVICE_ENV = "TINYLAZY_CL_DEVICE"
 INSTALL_HINT = "pip install pyopencl pocl-binary-distribution (PoCL runs OpenCL on the CPU)"
 
