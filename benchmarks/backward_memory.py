@@ -57,6 +57,7 @@ if which == "tinylazy":
                 owned[id(o)] = o
     walk(cache)
     res["cache"] = sum(a.nbytes for a in owned.values())
+    del owned                                          # backward frees the cache block by block
     grads, dx = model.backward(dout, cache)
     res["grads"] = sum(g.nbytes for g in grads.values())
     res["traced_peak"] = tracemalloc.get_traced_memory()[1]

@@ -199,3 +199,14 @@ def test_row_parallel_results_do_not_depend_on_threads(monkeypatch, rng):
     monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
     for a, b in zip(single, run()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_row_parallel_pool_survives_fork(monkeypatch, rng):
+    """A forked child (e.g. a multiprocessing worker) gets a fresh pool, not a dead one."""
+    import multiprocessing as mp
+    monkeypatch.setattr(ops, "NUM_THREADS", 2)
+    x = rng.standard_normal((8, 1 << 14)).astype(np.float32)
+    expected = ops.gelu_tanh_forward(x)                  # the parent's pool now exists
+    with mp.get_context("fork").Pool(1) as pool:
+        np.testing.assert_array_equal(pool.apply_async(ops.gelu_tanh_forward, (x,)).get(timeout=60), expected)

@@ -21,13 +21,22 @@ GELU_C = 0.044715
 # ----------------------------------------------------------------------------
 # Row-parallel elementwise work.  A NumPy ufunc runs on one core, but it releases
 # the GIL, so the expensive row-wise ops (exp, tanh, softmax, LayerNorm) run their
-# kernel on row blocks from a small thread pool while BLAS's threads are idle.
-# Each row is computed exactly as in one call, so results do not depend on it.
+# kernel on row blocks from a small thread pool, between the BLAS calls.  Each
+# row is computed exactly as in one call, so results do not depend on it.
 
 NUM_THREADS = int(os.environ.get("TINYLAZY_NUM_THREADS", "0")) or min(
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
 MIN_BLOCK = 1 << 15                            # elements per block worth a thread hand-off
 _pool = None
+
+
+def _forget_pool():
+    global _pool
+    _pool = None                               # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def rowwise(kernel, *arrays):
