@@ -27,9 +27,9 @@ import numpy as np
 
 from .backend import to_numpy
 from .diffusion import create_diffusion
-from .lazy import KINDS, LazyDiT, LazyGates
+from .lazy import KINDS, LazyDiT, LazyGates, LazyStats
 from .optim import AdamW
-from .sampling import ddim_step
+from .sampling import ddim_sample, ddim_step, make_noise
 
 LABEL_DROP = 0.1                    # official DiT class_dropout_prob, used for CFG
 
@@ -151,16 +151,17 @@ class GateTrainer:
     """Gate training for one frozen DiT and one step count, resumable bit for bit.
 
     images (N, C, H, W) in the model's input range, labels (N,).  rho_attn, rho_mlp:
-    the lazy-loss weights; target_ratio (optional): instead of fixed rho, scale both
-    by exp(c) where c follows c += ratio_gain * (target - estimated lazy ratio) every
-    iteration; the estimate is the sampling-run lazy ratio implied by the fraction of
-    hard skips (score < threshold) seen at each trained step (an EMA per step).
+    the lazy-loss weights.  Every ``calib_every`` iterations the current gates sample
+    ``calib_samples`` digits (fixed noise, guidance ``calib_cfg``) and the lazy ratio of
+    that run is ``measured``.  target_ratio (optional) searches rho: both weights are
+    scaled by exp(c), and c += ratio_gain * (target - measured) after each measurement.
     One AdamW per step index, stepped only when that index is trained, as the
     official optimizer skips the gates that got no gradient.
     """
 
     def __init__(self, model, images, labels, steps, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=32, seed=0,
-                 all_steps=False, target_ratio=None, ratio_gain=0.5, label_drop=LABEL_DROP, threshold=0.5):
+                 all_steps=False, target_ratio=None, ratio_gain=1.0, label_drop=LABEL_DROP, threshold=0.5,
+                 calib_every=25, calib_samples=8, calib_cfg=1.5):
         self.model = model
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -181,14 +182,15 @@ class GateTrainer:
                          "batch": int(batch), "seed": int(seed), "all_steps": bool(all_steps),
                          "target_ratio": None if target_ratio is None else float(target_ratio),
                          "ratio_gain": float(ratio_gain), "label_drop": float(label_drop),
-                         "threshold": float(threshold)}
+                         "threshold": float(threshold), "calib_every": int(calib_every),
+                         "calib_samples": int(calib_samples), "calib_cfg": float(calib_cfg)}
         self.gates = LazyGates.zeros(model, S, dtype=model.dtype)
         self.opts = [AdamW({"attn": self.gates.attn[s], "mlp": self.gates.mlp[s]}, lr=lr, weight_decay=0.0)
                      for s in range(S)]                                # views: AdamW updates the gates in place
         self.rng = np.random.default_rng(seed)
         self.iteration = 0
         self.log_scale = 0.0                                           # rho multiplier exp(log_scale)
-        self.skip_ema = np.zeros(S)                                    # per step index: fraction of hard skips
+        self.measured = None                                           # lazy ratio of the last calibration run
 
     # -- what each iteration trains ------------------------------------------------
     @property
@@ -201,9 +203,16 @@ class GateTrainer:
         k = float(np.exp(self.log_scale))
         return self.settings["rho_attn"] * k, self.settings["rho_mlp"] * k
 
-    def estimated_ratio(self):
-        """Lazy ratio of a sampling run implied by the recent hard decisions at each step."""
-        return float(self.skip_ema.sum() / self.settings["steps"])
+    def measure(self, num=None, seed=None, cfg_scale=None):
+        """LazyStats of a sampling run with the current gates (default: the calibration run)."""
+        st, model = self.settings, self.model
+        num = st["calib_samples"] if num is None else num
+        noise = make_noise(model, num, seed=st["seed"] + 1 if seed is None else seed)
+        stats = LazyStats()
+        ddim_sample(model, noise, np.arange(num) % model.config.num_classes, st["steps"],
+                    st["calib_cfg"] if cfg_scale is None else cfg_scale, gates=self.gates,
+                    threshold=st["threshold"], lazy_stats=stats)
+        return stats
 
     def _draw(self):
         st, cfg = self.settings, self.model.config
@@ -227,18 +236,18 @@ class GateTrainer:
         rho_attn, rho_mlp = self.rho()
         res = lazy_loss(model, x_next, t_next, y, caches, w, rho_attn, rho_mlp, target)
         self.opts[s].step({kind: to_numpy(g) for kind, g in res["grads"].items()})
-        skip = float((res["scores"] < st["threshold"]).mean())
-        self.skip_ema[s] = skip if self.opts[s].step_count == 1 else 0.9 * self.skip_ema[s] + 0.1 * skip
-        if st["target_ratio"] is not None:
-            self.log_scale += st["ratio_gain"] * (st["target_ratio"] - self.estimated_ratio())
         self.iteration += 1
+        if st["calib_samples"] > 0 and self.iteration % st["calib_every"] == 0:
+            self.measured = self.measure().lazy_ratio
+            if st["target_ratio"] is not None:
+                self.log_scale += st["ratio_gain"] * (st["target_ratio"] - self.measured)
         res["index"] = s
         return res
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self):
         """(tensors, metadata) of a checkpoint: everything needed to continue bit for bit."""
-        tensors = {"gates.attn": self.gates.attn, "gates.mlp": self.gates.mlp, "skip_ema": self.skip_ema}
+        tensors = {"gates.attn": self.gates.attn, "gates.mlp": self.gates.mlp}
         steps_done = []
         for s, opt in enumerate(self.opts):
             sd = opt.state_dict()
@@ -248,6 +257,7 @@ class GateTrainer:
                 tensors[f"opt.{s}.exp_avg_sq.{kind}"] = sd["exp_avg_sq"][kind]
         meta = {"format": "tinylazy-gate-training-v1", "iteration": str(self.iteration),
                 "settings": json.dumps(self.settings, sort_keys=True), "log_scale": repr(self.log_scale),
+                "measured": json.dumps(self.measured),
                 "rng": json.dumps(self.rng.bit_generator.state), "opt_steps": json.dumps(steps_done),
                 "weights_hash": self.gates.weights_hash, "dtype": self.model.dtype.name}
         return tensors, meta
@@ -275,7 +285,6 @@ class GateTrainer:
                              ", ".join(f"{k} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items()))
         self.gates.attn[...] = tensors["gates.attn"]
         self.gates.mlp[...] = tensors["gates.mlp"]
-        self.skip_ema[...] = tensors["skip_ema"]
         for s, (opt, n) in enumerate(zip(self.opts, json.loads(meta["opt_steps"]))):
             opt.load_state_dict({"step": n, "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
                                  "weight_decay": opt.weight_decay,
@@ -283,10 +292,11 @@ class GateTrainer:
                                  "exp_avg_sq": {k: tensors[f"opt.{s}.exp_avg_sq.{k}"] for k in KINDS}})
         self.rng.bit_generator.state = json.loads(meta["rng"])
         self.log_scale = float(meta["log_scale"])
+        self.measured = json.loads(meta["measured"])
         self.iteration = int(meta["iteration"])
 
     def training_facts(self):
         rho_attn, rho_mlp = self.rho()
         return dict(self.settings, recipe="all-steps" if self.settings["all_steps"] else "official (odd t)",
                     iterations=self.iteration, final_rho_attn=rho_attn, final_rho_mlp=rho_mlp,
-                    estimated_ratio=self.estimated_ratio())
+                    calibration_ratio=self.measured)
