@@ -31,6 +31,10 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
 
+def _ratio(v):
+    return None if v == "none" else float(v)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=BUNDLED, help="DiT safetensors file (default: the bundled digits model)")
@@ -39,13 +43,14 @@ def parse_args(argv=None):
                         ".safetensors/.npz file with 'images' (N, C, H, W) in the model's input range and "
                         "'labels' (N,) (default: digits)")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps the gates are for (default: 20)")
-    p.add_argument("--rho-attn", type=float, default=1e-6,
-                   help="lazy-loss weight of attention (default: 1e-6, the scale of the bundled model's "
-                        "one-module reuse errors; the paper sweeps 1e-7..1e-2)")
-    p.add_argument("--rho-mlp", type=float, default=1e-6, help="lazy-loss weight of the MLP (default: 1e-6)")
-    p.add_argument("--target-ratio", type=float,
-                   help="steer rho during training towards this lazy ratio of a sampling run (0..1); "
-                        "--rho-attn/--rho-mlp give the start and their ratio")
+    p.add_argument("--rho-attn", type=float, default=1e-5,
+                   help="lazy-loss weight of attention, or its start value under --target-ratio (default: 1e-5, "
+                        "below the bundled model's one-module reuse errors; the paper sweeps 1e-7..1e-2)")
+    p.add_argument("--rho-mlp", type=float, default=1e-5, help="the same for the MLP (default: 1e-5)")
+    p.add_argument("--target-ratio", type=_ratio, default=0.5,
+                   help="search rho for this lazy ratio of a sampling run: every 25 iterations 8 guided samples "
+                        "are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
+                        "'none' keeps rho fixed (default: 0.5)")
     p.add_argument("--all-steps", action="store_true",
                    help="extension beyond the paper: train the gates of every step (any t >= 1), not only the "
                         "official odd-t draw, which caps the lazy ratio at 50%%")

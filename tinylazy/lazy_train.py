@@ -160,7 +160,7 @@ class GateTrainer:
     """
 
     def __init__(self, model, images, labels, steps, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=32, seed=0,
-                 all_steps=False, target_ratio=None, ratio_gain=1.0, label_drop=LABEL_DROP, threshold=0.5,
+                 all_steps=False, target_ratio=None, ratio_gain=2.0, label_drop=LABEL_DROP, threshold=0.5,
                  calib_every=25, calib_samples=8, calib_cfg=1.5):
         self.model = model
         self.images = np.asarray(images)

@@ -1,0 +1,178 @@
+"""The LazyDiT quality table on the bundled digits model (paper Table 1, same-compute pairs).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lazy_quality.py --num 2000
+
+For each guidance scale (1.5, the paper's, and 1): DDIM at N steps against Lazy at 2N
+steps with ~50% of the modules reused (about the same MACs), N = 5, 10, 25, and Lazy 20
+at ~30% against DDIM 14; next to each learned row, two rules at the same skip ratio:
+``rule`` reuses every module on evenly spread steps (for 50%: every other step, the
+alternate-step rule) and ``random`` reuses a random set of (step, layer, module)
+evaluations.  Learned gates: the official recipe (odd t, trained gates at even respaced
+indices) and the ``--all-steps`` extension, trained to the target ratio by rho steering
+(``GateTrainer(target_ratio=...)``).  Shipped gates in weights/ are used where they fit;
+others are trained once and kept in --gates-dir.
+
+Quality: ``tinylazy.metrics`` (Frechet distance to the real digits in the judge's
+feature space, its ratio to the real-vs-real floor, class accuracy), all rows from the
+same fixed noise and labels.  Prints a markdown table and writes --json.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import tinylazy as tl
+from tinylazy import metrics
+from tinylazy.lazy import alternate_decisions, gates_file, random_decisions
+from tinylazy.lazy_train import GateTrainer
+from tinylazy.progress import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
+FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "rule (spread steps)", "random")
+TRAIN = dict(rho_attn=1e-5, rho_mlp=1e-5, lr=1e-4, batch=16, seed=0)   # train_gates.py's, at batch 16
+ITERS = 500
+
+
+def spread_decisions(steps, depth, ratio):
+    """Reuse every module on round(ratio * steps) steps spread evenly over steps 1..steps-1
+    (ratio 0.5 on an even count: the alternate-step rule)."""
+    n = int(round(ratio * steps))
+    if n * 2 == steps:
+        return alternate_decisions(steps, depth)
+    keep = np.ones((steps, depth, 2), dtype=bool)
+    skip = np.unique(np.round(np.linspace(1, steps - 1, n + 2)[1:-1] if n else []).astype(int))
+    keep[skip] = False
+    return keep
+
+
+def train_iters(steps, all_steps, cap):
+    """About 10 updates per trained gate step (at least 200 iterations: the rho search needs them)."""
+    trained = steps - 1 if all_steps else steps // 2
+    return min(cap, max(200, 10 * trained))
+
+
+def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters):
+    """Shipped gates when their recorded recipe matches, else trained once and cached."""
+    shipped = gates_file(weights, steps)
+    want = {"target_ratio": ratio, "all_steps": all_steps}
+    if os.path.isfile(shipped):
+        g = tl.load_gates(shipped, model, steps)
+        if all(g.training.get(k) == v for k, v in want.items()):
+            return g, os.path.relpath(shipped, ROOT)
+    tag = f"ddim{steps}-r{int(round(100 * ratio))}{'-all' if all_steps else ''}"
+    path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}.safetensors")
+    if os.path.isfile(path):
+        return tl.load_gates(path, model, steps), path
+    trainer = GateTrainer(model, *data, steps, target_ratio=ratio, all_steps=all_steps, **TRAIN)
+    bar = Progress(range(train_iters(steps, all_steps, iters)), desc=f"train gates {tag}")
+    for _ in bar:
+        res = trainer.step()
+        bar.set_postfix(mse=res["mse"], lazy="-" if trainer.measured is None else f"{trainer.measured:.1%}")
+    os.makedirs(gates_dir, exist_ok=True)
+    tl.save_gates(trainer.gates, path, training=trainer.training_facts())
+    return trainer.gates, path
+
+
+def sample(model, noise, labels, steps, cfg_scale, batch, **lazy):
+    stats = tl.LazyStats() if lazy else None
+    out = []
+    for i in range(0, len(labels), batch):
+        kw = dict(lazy, lazy_stats=stats) if lazy else {}
+        x = tl.ddim_sample(model, noise[i:i + batch], labels[i:i + batch], steps, cfg_scale, **kw)
+        out.append(np.asarray(x, dtype=np.float32))
+    return np.concatenate(out), stats
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num", type=int, default=2000, help="samples per row (default 2000)")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 1.0])
+    ap.add_argument("--pairs", type=int, nargs="+", default=[5, 10, 25], help="N of DDIM N vs Lazy 2N @50%%")
+    ap.add_argument("--iters", type=int, default=ITERS, help="at most this many gate training iterations "
+                    "(default 500; 10 per trained step, at least 200)")
+    ap.add_argument("--weights", default=BUNDLED, help="DiT (default: the bundled digits model)")
+    ap.add_argument("--methods", nargs="+", default=list(FULL), help=f"rows to run (default: all of {FULL})")
+    ap.add_argument("--light-cfg", type=float, nargs="*", default=[],
+                    help="guidance scales at which only DDIM, LazyDiT official and the rule run")
+    ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl)")
+    ap.add_argument("--gates-dir", default=os.path.join(metrics.default_cache_dir(), "lazy_quality"))
+    ap.add_argument("--no-all-steps", action="store_true", help="leave out the --all-steps gates")
+    ap.add_argument("--json", default="lazy_quality.json")
+    args = ap.parse_args()
+
+    from tinylazy.data import load_digits_dataset
+    from tinylazy.io import load_dit
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.threads, user_api="blas")
+    model = load_dit(args.weights)
+    data = load_digits_dataset()
+    judge = metrics.load_classifier()
+    L = model.config.depth
+    noise = tl.make_noise(model, args.num, seed=0)
+    labels = np.arange(args.num) % model.config.num_classes
+
+    # (group, method, steps, how) with how = None (DDIM) or a callable -> lazy kwargs, label
+    plans = []
+    for N, lazy_steps, ratio in [(n, 2 * n, 0.5) for n in args.pairs] + [(14, 20, 0.3)]:
+        group = f"DDIM {N} vs Lazy {lazy_steps} @{ratio:.0%}"
+        plans.append((group, "DDIM", N, None))
+        for all_steps in (False,) if args.no_all_steps else (False, True):
+            name = "LazyDiT " + ("all-steps" if all_steps else "official")
+            plans.append((group, name, lazy_steps,
+                          lambda s=lazy_steps, r=ratio, a=all_steps: learned_gates(model, args.weights, s, r, a,
+                                                                                    args.gates_dir, data, args.iters)))
+        plans.append((group, "rule (spread steps)", lazy_steps,
+                      lambda s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
+        plans.append((group, "random", lazy_steps,
+                      lambda s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=0)}, "")))
+
+    rows = []
+    for cfg_scale in args.cfg:
+        for group, method, steps, how in plans:
+            if method not in args.methods or (cfg_scale in args.light_cfg and method in FULL[2:3] + FULL[4:]):
+                continue
+            t0 = time.perf_counter()
+            lazy, source = {}, ""
+            if how is not None:
+                made = how()
+                if isinstance(made[0], dict):
+                    lazy, source = made
+                else:
+                    lazy, source = {"gates": made[0]}, made[1]
+            x, stats = sample(model, noise, labels, steps, cfg_scale, args.batch, **lazy)
+            m = metrics.evaluate(x, labels, judge)
+            row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps,
+                   "lazy_ratio": stats.lazy_ratio if stats else 0.0,
+                   "attn": stats.ratio_by_kind()["attn"] if stats else 0.0,
+                   "mlp": stats.ratio_by_kind()["mlp"] if stats else 0.0,
+                   "macs_vs_ddim": (stats.macs()[0] / stats.macs()[1] * steps if stats else steps),
+                   "fd": m["fd"], "fd_ratio": m["fd_ratio"], "accuracy": m["accuracy"], "source": source,
+                   "by_layer": stats.ratio_by_layer().tolist() if stats else None,
+                   "by_step": stats.ratio_by_step().tolist() if stats else None,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(f"cfg {cfg_scale} | {group} | {method} {steps}: lazy {row['lazy_ratio']:.1%} "
+                  f"FD {row['fd']:.3f} ({row['fd_ratio']:.2f}x floor) acc {row['accuracy']:.1%} "
+                  f"[{row['seconds']} s]", file=sys.stderr, flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"num": args.num, "fd_floor_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f,
+                  indent=1)
+
+    print(f"\n{args.num} samples per row, same noise; FD (lower is better), FD / real-vs-real floor, "
+          f"class accuracy; MACs in full-DDIM-step units.\n")
+    print("| cfg | comparison | method | steps | lazy | MACs (steps) | FD | FD/floor | accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lazy = f"{r['lazy_ratio']:.0%}" if r["method"] != "DDIM" else "-"
+        print(f"| {r['cfg']} | {r['group']} | {r['method']} | {r['steps']} | {lazy} | {r['macs_vs_ddim']:.1f} | "
+              f"{r['fd']:.3f} | {r['fd_ratio']:.2f} | {r['accuracy']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
