@@ -53,11 +53,12 @@ def pair(request):
     return cfg, m, state_dict(m)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """Exercise the thread pool whatever the machine (results must not depend on it)."""
+@pytest.fixture(autouse=True)
+def two_threads_all_winograd(monkeypatch):
+    """Exercise the thread pool whatever the machine, and Winograd on the small test images too
+    (even-sized ones; odd sizes still take im2col)."""
     conv.set_num_threads(2)
-    yield
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 0)
 
 
 # ----------------------------------------------------------------------------
@@ -161,6 +162,23 @@ def test_encode_matches_diffusers(pair, dtype, torch_dtype, tol, size):
     assert q.mode() is q.mean
 
 
+def test_pool_split_gemms_and_attention_blocks(pair, monkeypatch):
+    """GEMMs split by output channels across the pool, attention in query blocks: same numbers."""
+    cfg, _, sd = pair
+    vae = AutoencoderKL(cfg, sd, dtype="float64")
+    z = np.random.default_rng(6).standard_normal((1, cfg.latent_channels, 6, 5))
+    x = np.random.default_rng(7).uniform(-1, 1, (1, cfg.in_channels, 12, 10))
+    want = vae.decode(z), vae.encode(x).parameters
+    monkeypatch.setattr(conv, "ATTN_ROWS", 7)
+    conv.set_num_threads(2, split_gemm=True)
+    try:
+        got = vae.decode(z), vae.encode(x).parameters
+    finally:
+        conv.set_num_threads(2)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-13
+
+
 def test_posterior_clamp_and_sample():
     p = np.random.default_rng(3).standard_normal((2, 8, 3, 3)) * 30                 # logvar beyond [-30, 20]
     ref = diffusers.models.autoencoders.vae.DiagonalGaussianDistribution(torch.from_numpy(p))
@@ -172,7 +190,8 @@ def test_posterior_clamp_and_sample():
     np.testing.assert_array_equal(q.sample(7), q.sample(7))
 
 
-def test_real_config_builds_and_decodes():
+def test_real_config_builds_and_decodes(monkeypatch):
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1024)            # the default: im2col on this tiny latent
     vae = AutoencoderKL.from_config(VAEConfig(), seed=0)
     out = vae.decode(np.random.default_rng(0).standard_normal((1, 4, 4, 4)))
     assert out.shape == (1, 3, 32, 32) and out.dtype == np.float32

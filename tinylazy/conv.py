@@ -1,4 +1,4 @@
-"""The image ops of the VAE: 2-D convolution, GroupNorm(+SiLU), nearest upsampling.
+"""The image ops of the VAE: 2-D convolution, GroupNorm(+SiLU), nearest upsampling, pixel attention.
 
 They work on one image at a time, (C, H, W), NCHW as in PyTorch, and are
 written against ``xp`` (NumPy or CuPy).  Speed comes from four choices:
@@ -13,10 +13,18 @@ written against ``xp`` (NumPy or CuPy).  Speed comes from four choices:
   ``(Cout, Cin*k*k) @ cols (Cin*k*k, rows*Wo)``, the official weight layout
   (Cout, Cin, k, k) being the GEMM's left operand as it is;
 - both work in bands of output rows, which bounds their buffers (a whole
-  256x256x128 im2col would be 300 MB in float32) and keeps them in cache;
-- ops write straight into the zero-bordered buffer the next convolution reads
-  (``pad_buffer``), and elementwise work runs in cache-sized pieces on a small
-  thread pool (NumPy's ufuncs release the GIL), next to BLAS's own threads.
+  256x256x128 im2col would be 300 MB in float32) and keeps them in cache, and
+  ops write straight into the zero-bordered buffer the next convolution reads
+  (``pad_buffer``);
+- a small thread pool runs the elementwise passes (NumPy's ufuncs release the
+  GIL); when BLAS is single-threaded (``OPENBLAS_NUM_THREADS=1``, or
+  ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``) it also splits every GEMM by output
+  channels, one BLAS call per thread, and otherwise leaves the GEMMs to BLAS's
+  own threads.  The first is the faster setup: a multi-threaded BLAS keeps its
+  threads spinning between calls, stealing the cores from the pool, and on a
+  busy machine its fork/join per call cost 8x in CPU time (measured); the pool
+  never shares BLAS across threads because two concurrent multi-threaded BLAS
+  calls are slower still.
 """
 import math
 import os
@@ -29,25 +37,50 @@ from .backend import array_module_of
 GN_EPS = 1e-6              # every GroupNorm of diffusers' AutoencoderKL (resnet_eps and conv_norm_out)
 BAND_BYTES = 8 << 20       # im2col / Winograd band buffers: a few MB stays in the last-level cache
 PIECE = 1 << 16            # elements per block of elementwise work: 256 KB in float32, within L2
-_threads = {"n": min(os.cpu_count() or 1, 8), "pool": None}
+WINOGRAD_MIN_PIXELS = 1024  # smaller images: Winograd's 16 GEMMs per band cost more in calls than they save
+ATTN_ROWS = 512            # attention queries per block: bounds the (rows, H*W) score matrix
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _default_threads():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _blas_serial():
+    """True when the environment makes BLAS single-threaded (read once, as BLAS reads it at load)."""
+    return any(os.environ.get(v, "").strip() == "1" for v in _BLAS_THREAD_VARS)
+
+
+_threads = {"n": _default_threads(), "pool": None, "split_gemm": _blas_serial()}
 
 
 # ----------------------------------------------------------------------------
-# thread pool for elementwise work
+# thread pool
 
-def set_num_threads(n):
-    """Threads for the elementwise ops (BLAS keeps its own setting, e.g. OPENBLAS_NUM_THREADS)."""
+def set_num_threads(n, split_gemm=None):
+    """Threads of the pool (default: the usable cores).  split_gemm: whether the pool splits GEMMs,
+    which needs a single-threaded BLAS (None: True when the environment variables say so)."""
     if int(n) < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
     if _threads["pool"] is not None:
         _threads["pool"].shutdown()
-    _threads.update(n=int(n), pool=None)
+    _threads.update(n=int(n), pool=None, split_gemm=_blas_serial() if split_gemm is None else bool(split_gemm))
 
 
-def _parallel(xp, fn, items):
-    """fn(item) for every item: on the pool for NumPy, in order for CuPy (the GPU queues them anyway)."""
+def get_num_threads():
+    return _threads["n"]
+
+
+def splits_gemms():
+    """Whether the pool splits GEMMs (BLAS single-threaded) or leaves them to BLAS's threads."""
+    return _threads["n"] > 1 and _threads["split_gemm"]
+
+
+def _parallel(xp, fn, items, work):
+    """fn(item) for every item: on the pool for NumPy, in order for CuPy (the GPU queues them anyway)
+    or when the work (elements touched) is too small to pay for handing it to threads."""
     items = list(items)
-    if xp is not np or _threads["n"] == 1 or len(items) == 1:
+    if xp is not np or _threads["n"] == 1 or len(items) == 1 or work < PIECE:
         for it in items:
             fn(it)
         return
@@ -55,6 +88,17 @@ def _parallel(xp, fn, items):
         _threads["pool"] = ThreadPoolExecutor(_threads["n"], thread_name_prefix="tinylazy")
     for f in [_threads["pool"].submit(fn, it) for it in items]:
         f.result()
+
+
+def _parts(n):
+    """[0, n) split into one contiguous (start, stop) range per pool thread."""
+    return _split(n, _threads["n"])
+
+
+def _gemm_parts(n):
+    """Output-channel ranges for GEMMs: one per pool thread when BLAS is single-threaded, else one
+    range, which ``_parallel`` runs in the calling thread with BLAS's own threads."""
+    return _parts(n) if _threads["split_gemm"] else [(0, n)]
 
 
 def _split(n, parts):
@@ -102,18 +146,23 @@ def conv2d_forward(xpad, w, b, stride=1, residual=None):
     Cin, Hp, Wp = xpad.shape
     Cout, _, k, _ = w.shape
     Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
-    if k == 1 and stride == 1:
-        y = w.reshape(Cout, Cin) @ xpad.reshape(Cin, Hp * Wp)         # (Cout, Cin) @ (Cin, HW)
-        y += b[:, None]
-        if residual is not None:
-            y += residual.reshape(Cout, -1)
-        return y.reshape(Cout, Ho, Wo)
     wmat = w.reshape(Cout, Cin * k * k)             # rows ordered (cin, ky, kx), as the cols below
     y = xp.empty((Cout, Ho * Wo), dtype=xpad.dtype)
     res = None if residual is None else residual.reshape(Cout, Ho * Wo)
+
+    def gemm(c, cols, p0, p1):                       # y[c, p0:p1] = wmat[c] @ cols + b (+ residual)
+        band = y[c[0]:c[1], p0:p1]
+        xp.matmul(wmat[c[0]:c[1]], cols, out=band)   # (c, K) @ (K, p1 - p0)
+        band += b[c[0]:c[1], None]
+        if res is not None:
+            band += res[c[0]:c[1], p0:p1]
+
+    if k == 1 and stride == 1:                       # a 1x1 convolution is one GEMM on the pixels
+        x2 = xpad.reshape(Cin, Hp * Wp)
+        _parallel(xp, lambda c: gemm(c, x2, 0, Ho * Wo), _gemm_parts(Cout), y.size)
+        return y.reshape(Cout, Ho, Wo)
     rows = max(1, min(Ho, BAND_BYTES // (Cin * k * k * Wo * xpad.itemsize)))
     cols_buf = xp.empty(Cin * k * k * rows * Wo, dtype=xpad.dtype)
-    chunks = _split(Cin, _threads["n"])
     for r0 in range(0, Ho, rows):
         r1 = min(Ho, r0 + rows)
         cols = cols_buf[:Cin * k * k * (r1 - r0) * Wo].reshape(Cin, k, k, r1 - r0, Wo)
@@ -124,12 +173,10 @@ def conv2d_forward(xpad, w, b, stride=1, residual=None):
                 for kx in range(k):
                     cols[c[0]:c[1], ky, kx] = xpad[c[0]:c[1], y0:y0 + (r1 - r0 - 1) * stride + 1:stride,
                                                    kx:kx + (Wo - 1) * stride + 1:stride]
-        _parallel(xp, fill, chunks)
-        band = y[:, r0 * Wo:r1 * Wo]
-        xp.matmul(wmat, cols.reshape(Cin * k * k, (r1 - r0) * Wo), out=band)   # (Cout, K) @ (K, rows*Wo)
-        band += b[:, None]
-        if res is not None:
-            band += res[:, r0 * Wo:r1 * Wo]
+        _parallel(xp, fill, _parts(Cin), cols.size)
+        cols2 = cols.reshape(Cin * k * k, (r1 - r0) * Wo)
+        _parallel(xp, lambda c, cols2=cols2, r0=r0, r1=r1: gemm(c, cols2, r0 * Wo, r1 * Wo), _gemm_parts(Cout),
+                  cols.size)
     return y.reshape(Cout, Ho, Wo)
 
 
@@ -151,6 +198,14 @@ def winograd_weights(w):
     return U.reshape(16, Cout, Cin).astype(w.dtype)
 
 
+def _at(v0, v1, v2, v3):
+    """A^T along one axis of a 4-point tile: (v0 + v1 + v2, v1 - v2 - v3)."""
+    s, d = v1 + v2, v1 - v2
+    s += v0
+    d -= v3
+    return s, d
+
+
 def conv3x3_winograd_forward(xpad, U, b, residual=None):
     """xpad (Cin, H+2, W+2) with H, W even, U = winograd_weights(w), b (Cout,)
     -> (Cout, H, W) [+ residual (Cout, H, W)]: Conv2d(k=3, stride=1) of the padded image."""
@@ -162,15 +217,15 @@ def conv3x3_winograd_forward(xpad, U, b, residual=None):
         raise ValueError(f"Winograd F(2x2, 3x3) needs an even output size, got {H}x{W}")
     ty_all, tx = H // 2, W // 2                                   # tiles per column / per row
     y = xp.empty((Cout, H, W), dtype=xpad.dtype)
-    per_row = 16 * max(Cin, Cout) * tx * xpad.itemsize
-    rows = max(1, min(ty_all, BAND_BYTES // per_row))              # tile rows per band
+    rows = max(1, min(ty_all, BAND_BYTES // (16 * max(Cin, Cout) * tx * xpad.itemsize)))   # tile rows per band
     v_buf = xp.empty(16 * Cin * rows * tx, dtype=xpad.dtype)
     m_buf = xp.empty(16 * Cout * rows * tx, dtype=xpad.dtype)
-    bias = b[:, None, None]                                       # (Cout, 1, 1)
-    cin_parts, cout_parts = _split(Cin, _threads["n"]), _split(Cout, _threads["n"])
     for t0 in range(0, ty_all, rows):
         n = min(rows, ty_all - t0)
         V = v_buf[:16 * Cin * n * tx].reshape(4, 4, Cin, n, tx)
+        M = m_buf[:16 * Cout * n * tx].reshape(4, 4, Cout, n, tx)
+        out = y[:, 2 * t0:2 * (t0 + n)].reshape(Cout, n, 2, tx, 2)  # (Cout, n, 2, tx, 2): tile rows and columns
+        res = None if residual is None else residual[:, 2 * t0:2 * (t0 + n)].reshape(Cout, n, 2, tx, 2)
 
         def input_transform(c, V=V, t0=t0, n=n):                   # V = B^T d B: columns, then rows
             x = xpad[c[0]:c[1], 2 * t0:2 * (t0 + n) + 2]              # (c, 2n+2, W+2), the band's input rows
@@ -183,31 +238,20 @@ def conv3x3_winograd_forward(xpad, U, b, residual=None):
                 xp.add(r[1], r[2], out=V[1, k, c[0]:c[1]])
                 xp.subtract(r[2], r[1], out=V[2, k, c[0]:c[1]])
                 xp.subtract(r[1], r[3], out=V[3, k, c[0]:c[1]])
-        _parallel(xp, input_transform, cin_parts)
-        M = m_buf[:16 * Cout * n * tx].reshape(16, Cout, n * tx)
-        xp.matmul(U, V.reshape(16, Cin, n * tx), out=M)            # 16 x (Cout, Cin) @ (Cin, n*tx)
-        M = M.reshape(4, 4, Cout, n, tx)
-        out = y[:, 2 * t0:2 * (t0 + n)].reshape(Cout, n, 2, tx, 2)  # (Cout, n, 2, tx, 2): tile rows and columns
-        res = None if residual is None else residual[:, 2 * t0:2 * (t0 + n)].reshape(Cout, n, 2, tx, 2)
 
-        def output_transform(c, M=M, out=out, res=res):            # Y = A^T M A + bias (+ residual)
+        def gemm_output_transform(c, V=V, M=M, out=out, res=res, n=n):
             m = M[:, :, c[0]:c[1]]
-            m[1, 1] += bias[c[0]:c[1]]             # M[1,1] enters all four outputs with weight +1
+            xp.matmul(U[:, c[0]:c[1]], V.reshape(16, Cin, n * tx),          # 16 x (c, Cin) @ (Cin, n*tx)
+                      out=m.reshape(16, c[1] - c[0], n * tx))
+            m[1, 1] += b[c[0]:c[1], None, None]     # M[1,1] enters all four outputs with weight +1: the bias
+            rows = [_at(m[0, j], m[1, j], m[2, j], m[3, j]) for j in range(4)]      # Y = A^T M A
             for a in range(2):
-                if a == 0:
-                    r = [m[0, j] + m[1, j] for j in range(4)]
-                    for j in range(4):
-                        r[j] += m[2, j]
-                else:
-                    r = [m[1, j] - m[2, j] for j in range(4)]
-                    for j in range(4):
-                        r[j] -= m[3, j]
-                for k, (u, v, w, sign) in enumerate(((r[0], r[1], r[2], 1), (r[1], r[2], r[3], -1))):
-                    t = u + v if sign > 0 else u - v
+                for k, t in enumerate(_at(*(rows[j][a] for j in range(4)))):
                     if res is not None:
                         t += res[c[0]:c[1], :, a, :, k]
-                    (xp.add if sign > 0 else xp.subtract)(t, w, out=out[c[0]:c[1], :, a, :, k])
-        _parallel(xp, output_transform, cout_parts)
+                    out[c[0]:c[1], :, a, :, k] = t
+        _parallel(xp, input_transform, _parts(Cin), V.size)
+        _parallel(xp, gemm_output_transform, _gemm_parts(Cout), M.size)
     return y
 
 
@@ -249,7 +293,7 @@ def groupnorm_forward(x, gamma, beta, groups, eps=GN_EPS, silu=False, out=None):
                 xp.divide(y, e, out=out[c:c + step])
             else:
                 out[c:c + step] = y
-    _parallel(xp, one_group, range(groups))
+    _parallel(xp, one_group, range(groups), x.size)
     return out
 
 
@@ -267,5 +311,57 @@ def upsample2x_forward(x, out=None):
         for a in (0, 1):
             for b in (0, 1):
                 out[c[0]:c[1], a::2, b::2] = x[c[0]:c[1]]
-    _parallel(xp, part, _split(C, _threads["n"]))
+    _parallel(xp, part, _parts(C), out.size)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# single-head self-attention over the pixels (diffusers' Attention with group_norm,
+# heads 1, residual_connection, as in the VAE's mid block)
+
+def pixel_attention_forward(x, gn_w, gn_b, groups, wq, bq, wk, bk, wv, bv, wo, bo):
+    """x (C, H, W) -> x + to_out(softmax(q^T k / sqrt(C)) v), q, k, v = to_q/k/v(GN(x)) over the H*W tokens.
+
+    Linear weights (C, C) act on tokens as columns: W @ (C, T) + b.  The scale is folded into q,
+    as PyTorch's SDPA does; query blocks of ATTN_ROWS bound the score matrix.
+    """
+    xp = array_module_of(x)
+    C, H, W = x.shape
+    T = H * W
+    h = groupnorm_forward(x, gn_w, gn_b, groups).reshape(C, T)
+    q, k, v, o = (xp.empty((C, T), dtype=x.dtype) for _ in range(4))
+    linear_cols_forward(wq, h, bq, out=q)
+    linear_cols_forward(wk, h, bk, out=k)
+    linear_cols_forward(wv, h, bv, out=v)
+    q *= 1.0 / math.sqrt(C)
+
+    def block(r):
+        s = q[:, r[0]:r[1]].T @ k                                   # (rows, C) @ (C, T) -> (rows, T)
+        s -= s.max(axis=1, keepdims=True)
+        p = xp.exp(s, out=s)
+        p /= p.sum(axis=1, keepdims=True)
+        xp.matmul(v, p.T, out=o[:, r[0]:r[1]])                      # (C, T) @ (T, rows) -> (C, rows)
+    blocks = [(t, min(T, t + ATTN_ROWS)) for t in range(0, T, ATTN_ROWS)]
+    if _threads["split_gemm"]:
+        _parallel(xp, block, blocks, T * T)
+    else:
+        for r in blocks:                                            # BLAS's own threads share each block
+            block(r)
+    y = linear_cols_forward(wo, o, bo, residual=x.reshape(C, T))
+    return y.reshape(C, H, W)
+
+
+def linear_cols_forward(w, x, b, residual=None, out=None):
+    """w (Cout, Cin), x (Cin, N), b (Cout,) -> w @ x + b [+ residual] (Cout, N), rows shared by the pool."""
+    xp = array_module_of(x)
+    if out is None:
+        out = xp.empty((w.shape[0], x.shape[1]), dtype=x.dtype)
+
+    def rows(c):
+        o = out[c[0]:c[1]]
+        xp.matmul(w[c[0]:c[1]], x, out=o)
+        o += b[c[0]:c[1], None]
+        if residual is not None:
+            o += residual[c[0]:c[1]]
+    _parallel(xp, rows, _gemm_parts(w.shape[0]), out.size)
     return out

@@ -25,10 +25,8 @@ import numpy as np
 from . import conv
 from .backend import array_module_of, get_xp, resolve_dtype
 from .io import FLOAT_DTYPES, SafetensorsFile, WeightsError
-from .ops import softmax_forward
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-_ATTN_ROWS = 4096          # attention queries per chunk: bounds the (rows, H*W) score matrix
 
 
 # ----------------------------------------------------------------------------
@@ -334,9 +332,11 @@ class AutoencoderKL:
     # -- building blocks (one image, (C, H, W)) ---------------------------------
     def _conv3x3(self, name, xpad, residual=None):
         """Conv2d(k=3, padding=1) on its padded input (C, H+2, W+2): Winograd F(2x2, 3x3) when H and W
-        are even (the filters' transform is made once and kept), im2col + GEMM otherwise."""
+        are even and the image not tiny (the filters' transform is made once and kept), im2col + GEMM
+        otherwise."""
         P = self.params
-        if (xpad.shape[1] % 2 or xpad.shape[2] % 2):
+        H, W = xpad.shape[1] - 2, xpad.shape[2] - 2
+        if H % 2 or W % 2 or H * W < conv.WINOGRAD_MIN_PIXELS:
             return conv.conv2d_forward(xpad, P[name + ".weight"], P[name + ".bias"], residual=residual)
         if name not in self._winograd:
             self._winograd[name] = conv.winograd_weights(P[name + ".weight"])
@@ -359,24 +359,11 @@ class AutoencoderKL:
         return self._norm_silu_conv(pre + "norm2", pre + "conv2", h, residual=skip)   # dropout: identity at eval
 
     def _attention(self, pre, x):
-        """Single-head self-attention over the H*W pixels with a GroupNorm in front and a residual:
-        x + to_out(softmax(q k^T / sqrt(C)) v), q, k, v = to_q/k/v(GN(x)) on the (HW, C) tokens."""
-        P, xp = self.params, self.xp
-        C, H, W = x.shape
-        T = H * W
-        h = conv.groupnorm_forward(x, P[pre + "group_norm.weight"], P[pre + "group_norm.bias"],
-                                   self.config.norm_num_groups).reshape(C, T)
-        # Linear on tokens, tokens as columns: W @ (C, T) + b
-        q, k, v = (P[pre + f"to_{n}.weight"] @ h + P[pre + f"to_{n}.bias"][:, None] for n in "qkv")
-        q *= 1.0 / math.sqrt(C)
-        o = xp.empty((C, T), dtype=x.dtype)
-        for t0 in range(0, T, _ATTN_ROWS):
-            p = softmax_forward(q[:, t0:t0 + _ATTN_ROWS].T @ k)         # (rows, C) @ (C, T) -> (rows, T)
-            o[:, t0:t0 + _ATTN_ROWS] = v @ p.T                           # (C, T) @ (T, rows) -> (C, rows)
-        y = P[pre + "to_out.0.weight"] @ o
-        y += P[pre + "to_out.0.bias"][:, None]
-        y += x.reshape(C, T)
-        return y.reshape(C, H, W)
+        """The mid block's single-head self-attention over the H*W pixels (GroupNorm in front, residual)."""
+        P = self.params
+        return conv.pixel_attention_forward(
+            x, P[pre + "group_norm.weight"], P[pre + "group_norm.bias"], self.config.norm_num_groups,
+            *(P[pre + f"{n}.{t}"] for n in ("to_q", "to_k", "to_v", "to_out.0") for t in ("weight", "bias")))
 
     def _mid(self, pre, x):
         x = self._resnet(pre + "resnets.0.", x)
