@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -319,6 +320,7 @@ class AutoencoderKL:
         expected = _check_shapes(shapes, config, source)
         self.params = {k: self.xp.asarray(_as_linear(params[k], k), dtype=self.dtype) for k in expected}
         self._winograd = {}        # conv name -> transformed filters (16, Cout, Cin), made on first use
+        self._local = threading.local()
 
     @classmethod
     def from_config(cls, config=VAEConfig(), seed=0, dtype="float32", backend="numpy"):
@@ -330,6 +332,15 @@ class AutoencoderKL:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     # -- building blocks (one image, (C, H, W)) ---------------------------------
+    def _padded(self, shape):
+        """A zero-bordered (C, H+2, W+2) buffer and its interior, kept per shape and thread for reuse: each
+        holds only a convolution's input, dead once the convolution returns, and fresh pages of this
+        size cost the kernel's zeroing on every call."""
+        cache = self._local.__dict__.setdefault("padded", {})
+        if shape not in cache:
+            cache[shape] = conv.pad_buffer(self.xp, shape, self.dtype, (1, 1, 1, 1))
+        return cache[shape]
+
     def _conv3x3(self, name, xpad, residual=None):
         """Conv2d(k=3, padding=1) on its padded input (C, H+2, W+2): Winograd F(2x2, 3x3) when H and W
         are even and the image not tiny (the filters' transform is made once and kept), im2col + GEMM
@@ -345,7 +356,7 @@ class AutoencoderKL:
     def _norm_silu_conv(self, norm, name, x, residual=None):
         """conv(SiLU(GroupNorm(x))), the GroupNorm writing straight into the convolution's padded input."""
         P, G = self.params, self.config.norm_num_groups
-        buf, inner = conv.pad_buffer(self.xp, x.shape, x.dtype, (1, 1, 1, 1))
+        buf, inner = self._padded(x.shape)
         conv.groupnorm_forward(x, P[norm + ".weight"], P[norm + ".bias"], G, silu=True, out=inner)
         return self._conv3x3(name, buf, residual=residual)
 
@@ -385,7 +396,7 @@ class AutoencoderKL:
                 x = self._resnet(f"decoder.up_blocks.{i}.resnets.{j}.", x)
             if i < n - 1:
                 C, H, W = x.shape
-                buf, inner = conv.pad_buffer(self.xp, (C, 2 * H, 2 * W), x.dtype, (1, 1, 1, 1))
+                buf, inner = self._padded((C, 2 * H, 2 * W))
                 conv.upsample2x_forward(x, out=inner)                  # (C, H, W) -> (C, 2H, 2W), padded
                 x = self._conv3x3(f"decoder.up_blocks.{i}.upsamplers.0.conv", buf)
         return self._norm_silu_conv("decoder.conv_norm_out", "decoder.conv_out", x)
