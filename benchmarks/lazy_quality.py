@@ -87,6 +87,10 @@ def sample(model, noise, labels, steps, cfg_scale, batch, **lazy):
     return np.concatenate(out), stats
 
 
+def _row_key(r):
+    return (r["cfg"], r["group"], r["method"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num", type=int, default=2000, help="samples per row (default 2000)")
@@ -99,10 +103,13 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(FULL), help=f"rows to run (default: all of {FULL})")
     ap.add_argument("--light-cfg", type=float, nargs="*", default=[],
                     help="guidance scales at which only DDIM, LazyDiT official and the rule run")
+    ap.add_argument("--light-pairs", type=int, nargs="*", default=[],
+                    help="N (of --pairs) for which only DDIM, LazyDiT official and the rule run")
     ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl)")
     ap.add_argument("--gates-dir", default=os.path.join(metrics.default_cache_dir(), "lazy_quality"))
-    ap.add_argument("--no-all-steps", action="store_true", help="leave out the --all-steps gates")
-    ap.add_argument("--json", default="lazy_quality.json")
+    ap.add_argument("--figdir", help="write a Figure-4 heat map PNG per learned row here")
+    ap.add_argument("--json", default="lazy_quality.json",
+                    help="results, rewritten after every row; rows already there are not run again")
     args = ap.parse_args()
 
     from tinylazy.data import load_digits_dataset
@@ -117,34 +124,39 @@ def main():
     noise = tl.make_noise(model, args.num, seed=0)
     labels = np.arange(args.num) % model.config.num_classes
 
-    # (group, method, steps, how) with how = None (DDIM) or a callable -> lazy kwargs, label
+    # (group, method, steps, light, how): how = None (DDIM) or a callable -> (lazy kwargs, source)
     plans = []
-    for N, lazy_steps, ratio in [(n, 2 * n, 0.5) for n in args.pairs] + [(14, 20, 0.3)]:
+    groups = [(n, 2 * n, 0.5, n in args.light_pairs) for n in args.pairs] + [(14, 20, 0.3, False), (7, 10, 0.3, True)]
+    for N, lazy_steps, ratio, light in groups:
         group = f"DDIM {N} vs Lazy {lazy_steps} @{ratio:.0%}"
-        plans.append((group, "DDIM", N, None))
-        for all_steps in (False,) if args.no_all_steps else (False, True):
-            name = "LazyDiT " + ("all-steps" if all_steps else "official")
-            plans.append((group, name, lazy_steps,
+        plans.append((group, "DDIM", N, light, None))
+        for all_steps in (False, True):
+            plans.append((group, "LazyDiT " + ("all-steps" if all_steps else "official"), lazy_steps, light,
                           lambda s=lazy_steps, r=ratio, a=all_steps: learned_gates(model, args.weights, s, r, a,
                                                                                     args.gates_dir, data, args.iters)))
-        plans.append((group, "rule (spread steps)", lazy_steps,
+        plans.append((group, "rule (spread steps)", lazy_steps, light,
                       lambda s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
-        plans.append((group, "random", lazy_steps,
+        plans.append((group, "random", lazy_steps, light,
                       lambda s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=0)}, "")))
 
     rows = []
+    if os.path.isfile(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+        if old.get("num") == args.num and old.get("weights_hash") == model.weights_hash:
+            rows = old["rows"]
+    done = {_row_key(r) for r in rows}
     for cfg_scale in args.cfg:
-        for group, method, steps, how in plans:
-            if method not in args.methods or (cfg_scale in args.light_cfg and method in FULL[2:3] + FULL[4:]):
+        for group, method, steps, light, how in plans:
+            light = light or cfg_scale in args.light_cfg
+            if method not in args.methods or (light and method in ("LazyDiT all-steps", "random")) \
+                    or (cfg_scale, group, method) in done:
                 continue
             t0 = time.perf_counter()
             lazy, source = {}, ""
             if how is not None:
                 made = how()
-                if isinstance(made[0], dict):
-                    lazy, source = made
-                else:
-                    lazy, source = {"gates": made[0]}, made[1]
+                lazy, source = made if isinstance(made[0], dict) else ({"gates": made[0]}, made[1])
             x, stats = sample(model, noise, labels, steps, cfg_scale, args.batch, **lazy)
             m = metrics.evaluate(x, labels, judge)
             row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps,
@@ -156,20 +168,27 @@ def main():
                    "by_layer": stats.ratio_by_layer().tolist() if stats else None,
                    "by_step": stats.ratio_by_step().tolist() if stats else None,
                    "seconds": round(time.perf_counter() - t0, 1)}
+            if args.figdir and "gates" in lazy:
+                os.makedirs(args.figdir, exist_ok=True)
+                tag = f"{method.split()[-1]}-ddim{steps}-r{int(round(100 * row['lazy_ratio']))}-cfg{cfg_scale}"
+                stats.heatmap(os.path.join(args.figdir, f"lazy-fig4-{tag}.png"),
+                              title=f"{method}, {steps} steps, cfg {cfg_scale}: lazy {row['lazy_ratio']:.0%}")
             rows.append(row)
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"num": args.num, "weights_hash": model.weights_hash,
+                           "fd_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
             print(f"cfg {cfg_scale} | {group} | {method} {steps}: lazy {row['lazy_ratio']:.1%} "
                   f"FD {row['fd']:.3f} ({row['fd_ratio']:.2f}x floor) acc {row['accuracy']:.1%} "
                   f"[{row['seconds']} s]", file=sys.stderr, flush=True)
-    with open(args.json, "w") as f:
-        json.dump({"num": args.num, "fd_floor_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f,
-                  indent=1)
 
-    print(f"\n{args.num} samples per row, same noise; FD (lower is better), FD / real-vs-real floor, "
-          f"class accuracy; MACs in full-DDIM-step units.\n")
-    print("| cfg | comparison | method | steps | lazy | MACs (steps) | FD | FD/floor | accuracy |")
+    print(f"\n{args.num} samples per row, same noise and labels; FD (lower is better), FD / real-vs-real floor, "
+          f"class accuracy; MACs in units of one full step.\n")
+    print("| cfg | comparison | method | steps | lazy (attn / MLP) | MACs | FD | FD/floor | accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        lazy = f"{r['lazy_ratio']:.0%}" if r["method"] != "DDIM" else "-"
+    order = {g[0]: i for i, g in enumerate(plans)}
+    for r in sorted(rows, key=lambda r: (-r["cfg"], order.get(r["group"], 0), FULL.index(r["method"]))):
+        lazy = "-" if r["method"] == "DDIM" else f"{r['lazy_ratio']:.0%} ({r['attn']:.0%} / {r['mlp']:.0%})"
         print(f"| {r['cfg']} | {r['group']} | {r['method']} | {r['steps']} | {lazy} | {r['macs_vs_ddim']:.1f} | "
               f"{r['fd']:.3f} | {r['fd_ratio']:.2f} | {r['accuracy']:.1%} |")
 

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4,
                    help="AdamW learning rate (default: 1e-4, the official run script's; larger rates saturate "
                         "the token-summed scores within a few updates)")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, label drop, timesteps, noise (default: 0)")
     p.add_argument("--out", help="output gates file (default: <weights>.gates-ddim<steps>.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train-state.safetensors")
