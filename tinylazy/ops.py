@@ -5,6 +5,7 @@ op sits next to its forward (``foo_forward`` / ``foo_backward``) and takes only
 the cache it needs, named in its docstring; backward functions never modify
 their arguments.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
 """
+import ctypes
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,35 @@ MIN_BLOCK = 1 << 15                            # elements per block worth a thre
 _pool = None
 
 
+def _openblas_thread_switch():
+    """OpenBLAS's ``openblas_set_num_threads_local`` for the library NumPy loaded, or None
+    (another BLAS, another OS).  Found the way threadpoolctl finds it: among the mapped files."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+        for path in sorted(paths):
+            switch = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+            if switch is not None:
+                switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
+                return switch
+    except OSError:
+        pass
+    return None
+
+
+# OpenBLAS threads every GEMM it is handed, and a batched matmul hands it one small GEMM
+# per (sample, head): dozens of thread hand-offs per call, ruinous on a busy machine
+# (measured on DiT-S/2 attention under load: 18 ms single-threaded, 2.8 s with 2 threads).
+# When the per-thread switch exists, pool threads run single-threaded BLAS and the
+# batched matmuls are split over the batch instead, as PyTorch's bmm does.
+_BLAS_ONE_THREAD = _openblas_thread_switch()
+
+
+def _init_pool_thread():
+    if _BLAS_ONE_THREAD is not None:
+        _BLAS_ONE_THREAD(1)
+
+
 def _forget_pool():
     global _pool
     _pool = None                               # a forked child has none of the parent's threads
@@ -49,11 +79,25 @@ def rowwise(kernel, *arrays):
         kernel(*arrays)
         return
     if _pool is None:
-        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="tinylazy-ops")
+        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="tinylazy-ops", initializer=_init_pool_thread)
     cuts = [n * i // k for i in range(k + 1)]
     jobs = [_pool.submit(kernel, *(a[lo:hi] for a in arrays)) for lo, hi in zip(cuts, cuts[1:])]
     for job in jobs:
         job.result()
+
+
+def _matmul_kernel(out, a, b):
+    array_module_of(a).matmul(a, b, out=out)
+
+
+def bmm(a, b):
+    """a (B, ..., M, K) @ b (B, ..., K, N) -> (B, ..., M, N), split over B on the pool
+    when its threads run single-threaded OpenBLAS (see above); a plain matmul otherwise."""
+    if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
+        return a @ b
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    rowwise(_matmul_kernel, out, a, b)
+    return out
 
 
 def _rows(x):
@@ -295,9 +339,10 @@ def sdpa_forward(q, k, v, return_lse=False):
     FlashAttention does): one extra q k^T GEMM saves H T^2 numbers per sample and block.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = (q * scale) @ k.swapaxes(-1, -2)                    # (B, H, T, T)
+    s = bmm(q * scale, k.swapaxes(-1, -2))                  # (B, H, T, T)
     p, lse = _softmax(s, s)
-    return (p @ v, lse) if return_lse else p @ v
+    o = bmm(p, v)
+    return (o, lse) if return_lse else o
 
 
 def _exp_minus_kernel(s, lse):
@@ -314,15 +359,15 @@ def sdpa_backward(dout, q, k, v, out, lse):
     xp = array_module_of(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs = q * scale
-    p = qs @ k.swapaxes(-1, -2)                             # (B, H, T, T)
+    p = bmm(qs, k.swapaxes(-1, -2))                         # (B, H, T, T)
     rowwise(_exp_minus_kernel, _rows(p), _rows(lse))
-    dv = p.swapaxes(-1, -2) @ dout                          # (B, H, T, Dh)
-    ds = dout @ v.swapaxes(-1, -2)                          # dp (B, H, T, T), turned into ds in place
+    dv = bmm(p.swapaxes(-1, -2), dout)                      # (B, H, T, Dh)
+    ds = bmm(dout, v.swapaxes(-1, -2))                      # dp (B, H, T, T), turned into ds in place
     dot = xp.einsum("bhtd,bhtd->bht", dout, out)[..., None]
     rowwise(_softmax_backward_kernel, _rows(ds), _rows(ds), _rows(p), _rows(dot))
-    dq = ds @ k
+    dq = bmm(ds, k)
     dq *= scale
-    dk = ds.swapaxes(-1, -2) @ qs
+    dk = bmm(ds.swapaxes(-1, -2), qs)
     return dq, dk, dv
 
 
