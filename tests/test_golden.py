@@ -408,7 +408,10 @@ def _needs(mode):
 def test_checked_in_golden_regenerates(name):
     """Run each golden's run again and compare: float64 to 1e-9 of each tensor's scale (BLAS
     summation order may differ between machines), float32 at the defaults."""
-    ref = load_trace(golden.golden_path(name))
+    path = golden.golden_path(name)
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: write the goldens with `python -m tinylazy.golden goldens` and commit them")
+    ref = load_trace(path)
     other = golden.rerun(ref, golden.BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
     tight = ref.meta["dtype"] == "float64"
     tol = dict(rtol=1e-9, max_rtol=1e-9, atol=0.0) if tight else {}
@@ -418,6 +421,8 @@ def test_checked_in_golden_regenerates(name):
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=_needs(m)) for m in ("full", "lazy")])
 def test_checked_in_float32_golden_matches_float64_at_the_defaults(mode):
+    if not os.path.exists(golden.golden_path(f"{mode}.float32")):
+        pytest.fail("the goldens are missing: write them with `python -m tinylazy.golden goldens` and commit them")
     result = compare(golden.golden_path(f"{mode}.float32"), golden.golden_path(f"{mode}.float64"))
     assert result.passed, result.format()
 
