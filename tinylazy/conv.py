@@ -244,9 +244,9 @@ def conv3x3_winograd_forward(xpad, U, b, residual=None):
             xp.matmul(U[:, c[0]:c[1]], V.reshape(16, Cin, n * tx),          # 16 x (c, Cin) @ (Cin, n*tx)
                       out=m.reshape(16, c[1] - c[0], n * tx))
             m[1, 1] += b[c[0]:c[1], None, None]     # M[1,1] enters all four outputs with weight +1: the bias
-            rows = [_at(m[0, j], m[1, j], m[2, j], m[3, j]) for j in range(4)]      # Y = A^T M A
+            half = [_at(m[0, j], m[1, j], m[2, j], m[3, j]) for j in range(4)]      # Y = A^T M A: rows,
             for a in range(2):
-                for k, t in enumerate(_at(*(rows[j][a] for j in range(4)))):
+                for k, t in enumerate(_at(*(half[j][a] for j in range(4)))):         # then columns
                     if res is not None:
                         t += res[c[0]:c[1], :, a, :, k]
                     out[c[0]:c[1], :, a, :, k] = t
@@ -288,7 +288,8 @@ def groupnorm_forward(x, gamma, beta, groups, eps=GN_EPS, silu=False, out=None):
             y += b[c - c0:c - c0 + step, None, None]
             if silu:
                 e = xp.negative(y)
-                xp.exp(e, out=e)
+                with np.errstate(over="ignore"):               # exp(-y) = inf for y < -88: y / inf = -0, the limit
+                    xp.exp(e, out=e)
                 e += 1
                 xp.divide(y, e, out=out[c:c + step])
             else:
