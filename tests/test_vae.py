@@ -129,7 +129,8 @@ def test_param_shapes_match_diffusers(pair):
 
 def test_real_config_param_shapes():
     with torch.device("meta"):                                  # shapes only, no initialisation
-        m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                    up_block_types=("UpDecoderBlock2D",) * 4,
                                     block_out_channels=(128, 256, 512, 512), layers_per_block=2)
     assert param_shapes(VAEConfig()) == {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
@@ -273,7 +274,8 @@ def test_load_errors(tmp_path, pair):
         return tmp_path / name
 
     missing = write({k: v for k, v in sd.items() if k != "decoder.up_blocks.0.resnets.0.conv2.bias"})
-    with pytest.raises(WeightsError, match=r"bad\.safetensors.*missing keys: decoder\.up_blocks\.0\.resnets\.0\.conv2\.bias"):
+    with pytest.raises(WeightsError,
+                       match=r"bad\.safetensors.*missing keys: decoder\.up_blocks\.0\.resnets\.0\.conv2\.bias"):
         load_vae(missing, config=groups)
     wrong = dict(sd)
     wrong["decoder.mid_block.attentions.0.to_k.weight"] = np.zeros((3, 3))

@@ -186,7 +186,8 @@ def convert_state_dict(names, num_up_blocks=None):
     if any(k.startswith("first_stage_model.") for k in names):
         names = [k for k in names if k.startswith("first_stage_model.")]
     if num_up_blocks is None:
-        ups = {int(m.group(1)) for k in names for m in [re.match(r"(?:first_stage_model\.)?decoder\.up\.(\d+)\.", k)] if m}
+        up = re.compile(r"(?:first_stage_model\.)?decoder\.up\.(\d+)\.")
+        ups = {int(m.group(1)) for k in names for m in [up.match(k)] if m}
         num_up_blocks = max(ups) + 1 if ups else 0
     out = {}
     for key in names:
@@ -278,7 +279,8 @@ def _as_linear(a, name):
 # The posterior: a diagonal Gaussian over the latents
 
 class DiagonalGaussian:
-    """diffusers' DiagonalGaussianDistribution: parameters (B, 2L, h, w) = [mean; logvar], logvar clamped to [-30, 20]."""
+    """diffusers' DiagonalGaussianDistribution: parameters (B, 2L, h, w) = [mean; logvar],
+    logvar clamped to [-30, 20]."""
 
     def __init__(self, parameters):
         xp = array_module_of(parameters)
