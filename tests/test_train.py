@@ -71,18 +71,20 @@ class _Stop(Exception):
 def test_resume_gives_bit_identical_weights(tmp_path):
     images, labels = _fake_digits()
     kw = dict(ckpt_every=3, sample_every=0, log_every=2, progress=False, images=images, labels=labels)
-    straight = T.train(_recipe(steps=8), tmp_path / "a", **kw)
+    straight = T.train(_recipe(steps=8, lr_decay_steps=4), tmp_path / "a", **kw)
 
     def crash_at_5(tr):
         if tr.step_count == 5:
             raise _Stop
     with pytest.raises(_Stop):                       # dies after step 5; the last checkpoint is step 3
-        T.train(_recipe(steps=8), tmp_path / "b", callback=crash_at_5, **kw)
+        T.train(_recipe(steps=8, lr_decay_steps=4), tmp_path / "b", callback=crash_at_5, **kw)
     assert not list((tmp_path / "b").glob("*.tmp"))
     assert read_safetensors(tmp_path / "b" / T.CHECKPOINT)[1]["step"] == "3"
     with pytest.raises(FileExistsError):
-        T.train(_recipe(steps=8), tmp_path / "b", **kw)
-    resumed = T.train(_recipe(steps=8), tmp_path / "b", resume=True, **kw)
+        T.train(_recipe(steps=8, lr_decay_steps=4), tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="steps: checkpoint 8, now 9"):            # the schedule ends at steps
+        T.train(_recipe(steps=9, lr_decay_steps=4), tmp_path / "b", resume=True, **kw)
+    resumed = T.train(_recipe(steps=8, lr_decay_steps=4), tmp_path / "b", resume=True, **kw)
 
     assert resumed.step_count == straight.step_count == 8
     a, _ = read_safetensors(tmp_path / "a" / T.CHECKPOINT)
@@ -96,6 +98,16 @@ def test_resume_gives_bit_identical_weights(tmp_path):
         assert np.array_equal(ea[k], eb[k]), k
     assert straight.rng.bit_generator.state == resumed.rng.bit_generator.state
     assert not np.array_equal(a["model/final_layer.linear.weight"], a["ema/final_layer.linear.weight"])
+
+
+def test_lr_schedule():
+    images, labels = _fake_digits()
+    const = T.Trainer(_recipe(steps=10), images, labels)
+    decay = T.Trainer(_recipe(steps=10, lr_decay_steps=4), images, labels)
+    assert [const.lr_at(s) for s in (0, 9)] == [1e-3, 1e-3]
+    assert [decay.lr_at(s) for s in (0, 6, 7, 8, 9)] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    decay.step()
+    assert decay.opt.lr == 1e-3
 
 
 def test_resume_refuses_changed_settings(tmp_path):

@@ -14,6 +14,7 @@ Inception's role in FID:
   n = min(generated, real // 2), against the same real half, averaged over ``splits``
   random splits; ``fd_ratio = fd / fd_floor`` (1 = as close as real data is to itself);
 - ``accuracy``: the judge's predictions on the samples vs the requested labels;
+  both are scored on 8-bit images, as the official FID pipeline scores saved samples;
 - ``psnr`` / ``max_abs_diff`` between two sample sets drawn from the same noise.
 
 scikit-learn (for the data) is the ``[train]`` extra; the rest is NumPy and SciPy.
@@ -268,13 +269,25 @@ def max_abs_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def as_saved_image(x):
+    """The image a user gets, as the official ``sample_ddp.py`` saves it for FID:
+    ``clamp(127.5 x + 128, 0, 255).to(uint8)``, mapped back to [-1, 1] as u / 127.5 - 1."""
+    u = np.trunc(np.clip(127.5 * np.asarray(x, dtype=np.float64) + 128.0, 0.0, 255.0))
+    return u / 127.5 - 1.0
+
+
 def evaluate(samples, labels, classifier=None, splits=10, seed=0):
-    """All numbers for generated digits (N, 1, 16, 16) with requested labels (N,)."""
+    """All numbers for generated digits (N, 1, 16, 16) with requested labels (N,).
+
+    Generated and real digits are both scored as 8-bit images (``as_saved_image``), as the
+    official FID pipeline scores saved samples: out-of-range values count as clipped.
+    """
     clf = load_classifier() if classifier is None else classifier
     if np.asarray(samples).shape[1:] != (1, 16, 16) or len(samples) != len(labels):
         raise ValueError(f"samples must be (N, 1, 16, 16) with N labels, got {np.shape(samples)} and "
                          f"{len(labels)} labels")
-    real, _ = load_digits_dataset()
+    samples = as_saved_image(samples)
+    real = as_saved_image(load_digits_dataset()[0])
     fd, floor, n = fd_against_real(clf.features(samples), clf.features(real), splits, seed)
     return {"fd": fd, "fd_floor": floor, "fd_ratio": fd / floor, "accuracy": clf.accuracy(samples, labels),
             "num": int(len(samples)), "fd_count": n, "judge_heldout_accuracy": clf.info.get("heldout_accuracy")}

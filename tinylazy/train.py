@@ -36,8 +36,8 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "tinylazy-train-checkpoint-1"
 FROZEN = ("pos_embed",)            # a fixed sin-cos buffer in the official model (requires_grad=False)
 # Settings that must not change when a run is resumed (the step count may grow).
-RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "betas", "adam_eps", "weight_decay",
-               "ema_decay", "class_dropout_prob", "seed", "dtype", "init")
+RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "lr_decay_steps", "betas", "adam_eps",
+               "weight_decay", "ema_decay", "class_dropout_prob", "seed", "dtype", "init")
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class Recipe:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-4                # official DiT AdamW settings
+    lr_decay_steps: int = 0         # > 0: lr falls linearly to 0 over the last steps (official: constant)
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -129,8 +130,16 @@ class Trainer:
         self.pos += B
         return idx
 
+    def lr_at(self, step):
+        """Learning rate of the update after ``step`` completed steps."""
+        r = self.recipe
+        if r.lr_decay_steps <= 0:
+            return r.lr
+        return r.lr * min(1.0, (r.steps - step) / r.lr_decay_steps)
+
     def step(self):
         t0 = time.perf_counter()
+        self.opt.lr = self.lr_at(self.step_count)
         idx = self.next_batch()
         B = len(idx)
         x_start = self.images[idx]
@@ -174,7 +183,8 @@ class Trainer:
             raise ValueError(f"{path}: not a tinylazy training checkpoint (format {meta.get('format')!r})")
         saved = json.loads(meta["recipe"])
         mine = json.loads(self.recipe.to_json())
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in RECIPE_KEYS if saved.get(k) != mine[k]]
+        keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())     # the schedule ends at steps
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in keys if saved.get(k) != mine[k]]
         if diff:
             raise ValueError(f"{path}: the run's settings changed since the checkpoint ({'; '.join(diff)})")
         for part, target in (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
@@ -283,6 +293,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=d.steps, help=f"total training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr}, official)")
+    p.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps,
+                   help="decay the learning rate linearly to 0 over the last N steps (default 0: constant, "
+                        "as official)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay} (official)")
     p.add_argument("--class-dropout", type=float, default=d.class_dropout_prob,
@@ -306,7 +319,8 @@ def main(argv=None):
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v is not None}
     recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    batch_size=args.batch_size, lr=args.lr, lr_decay_steps=args.lr_decay_steps,
+                    weight_decay=args.weight_decay,
                     ema_decay=args.ema_decay, class_dropout_prob=args.class_dropout, seed=args.seed,
                     dtype=args.dtype)
     try:
