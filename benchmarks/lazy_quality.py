@@ -55,8 +55,13 @@ def train_iters(steps, all_steps, cap):
     return min(cap, max(200, 10 * trained))
 
 
-def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters):
-    """Shipped gates when their recorded recipe matches, else trained once and cached."""
+def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters, tol=0.03):
+    """Shipped gates when their recorded recipe matches, else trained once and cached.
+
+    Training runs ``train_iters`` iterations, then on in blocks of one calibration period
+    until the calibration run's lazy ratio is within ``tol`` of the target (at most 3x as
+    long): the rho search starts low, so a hard target can take longer than the base count.
+    """
     shipped = gates_file(weights, steps)
     want = {"target_ratio": ratio, "all_steps": all_steps}
     if os.path.isfile(shipped):
@@ -68,10 +73,14 @@ def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iter
     if os.path.isfile(path):
         return tl.load_gates(path, model, steps), path
     trainer = GateTrainer(model, *data, steps, target_ratio=ratio, all_steps=all_steps, **TRAIN)
-    bar = Progress(range(train_iters(steps, all_steps, iters)), desc=f"train gates {tag}")
+    base = train_iters(steps, all_steps, iters)
+    bar = Progress(iter(lambda: trainer.iteration, None), total=base, desc=f"train gates {tag}")
     for _ in bar:
         res = trainer.step()
-        bar.set_postfix(mse=res["mse"], lazy="-" if trainer.measured is None else f"{trainer.measured:.1%}")
+        bar.set_postfix(mse=res["mse"], lazy=f"{trainer.measured or 0:.1%}", rho=trainer.rho()[0])
+        done = trainer.iteration >= base and abs(trainer.measured - ratio) <= tol
+        if done or trainer.iteration >= 3 * base:
+            break
     os.makedirs(gates_dir, exist_ok=True)
     tl.save_gates(trainer.gates, path, training=trainer.training_facts())
     return trainer.gates, path
