@@ -4,6 +4,8 @@ The reference for reuse is written here independently of ``tinylazy.lazy``: a
 duck-typed model that runs the DiT's pieces, records every module output per
 call, and replays the recorded outputs of an earlier call where told to.
 """
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -287,3 +289,27 @@ def test_official_checkpoint_converts_and_loads(params, tmp_path):
     stats = LazyStats()
     tl.ddim_sample(model, noise, y, STEPS, 1.5, gates=gates, lazy_stats=stats)
     assert stats.scored.sum() == (STEPS - 1) * CFG.depth * 2 * 6
+
+
+# ----------------------------------------------------------------------------
+# The shipped gates
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("steps, ratio", [(20, 0.5), (10, 0.3)])
+def test_shipped_gates_fit_the_bundled_model(steps, ratio):
+    from tinylazy.io import load_dit
+    from tinylazy.lazy import gates_file
+    weights = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
+    path = gates_file(weights, steps)
+    if not (os.path.isfile(weights) and os.path.isfile(path)):
+        pytest.skip("bundled weights or gates not present")
+    model = load_dit(weights)
+    gates = tl.load_gates(path, model, steps)                         # raises if made for other weights
+    assert gates.training["target_ratio"] == ratio
+    assert abs(gates.training["measured_ratio"] - ratio) < 0.06
+    noise = tl.make_noise(model, 2, seed=0)
+    stats = LazyStats()
+    tl.ddim_sample(model, noise, np.array([3, 7]), steps, 1.5, gates=gates, lazy_stats=stats)
+    assert abs(stats.lazy_ratio - ratio) < 0.1
