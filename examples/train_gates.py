@@ -54,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--all-steps", action="store_true",
                    help="extension beyond the paper: train the gates of every step (any t >= 1), not only the "
                         "official odd-t draw, which caps the lazy ratio at 50%%")
+    p.add_argument("--loss", choices=("official", "x"), default="official",
+                   help="official: MSE over every output channel (eps and variance) at x_next; x (extension): the "
+                        "error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
+                        "step's d x_prev / d eps (default: official)")
     p.add_argument("--iters", type=int, default=500, help="training iterations (default: 500, as official)")
     p.add_argument("--lr", type=float, default=1e-4,
                    help="AdamW learning rate (default: 1e-4, the official run script's; larger rates saturate "
@@ -120,7 +124,7 @@ def main(argv=None):
         else out + ".train-state.safetensors"
     try:
         trainer = GateTrainer(model, images, labels, args.steps, args.rho_attn, args.rho_mlp, args.lr, args.batch,
-                              args.seed, all_steps=args.all_steps, target_ratio=args.target_ratio)
+                              args.seed, all_steps=args.all_steps, target_ratio=args.target_ratio, loss=args.loss)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.resume:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy.lazy_train import GateTrainer, lazy_loss, teacher_step
+from tinylazy.lazy_train import GateTrainer, ddim_eps_gain, lazy_loss, teacher_step
 
 CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
 STEPS, INDEX, B = 10, 5, 3                     # x_t at respaced index 5, gates of index 4
@@ -32,8 +32,9 @@ def setup():
                 caches=caches, t=t, target=target, w=w)
 
 
-def _loss(s, w, backward=False):
-    return lazy_loss(s["model"], s["x_next"], s["t"], s["y"], s["caches"], w, *RHO, s["target"], backward)
+def _loss(s, w, backward=False, out_weight=None):
+    return lazy_loss(s["model"], s["x_next"], s["t"], s["y"], s["caches"], w, *RHO, s["target"], backward,
+                     out_weight)
 
 
 def test_gate_gradients_match_central_differences(setup):
@@ -59,6 +60,14 @@ def test_gate_gradients_match_central_differences(setup):
         num = (_loss(s, shift(1))["loss"] - _loss(s, shift(-1))["loss"]) / (2 * h)
         ana = sum(float((res["grads"][k] * v[k]).sum()) for k in v)
         assert abs(ana - num) <= 1e-6 * abs(num)
+    # The "x" loss: eps channels weighted by the DDIM gain of the next step, variance channels dropped.
+    weight = np.zeros((1, CFG.out_channels, 1, 1))
+    weight[:, :CFG.in_channels] = ddim_eps_gain(s["diffusion"], INDEX - 1)
+    res = _loss(s, s["w"], backward=True, out_weight=weight)
+    v = {k: rng.standard_normal(a.shape) for k, a in s["w"].items()}
+    num = (_loss(s, {k: s["w"][k] + 1e-6 * v[k] for k in v}, out_weight=weight)["loss"]
+           - _loss(s, {k: s["w"][k] - 1e-6 * v[k] for k in v}, out_weight=weight)["loss"]) / 2e-6
+    assert abs(sum(float((res["grads"][k] * v[k]).sum()) for k in v) - num) <= 1e-6 * abs(num)
 
 
 def test_gate_gradients_match_torch_autograd(setup):
@@ -126,7 +135,8 @@ def _trainer(model, **kw):
     return GateTrainer(model, images, labels, **args)
 
 
-@pytest.mark.parametrize("kw", [{}, {"all_steps": True, "target_ratio": 0.4, "calib_every": 2, "calib_samples": 2}])
+@pytest.mark.parametrize("kw", [{}, {"all_steps": True, "target_ratio": 0.4, "calib_every": 2, "calib_samples": 2,
+                                 "loss": "x"}])
 def test_resume_continues_bit_for_bit(setup, tmp_path, kw):
     model = tl.DiT(CFG, setup["params"], dtype="float32")
     straight = _trainer(model, **kw)

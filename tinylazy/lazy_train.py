@@ -119,9 +119,20 @@ def soft_backward(model, dout, dscores, w, caches, tape):
     return grads
 
 
-def lazy_loss(model, x_next, t, y, caches, w, rho_attn, rho_mlp, target, backward=True):
+def ddim_eps_gain(diffusion, index):
+    """d x_{index-1} / d eps of the DDIM step (eta 0) taken from index: how much an error in the
+    predicted noise moves the next latent.  x_prev = sqrt(a') x0 + sqrt(1 - a') eps with
+    x0 = (x - sqrt(1 - a) eps) / sqrt(a), so the gain is sqrt(1 - a') - sqrt(a' / a) sqrt(1 - a)."""
+    a, a_prev = diffusion.alphas_cumprod[index], diffusion.alphas_cumprod_prev[index]
+    return float(np.sqrt(1 - a_prev) - np.sqrt(a_prev / a) * np.sqrt(1 - a))
+
+
+def lazy_loss(model, x_next, t, y, caches, w, rho_attn, rho_mlp, target, backward=True, out_weight=None):
     """The official loss at x_next and, with ``backward``, its gradient w.r.t. the gates w.
 
+    out_weight (optional): multiplies the output difference before it is squared,
+    broadcast to (B, out_channels, H, W) (the "x" loss weighs the eps channels by
+    ``ddim_eps_gain`` and drops the variance channels; None is the official loss).
     Returns a dict: loss, mse, lazy_attn, lazy_mlp (mean_b sum_l score), scores (B, L, 2)
     on the host, and grads {"attn", "mlp": (L, D)} (None without ``backward``).
     """
@@ -129,6 +140,8 @@ def lazy_loss(model, x_next, t, y, caches, w, rho_attn, rho_mlp, target, backwar
     tape = {} if backward else None
     out, scores = soft_forward(model, x_next, t, y, w, caches, tape)
     diff = out - xp.asarray(target, dtype=model.dtype)
+    if out_weight is not None:
+        diff *= xp.asarray(out_weight, dtype=model.dtype)
     mse = float((diff * diff).mean())                                    # mean_flat(...).mean() = the overall mean
     B = diff.shape[0]
     sums = scores.sum(axis=1).mean(axis=0)                               # (2,): mean_b sum_l score
@@ -137,6 +150,8 @@ def lazy_loss(model, x_next, t, y, caches, w, rho_attn, rho_mlp, target, backwar
            "lazy_attn": lazy_attn, "lazy_mlp": lazy_mlp, "scores": to_numpy(scores), "grads": None}
     if backward:
         dout = diff * (2.0 / diff.size)
+        if out_weight is not None:
+            dout *= xp.asarray(out_weight, dtype=model.dtype)
         dscores = xp.empty_like(scores)
         dscores[..., 0] = rho_attn / B
         dscores[..., 1] = rho_mlp / B
@@ -156,12 +171,14 @@ class GateTrainer:
     that run is ``measured``.  target_ratio (optional) searches rho: both weights are
     scaled by exp(c), and c += ratio_gain * (target - measured) after each measurement.
     One AdamW per step index, stepped only when that index is trained, as the
-    official optimizer skips the gates that got no gradient.
+    official optimizer skips the gates that got no gradient.  loss: "official" (MSE over
+    every output channel) or "x" (an extension: the error the reuse causes in the next
+    DDIM latent, i.e. the eps channels weighted by ``ddim_eps_gain`` of the step after).
     """
 
     def __init__(self, model, images, labels, steps, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=32, seed=0,
                  all_steps=False, target_ratio=None, ratio_gain=2.0, label_drop=LABEL_DROP, threshold=0.5,
-                 calib_every=25, calib_samples=8, calib_cfg=1.5):
+                 calib_every=25, calib_samples=8, calib_cfg=1.5, loss="official"):
         self.model = model
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -176,6 +193,8 @@ class GateTrainer:
         S = self.diffusion.num_timesteps
         if S < 2:
             raise ValueError("gate training needs at least 2 sampling steps")
+        if loss not in ("official", "x"):
+            raise ValueError(f"loss must be 'official' or 'x', got {loss!r}")
         if target_ratio is not None and not 0.0 <= target_ratio < 1.0:
             raise ValueError(f"target_ratio must lie in [0, 1), got {target_ratio}")
         self.settings = {"steps": S, "rho_attn": float(rho_attn), "rho_mlp": float(rho_mlp), "lr": float(lr),
@@ -183,7 +202,7 @@ class GateTrainer:
                          "target_ratio": None if target_ratio is None else float(target_ratio),
                          "ratio_gain": float(ratio_gain), "label_drop": float(label_drop),
                          "threshold": float(threshold), "calib_every": int(calib_every),
-                         "calib_samples": int(calib_samples), "calib_cfg": float(calib_cfg)}
+                         "calib_samples": int(calib_samples), "calib_cfg": float(calib_cfg), "loss": loss}
         self.gates = LazyGates.zeros(model, S, dtype=model.dtype)
         self.opts = [AdamW({"attn": self.gates.attn[s], "mlp": self.gates.mlp[s]}, lr=lr, weight_decay=0.0)
                      for s in range(S)]                                # views: AdamW updates the gates in place
@@ -234,7 +253,12 @@ class GateTrainer:
         target = model(x_next, t_next, y)
         w = {kind: xp.asarray(self.gates.of(kind)[s]) for kind in KINDS}
         rho_attn, rho_mlp = self.rho()
-        res = lazy_loss(model, x_next, t_next, y, caches, w, rho_attn, rho_mlp, target)
+        weight = None
+        if st["loss"] == "x":
+            C = model.config.in_channels
+            weight = np.zeros((1, model.config.out_channels, 1, 1))
+            weight[:, :C] = ddim_eps_gain(self.diffusion, s)                 # the step x_next takes next
+        res = lazy_loss(model, x_next, t_next, y, caches, w, rho_attn, rho_mlp, target, out_weight=weight)
         self.opts[s].step({kind: to_numpy(g) for kind, g in res["grads"].items()})
         self.iteration += 1
         if st["calib_samples"] > 0 and self.iteration % st["calib_every"] == 0:
@@ -297,6 +321,7 @@ class GateTrainer:
 
     def training_facts(self):
         rho_attn, rho_mlp = self.rho()
-        return dict(self.settings, recipe="all-steps" if self.settings["all_steps"] else "official (odd t)",
+        return dict(self.settings, recipe=("all-steps" if self.settings["all_steps"] else "official (odd t)")
+                    + (", x loss" if self.settings["loss"] == "x" else ""),
                     iterations=self.iteration, final_rho_attn=rho_attn, final_rho_mlp=rho_mlp,
                     calibration_ratio=self.measured)
