@@ -8,7 +8,8 @@ at ~30% against DDIM 14; next to each learned row, two rules at the same skip ra
 ``rule`` reuses every module on evenly spread steps (for 50%: every other step, the
 alternate-step rule) and ``random`` reuses a random set of (step, layer, module)
 evaluations.  Learned gates: the official recipe (odd t, trained gates at even respaced
-indices) and the ``--all-steps`` extension, trained to the target ratio by rho steering
+indices), the ``--all-steps`` extension, and all-steps with the ``x`` loss (reuse error in
+the next DDIM latent), trained to the target ratio by rho steering
 (``GateTrainer(target_ratio=...)``).  Shipped gates in weights/ are used where they fit;
 others are trained once and kept in --gates-dir.
 
@@ -32,7 +33,8 @@ from tinylazy.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
-FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "rule (spread steps)", "random")
+FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "LazyDiT all-steps x-loss", "rule (spread steps)", "random")
+HEAVY = ("LazyDiT all-steps", "LazyDiT all-steps x-loss", "random")      # left out of light rows
 TRAIN = dict(rho_attn=1e-5, rho_mlp=1e-5, lr=1e-4, batch=16, seed=0)   # train_gates.py's, at batch 16
 ITERS = 500
 
@@ -55,7 +57,7 @@ def train_iters(steps, all_steps, cap):
     return min(cap, max(200, 10 * trained))
 
 
-def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters, tol=0.03):
+def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters, tol=0.03, loss="official"):
     """Shipped gates when their recorded recipe matches, else trained once and cached.
 
     Training runs ``train_iters`` iterations, then on in blocks of one calibration period
@@ -63,16 +65,16 @@ def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iter
     long): the rho search starts low, so a hard target can take longer than the base count.
     """
     shipped = gates_file(weights, steps)
-    want = {"target_ratio": ratio, "all_steps": all_steps}
+    want = {"target_ratio": ratio, "all_steps": all_steps, "loss": loss}
     if os.path.isfile(shipped):
         g = tl.load_gates(shipped, model, steps)
-        if all(g.training.get(k) == v for k, v in want.items()):
+        if all(g.training.get(k, "official") == v for k, v in want.items()):
             return g, os.path.relpath(shipped, ROOT)
-    tag = f"ddim{steps}-r{int(round(100 * ratio))}{'-all' if all_steps else ''}"
+    tag = f"ddim{steps}-r{int(round(100 * ratio))}{'-all' if all_steps else ''}{'-x' if loss == 'x' else ''}"
     path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}.safetensors")
     if os.path.isfile(path):
         return tl.load_gates(path, model, steps), path
-    trainer = GateTrainer(model, *data, steps, target_ratio=ratio, all_steps=all_steps, **TRAIN)
+    trainer = GateTrainer(model, *data, steps, target_ratio=ratio, all_steps=all_steps, loss=loss, **TRAIN)
     base = train_iters(steps, all_steps, iters)
     bar = Progress(iter(lambda: trainer.iteration, None), total=base, desc=f"train gates {tag}")
     for _ in bar:
@@ -139,10 +141,11 @@ def main():
     for N, lazy_steps, ratio, light in groups:
         group = f"DDIM {N} vs Lazy {lazy_steps} @{ratio:.0%}"
         plans.append((group, "DDIM", N, light, None))
-        for all_steps in (False, True):
-            plans.append((group, "LazyDiT " + ("all-steps" if all_steps else "official"), lazy_steps, light,
-                          lambda s=lazy_steps, r=ratio, a=all_steps: learned_gates(model, args.weights, s, r, a,
-                                                                                    args.gates_dir, data, args.iters)))
+        for all_steps, loss in ((False, "official"), (True, "official"), (True, "x")):
+            name = "LazyDiT " + ("all-steps" if all_steps else "official") + (" x-loss" if loss == "x" else "")
+            plans.append((group, name, lazy_steps, light,
+                          lambda s=lazy_steps, r=ratio, a=all_steps, lo=loss: learned_gates(
+                              model, args.weights, s, r, a, args.gates_dir, data, args.iters, loss=lo)))
         plans.append((group, "rule (spread steps)", lazy_steps, light,
                       lambda s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
         plans.append((group, "random", lazy_steps, light,
@@ -158,7 +161,7 @@ def main():
     for cfg_scale in args.cfg:
         for group, method, steps, light, how in plans:
             light = light or cfg_scale in args.light_cfg
-            if method not in args.methods or (light and method in ("LazyDiT all-steps", "random")) \
+            if method not in args.methods or (light and method in HEAVY) \
                     or (cfg_scale, group, method) in done:
                 continue
             t0 = time.perf_counter()
