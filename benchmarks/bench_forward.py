@@ -61,6 +61,12 @@ def main():
     import torch
     from torch_dit import TorchDiT
     torch.set_num_threads(args.threads)
+    tl.ops.NUM_THREADS = args.threads                   # tinylazy's pool ...
+    try:
+        from threadpoolctl import threadpool_limits     # ... and NumPy's BLAS: the same count
+        threadpool_limits(limits=args.threads, user_api="blas")
+    except ImportError:
+        print("threadpoolctl not installed: NumPy's BLAS keeps its own thread count")
     try:
         from threadpoolctl import threadpool_info
         blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]

@@ -210,3 +210,35 @@ def test_row_parallel_pool_survives_fork(monkeypatch, rng):
     expected = ops.gelu_tanh_forward(x)                  # the parent's pool now exists
     with mp.get_context("fork").Pool(1) as pool:
         np.testing.assert_array_equal(pool.apply_async(ops.gelu_tanh_forward, (x,)).get(timeout=60), expected)
+
+
+@pytest.mark.parametrize("batch", [4, 1])                   # 1: attention split over heads
+def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
+    """linear, linear + GELU and attention on the pool (single-threaded BLAS per thread,
+    cache-sized chunks).  Attention runs the same (sample, head) GEMMs: the same bits.  A
+    linear's rows go to BLAS in other blocks, which changes float32 rounding (as OpenBLAS's
+    own threading does: 1 and 2 threads differ too), so it is checked to 1e-6; the fused
+    GELU is bit for bit the GELU of its own hidden output."""
+    x = rng.standard_normal((batch, 96, 128)).astype(np.float32)
+    w, b = rng.standard_normal((200, 128)).astype(np.float32), rng.standard_normal(200).astype(np.float32)
+    q, k, v = (rng.standard_normal((batch, 3, 96, 32)).astype(np.float32) for _ in range(3))
+    monkeypatch.setattr(ops, "_BLAS_ONE_THREAD", None)             # the plain expressions
+    plain_y, plain_attn = x @ w.T + b, ops.sdpa_forward(q, k, v, return_lse=True)
+    np.testing.assert_array_equal(ops.linear_forward(x, w, b), plain_y)
+    h, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
+    np.testing.assert_array_equal(h, plain_y)
+    np.testing.assert_array_equal(g, ops.gelu_tanh_forward(plain_y))
+    monkeypatch.undo()
+    if ops._BLAS_ONE_THREAD is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS: no pooled GEMMs")
+    monkeypatch.setattr(ops, "NUM_THREADS", 3)
+    monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
+    monkeypatch.setattr(ops, "CACHE_BYTES", 1 << 12)               # several chunks per thread
+    scale = np.abs(plain_y).max()
+    assert np.abs(ops.linear_forward(x, w, b) - plain_y).max() <= 1e-6 * scale
+    h, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
+    assert np.abs(h - plain_y).max() <= 1e-6 * scale
+    np.testing.assert_array_equal(g, ops.gelu_tanh_forward(h))
+    np.testing.assert_array_equal(ops.linear_gelu_forward(x, w, b), g)
+    for a, c in zip(plain_attn, ops.sdpa_forward(q, k, v, return_lse=True)):
+        np.testing.assert_array_equal(a, c)

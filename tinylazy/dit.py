@@ -335,10 +335,11 @@ class DiT:
 
         cache: z, h (B, T, 4D) the GELU input (its output is recomputed for fc2's dW)."""
         P = self.params
-        h = ops.linear_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"])
+        keep = cache is not None or self.recorder is not None
+        hg = ops.linear_gelu_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"], keep)
+        h, g = hg if keep else (None, hg)                                 # gelu(fc1(z)), one pass
         if cache is not None:
             cache.update(z=z, h=h)
-        g = ops.gelu_tanh_forward(h)
         if self.recorder is not None:
             self.recorder(f"block.{l:02d}/mlp/hidden", h)
             self.recorder(f"block.{l:02d}/mlp/act", g)

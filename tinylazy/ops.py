@@ -108,13 +108,56 @@ def _rows(x):
 # ----------------------------------------------------------------------------
 # linear: y = x W^T + b, W in the official (out, in) layout
 
-def linear_forward(x, w, b=None):
-    """(..., in) -> (..., out)."""
-    lead = x.shape[:-1]
-    y = x.reshape(-1, x.shape[-1]) @ w.T          # (N, in) @ (in, out) -> (N, out)
+def _linear_kernel(y, x, wt, b):
+    array_module_of(x).matmul(x, wt, out=y)
     if b is not None:
         y += b
+
+
+def linear_forward(x, w, b=None):
+    """(..., in) -> (..., out).  On NumPy with the per-thread BLAS switch, the rows are split
+    over the pool (single-threaded BLAS per pool thread, as ``bmm``): OpenBLAS's own threads
+    would otherwise spin after each GEMM on the cores the pool's elementwise work needs."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])               # (N, in) @ (in, out) -> (N, out)
+    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
+        y = x2 @ w.T
+        if b is not None:
+            y += b
+    else:
+        y = np.empty((x2.shape[0], w.shape[0]), dtype=np.result_type(x2, w))
+        rowwise(lambda yy, xx: _linear_kernel(yy, xx, w.T, b), y, x2)
     return y.reshape(*lead, w.shape[0])
+
+
+def _linear_gelu_kernel(h, g, x, wt, b):
+    """h = x W^T + b (skipped if h is None), g = gelu(x W^T + b), a cache-sized chunk of rows at a time."""
+    n = max(GEMM_MIN_ROWS, CACHE_BYTES // (wt.shape[1] * x.itemsize))
+    tmp = None if h is not None else np.empty((min(n, x.shape[0]), wt.shape[1]), dtype=g.dtype)
+    for i in range(0, x.shape[0], n):
+        hi = h[i:i + n] if h is not None else tmp[:len(x[i:i + n])]
+        _linear_kernel(hi, x[i:i + n], wt, b)
+        _gelu_tanh_kernel(g[i:i + n], hi)
+
+
+def linear_gelu_forward(x, w, b=None, return_hidden=False):
+    """gelu_tanh_forward(linear_forward(x, w, b)), with the same bits; with ``return_hidden``
+    also the GELU input h, else h never leaves the cache (NumPy with the per-thread BLAS
+    switch: each pool thread runs the GEMM and the GELU chunk by chunk)."""
+    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
+        h = linear_forward(x, w, b)
+        g = gelu_tanh_forward(h)
+        return (h, g) if return_hidden else g
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dtype = np.result_type(x2, w)
+    g = np.empty((x2.shape[0], w.shape[0]), dtype=dtype)
+    if return_hidden:
+        h = np.empty_like(g)
+        rowwise(lambda hh, gg, xx: _linear_gelu_kernel(hh, gg, xx, w.T, b), h, g, x2)
+        return h.reshape(*lead, w.shape[0]), g.reshape(*lead, w.shape[0])
+    rowwise(lambda gg, xx: _linear_gelu_kernel(None, gg, xx, w.T, b), g, x2)
+    return g.reshape(*lead, w.shape[0])
 
 
 def linear_backward(dy, x, w, param_grads=True, input_grad=True):
@@ -331,17 +374,46 @@ def softmax_backward(dp, p, dot=None):
 # ----------------------------------------------------------------------------
 # scaled dot-product attention: softmax(q k^T / sqrt(Dh)) v
 
+CACHE_BYTES = 1 << 21                          # working set per pool thread that stays in cache
+GEMM_MIN_ROWS = 128                            # rows per GEMM call below which BLAS loses speed
+
+
+def _sdpa_kernel(o, lse, q, k, v, scale):
+    """sdpa of a block (B', H', T, Dh) a cache-sized chunk at a time (several items of
+    axis 0, or some of axis 1 of one item), so that the chunk's scores stay in cache
+    between the two GEMMs and the softmax."""
+    per_row = q.shape[-2] * q.shape[-2] * q.itemsize        # the scores of one (item, head)
+    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
+    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
+    for i in range(0, q.shape[0], n0):
+        for j in range(0, q.shape[1], n1):
+            c = (slice(i, i + n0), slice(j, j + n1))
+            s = np.matmul(q[c] * scale, k[c].swapaxes(-1, -2))
+            _softmax_kernel(s, lse[c], s)
+            np.matmul(s, v[c], out=o[c])
+
+
 def sdpa_forward(q, k, v, return_lse=False):
     """q, k, v (B, H, T, Dh) -> (B, H, T, Dh).  Scale folded into q, as PyTorch's SDPA does.
 
     With ``return_lse`` also the softmax's log-sum-exp (B, H, T, 1).  The backward
     keeps that instead of the (T, T) probabilities and recomputes them (as
     FlashAttention does): one extra q k^T GEMM saves H T^2 numbers per sample and block.
+    On NumPy with the per-thread BLAS switch, the pool threads run it on chunks of
+    samples (of heads when the batch is smaller than the pool): the same GEMMs and
+    softmax per (sample, head), with the scores kept in cache.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = bmm(q * scale, k.swapaxes(-1, -2))                  # (B, H, T, T)
-    p, lse = _softmax(s, s)
-    o = bmm(p, v)
+    if _BLAS_ONE_THREAD is None or array_module_of(q) is not np:
+        s = bmm(q * scale, k.swapaxes(-1, -2))              # (B, H, T, T)
+        p, lse = _softmax(s, s)
+        o = bmm(p, v)
+        return (o, lse) if return_lse else o
+    dtype = np.result_type(q, k, v)
+    o = np.empty(q.shape, dtype=dtype)
+    lse = np.empty(q.shape[:-1] + (1,), dtype=dtype)
+    split = (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
+    rowwise(lambda *blocks: _sdpa_kernel(*blocks, scale), *(split(a) for a in (o, lse, q, k, v)))
     return (o, lse) if return_lse else o
 
 
