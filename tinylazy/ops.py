@@ -167,11 +167,20 @@ def linear_backward(dy, x, w, param_grads=True, input_grad=True):
     ``param_grads``, dx is None without ``input_grad``.
     """
     dy2 = dy.reshape(-1, dy.shape[-1])            # (N, out)
-    dx = (dy2 @ w).reshape(*dy.shape[:-1], w.shape[1]) if input_grad else None
+    dx = _pooled_matmul(dy2, w).reshape(*dy.shape[:-1], w.shape[1]) if input_grad else None
     if not param_grads:
         return dx, None, None
-    dw = dy2.T @ x.reshape(-1, x.shape[-1])       # (out, N) @ (N, in) -> (out, in)
+    dw = _pooled_matmul(dy2.T, x.reshape(-1, x.shape[-1]))   # (out, N) @ (N, in) -> (out, in)
     return dx, dw, dy2.sum(axis=0)
+
+
+def _pooled_matmul(a, b):
+    """a @ b with a's rows split over the pool (single-threaded BLAS per thread), as linear_forward."""
+    if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
+        return a @ b
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    rowwise(lambda o, aa: _matmul_kernel(o, aa, b), out, a)
+    return out
 
 
 # ----------------------------------------------------------------------------
