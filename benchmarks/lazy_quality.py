@@ -34,7 +34,7 @@ from tinylazy.progress import Progress
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
 FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "LazyDiT all-steps x-loss", "rule (spread steps)", "random")
-HEAVY = ("LazyDiT all-steps", "LazyDiT all-steps x-loss", "random")      # left out of light rows
+HEAVY = ("LazyDiT all-steps", "LazyDiT all-steps x-loss")      # left out of light rows (they train gates)
 TRAIN = dict(rho_attn=1e-5, rho_mlp=1e-5, lr=1e-4, batch=16, seed=0)   # train_gates.py's, at batch 16
 ITERS = 500
 
@@ -113,9 +113,14 @@ def main():
     ap.add_argument("--weights", default=BUNDLED, help="DiT (default: the bundled digits model)")
     ap.add_argument("--methods", nargs="+", default=list(FULL), help=f"rows to run (default: all of {FULL})")
     ap.add_argument("--light-cfg", type=float, nargs="*", default=[],
-                    help="guidance scales at which only DDIM, LazyDiT official and the rule run")
+                    help="guidance scales at which the rows that train extra gates (all-steps, x-loss) are left out")
+    ap.add_argument("--thirty", type=int, nargs="*", default=[14, 7], choices=[14, 7],
+                    help="the ~30%% comparisons to run: 14 = DDIM 14 vs Lazy 20 @30%%, 7 = DDIM 7 vs Lazy 10 @30%% "
+                         "(default: both)")
     ap.add_argument("--light-pairs", type=int, nargs="*", default=[],
-                    help="N (of --pairs) for which only DDIM, LazyDiT official and the rule run")
+                    help="N (of --pairs or --thirty) for which the rows that train gates beyond the shipped "
+                         "recipe (all-steps, x-loss) are left out")
+    ap.add_argument("--report-only", action="store_true", help="print the table of the rows in --json, run nothing")
     ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl)")
     ap.add_argument("--gates-dir", default=os.path.join(metrics.default_cache_dir(), "lazy_quality"))
     ap.add_argument("--figdir", help="write a Figure-4 heat map PNG per learned row here")
@@ -137,7 +142,8 @@ def main():
 
     # (group, method, steps, light, how): how = None (DDIM) or a callable -> (lazy kwargs, source)
     plans = []
-    groups = [(n, 2 * n, 0.5, n in args.light_pairs) for n in args.pairs] + [(14, 20, 0.3, False), (7, 10, 0.3, True)]
+    groups = [(n, 2 * n, 0.5, n in args.light_pairs) for n in args.pairs]
+    groups += [(n, {14: 20, 7: 10}[n], 0.3, n == 7 or n in args.light_pairs) for n in args.thirty]
     for N, lazy_steps, ratio, light in groups:
         group = f"DDIM {N} vs Lazy {lazy_steps} @{ratio:.0%}"
         plans.append((group, "DDIM", N, light, None))
@@ -158,7 +164,7 @@ def main():
         if old.get("num") == args.num and old.get("weights_hash") == model.weights_hash:
             rows = old["rows"]
     done = {_row_key(r) for r in rows}
-    for cfg_scale in args.cfg:
+    for cfg_scale in ([] if args.report_only else args.cfg):
         for group, method, steps, light, how in plans:
             light = light or cfg_scale in args.light_cfg
             if method not in args.methods or (light and method in HEAVY) \
@@ -198,7 +204,8 @@ def main():
           f"class accuracy; MACs in units of one full step.\n")
     print("| cfg | comparison | method | steps | lazy (attn / MLP) | MACs | FD | FD/floor | accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")
-    order = {g[0]: i for i, g in enumerate(plans)}
+    order = {f"DDIM {n} vs Lazy {s} @{r:.0%}": i for i, (n, s, r) in enumerate(
+        [(5, 10, .5), (10, 20, .5), (25, 50, .5), (14, 20, .3), (7, 10, .3)])}
     for r in sorted(rows, key=lambda r: (-r["cfg"], order.get(r["group"], 0), FULL.index(r["method"]))):
         lazy = "-" if r["method"] == "DDIM" else f"{r['lazy_ratio']:.0%} ({r['attn']:.0%} / {r['mlp']:.0%})"
         print(f"| {r['cfg']} | {r['group']} | {r['method']} | {r['steps']} | {lazy} | {r['macs_vs_ddim']:.1f} | "
