@@ -118,16 +118,8 @@ def linear_forward(x, w, b=None):
     """(..., in) -> (..., out).  On NumPy with the per-thread BLAS switch, the rows are split
     over the pool (single-threaded BLAS per pool thread, as ``bmm``): OpenBLAS's own threads
     would otherwise spin after each GEMM on the cores the pool's elementwise work needs."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])               # (N, in) @ (in, out) -> (N, out)
-    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
-        y = x2 @ w.T
-        if b is not None:
-            y += b
-    else:
-        y = np.empty((x2.shape[0], w.shape[0]), dtype=np.result_type(x2, w))
-        rowwise(lambda yy, xx: _linear_kernel(yy, xx, w.T, b), y, x2)
-    return y.reshape(*lead, w.shape[0])
+    y = _pooled_matmul(x.reshape(-1, x.shape[-1]), w.T, b)   # (N, in) @ (in, out) -> (N, out)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _linear_gelu_kernel(h, g, x, wt, b):
@@ -174,12 +166,16 @@ def linear_backward(dy, x, w, param_grads=True, input_grad=True):
     return dx, dw, dy2.sum(axis=0)
 
 
-def _pooled_matmul(a, b):
-    """a @ b with a's rows split over the pool (single-threaded BLAS per thread), as linear_forward."""
+def _pooled_matmul(a, b, bias=None):
+    """a @ b (+ bias), a (N, K): on NumPy with the per-thread BLAS switch, a's rows split over
+    the pool (single-threaded BLAS per thread, see linear_forward); a plain matmul otherwise."""
     if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
-        return a @ b
+        y = a @ b
+        if bias is not None:
+            y += bias
+        return y
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    rowwise(lambda o, aa: _matmul_kernel(o, aa, b), out, a)
+    rowwise(lambda o, aa: _linear_kernel(o, aa, b, bias), out, a)
     return out
 
 
