@@ -60,6 +60,53 @@ def test_one_step_matches_torch_adamw():
     assert worst <= 1e-8
 
 
+def test_trainer_run_matches_torch_adamw_and_ema():
+    """Twelve steps of the Trainer itself (its batches, label drop, lr decay, EMA, official init)
+    replayed in PyTorch: one step matching is not enough to catch state that goes stale after it."""
+    torch = pytest.importorskip("torch")
+    from test_losses import _torch_terms
+    from torch_dit import TorchDiT
+
+    images, labels = _fake_digits(n=40)
+    recipe = T.Recipe(overrides={"depth": 2, "hidden_size": 32, "num_heads": 2}, batch_size=8, lr=1e-3,
+                      lr_decay_steps=6, steps=12, ema_decay=0.8, class_dropout_prob=0.3, dtype="float64")
+    tr = T.Trainer(recipe, images, labels)
+    params0 = {k: v.copy() for k, v in tr.model.params.items()}
+    batches = []
+    run_step = T.train_step
+
+    def recording_step(model, diffusion, opt, x_start, y, t, noise):
+        batches.append((x_start.copy(), y.copy(), t.copy(), noise.copy(), opt.lr))
+        return run_step(model, diffusion, opt, x_start, y, t, noise)
+    T.train_step = recording_step
+    try:
+        for _ in range(recipe.steps):
+            tr.step()
+    finally:
+        T.train_step = run_step
+    assert any((y == 10).any() for _, y, _, _, _ in batches)           # some labels were dropped
+
+    tm = TorchDiT.from_params(tr.config, params0, torch.float64)
+    named = {n: p for n, p in tm.named_parameters() if n != "pos_embed"}
+    opt = torch.optim.AdamW(list(named.values()), lr=1e-3, weight_decay=0.0)
+    ema = {n: p.detach().clone() for n, p in named.items()}
+    for x0, y, t, noise, lr in batches:
+        x_t = tr.diffusion.q_sample(x0, t, noise)
+        out = tm(torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(y))
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        _torch_terms(torch, out, x0, x_t, t, noise)["loss"].mean().backward()
+        opt.step()
+        with torch.no_grad():
+            for n, p in named.items():
+                ema[n].mul_(0.8).add_(p, alpha=0.2)                   # official update_ema
+    assert [b[4] for b in batches][-3:] == pytest.approx([5e-4, 3.333333e-4, 1.666667e-4])
+    for n, p in named.items():
+        new = p.detach().numpy()
+        assert rel_err(tr.model.params[n] - params0[n], new - params0[n]) <= 1e-8, n
+        assert rel_err(tr.ema[n] - params0[n], ema[n].numpy() - params0[n]) <= 1e-8, n
+
+
 def _recipe(**kw):
     return T.Recipe(overrides=TINY, batch_size=8, lr=1e-3, ema_decay=0.9, **kw)
 
