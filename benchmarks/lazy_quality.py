@@ -121,6 +121,8 @@ def main():
                     help="N (of --pairs or --thirty) for which the rows that train gates beyond the shipped "
                          "recipe (all-steps, x-loss) are left out")
     ap.add_argument("--report-only", action="store_true", help="print the table of the rows in --json, run nothing")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the noise (and of the random rows' decisions); another seed shows the spread")
     ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl)")
     ap.add_argument("--gates-dir", default=os.path.join(metrics.default_cache_dir(), "lazy_quality"))
     ap.add_argument("--figdir", help="write a Figure-4 heat map PNG per learned row here")
@@ -137,7 +139,7 @@ def main():
     data = load_digits_dataset()
     judge = metrics.load_classifier()
     L = model.config.depth
-    noise = tl.make_noise(model, args.num, seed=0)
+    noise = tl.make_noise(model, args.num, seed=args.seed)
     labels = np.arange(args.num) % model.config.num_classes
 
     # (group, method, steps, light, how): how = None (DDIM) or a callable -> (lazy kwargs, source)
@@ -155,13 +157,14 @@ def main():
         plans.append((group, "rule (spread steps)", lazy_steps, light,
                       lambda s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
         plans.append((group, "random", lazy_steps, light,
-                      lambda s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=0)}, "")))
+                      lambda s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=args.seed)}, "")))
 
     rows = []
     if os.path.isfile(args.json):
         with open(args.json) as f:
             old = json.load(f)
-        if old.get("num") == args.num and old.get("weights_hash") == model.weights_hash:
+        if old.get("num") == args.num and old.get("weights_hash") == model.weights_hash \
+                and old.get("seed", 0) == args.seed:
             rows = old["rows"]
     done = {_row_key(r) for r in rows}
     for cfg_scale in ([] if args.report_only else args.cfg):
@@ -193,14 +196,15 @@ def main():
                               title=f"{method}, {steps} steps, cfg {cfg_scale}: lazy {row['lazy_ratio']:.0%}")
             rows.append(row)
             with open(args.json + ".tmp", "w") as f:
-                json.dump({"num": args.num, "weights_hash": model.weights_hash,
+                json.dump({"num": args.num, "seed": args.seed, "weights_hash": model.weights_hash,
                            "fd_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f, indent=1)
             os.replace(args.json + ".tmp", args.json)
             print(f"cfg {cfg_scale} | {group} | {method} {steps}: lazy {row['lazy_ratio']:.1%} "
                   f"FD {row['fd']:.3f} ({row['fd_ratio']:.2f}x floor) acc {row['accuracy']:.1%} "
                   f"[{row['seconds']} s]", file=sys.stderr, flush=True)
 
-    print(f"\n{args.num} samples per row, same noise and labels; FD (lower is better), FD / real-vs-real floor, "
+    print(f"\n{args.num} samples per row, same noise and labels (seed {args.seed}); FD (lower is better), "
+          f"FD / real-vs-real floor, "
           f"class accuracy; MACs in units of one full step.\n")
     print("| cfg | comparison | method | steps | lazy (attn / MLP) | MACs | FD | FD/floor | accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")
