@@ -200,3 +200,15 @@ def test_cli_help_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         T.main(["--config", "DiT-Q/2", "--no-progress"])
     assert e.value.code == 2 and "unknown DiT configuration" in capsys.readouterr().err
+
+
+def test_progress_line_past_its_total():
+    """Gate training may run past its planned iterations (the rho search): no negative ETA, a full bar."""
+    import io
+    from tinylazy.progress import Progress
+
+    bar = Progress(range(5), total=3, desc="x", file=io.StringIO())
+    for _ in bar:
+        pass
+    line = bar.line()
+    assert line.startswith("x 5/3 [" + "#" * 24 + "]") and line.endswith("<?") and "-" not in line

@@ -48,12 +48,12 @@ class Progress:
         rate = self.n / el if el > 0 else 0.0
         parts = [self.desc] if self.desc else []
         if self.total:
-            filled = int(self.width * self.n / self.total)
+            filled = min(self.width, int(self.width * self.n / self.total))    # a loop may run past total
             parts.append(f"{self.n}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}]")
         else:
             parts.append(f"{self.n}")
         parts.append(f"{rate:.2f} it/s" if rate >= 1 or rate == 0 else f"{1 / rate:.2f} s/it")
-        eta = (self.total - self.n) / rate if self.total and rate > 0 else None
+        eta = (self.total - self.n) / rate if self.total and rate > 0 and self.n <= self.total else None
         parts.append(f"{_fmt_time(el)}<{_fmt_time(eta) if eta is not None else '?'}")
         parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.postfix.items()]
         return " ".join(parts)
