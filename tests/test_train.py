@@ -60,7 +60,7 @@ def test_one_step_matches_torch_adamw():
     assert worst <= 1e-8
 
 
-def test_trainer_run_matches_torch_adamw_and_ema():
+def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch):
     """Twelve steps of the Trainer itself (its batches, label drop, lr decay, EMA, official init)
     replayed in PyTorch: one step matching is not enough to catch state that goes stale after it."""
     torch = pytest.importorskip("torch")
@@ -78,12 +78,9 @@ def test_trainer_run_matches_torch_adamw_and_ema():
     def recording_step(model, diffusion, opt, x_start, y, t, noise):
         batches.append((x_start.copy(), y.copy(), t.copy(), noise.copy(), opt.lr))
         return run_step(model, diffusion, opt, x_start, y, t, noise)
-    T.train_step = recording_step
-    try:
-        for _ in range(recipe.steps):
-            tr.step()
-    finally:
-        T.train_step = run_step
+    monkeypatch.setattr(T, "train_step", recording_step)
+    for _ in range(recipe.steps):
+        tr.step()
     assert any((y == 10).any() for _, y, _, _, _ in batches)           # some labels were dropped
 
     tm = TorchDiT.from_params(tr.config, params0, torch.float64)
