@@ -7,7 +7,7 @@ import pytest
 import tinylazy as tl
 from tinylazy import train as T
 from tinylazy.diffusion import create_diffusion
-from tinylazy.io import load_dit, read_safetensors
+from tinylazy.io import load_dit, read_safetensors, write_safetensors
 from tinylazy.optim import AdamW
 
 from conftest import rel_err
@@ -60,7 +60,8 @@ def test_one_step_matches_torch_adamw():
     assert worst <= 1e-8
 
 
-def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch):
+@pytest.mark.parametrize("ema_warmup", [False, True])
+def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup):
     """Twelve steps of the Trainer itself (its batches, label drop, lr decay, EMA, official init)
     replayed in PyTorch: one step matching is not enough to catch state that goes stale after it."""
     torch = pytest.importorskip("torch")
@@ -69,7 +70,8 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch):
 
     images, labels = _fake_digits(n=40)
     recipe = T.Recipe(overrides={"depth": 2, "hidden_size": 32, "num_heads": 2}, batch_size=8, lr=1e-3,
-                      lr_decay_steps=6, steps=12, ema_decay=0.8, class_dropout_prob=0.3, dtype="float64")
+                      lr_decay_steps=6, steps=12, ema_decay=0.8, class_dropout_prob=0.3, dtype="float64",
+                      ema_warmup=ema_warmup)
     tr = T.Trainer(recipe, images, labels)
     params0 = {k: v.copy() for k, v in tr.model.params.items()}
     batches = []
@@ -87,7 +89,8 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch):
     named = {n: p for n, p in tm.named_parameters() if n != "pos_embed"}
     opt = torch.optim.AdamW(list(named.values()), lr=1e-3, weight_decay=0.0)
     ema = {n: p.detach().clone() for n, p in named.items()}
-    for x0, y, t, noise, lr in batches:
+    for n_done, (x0, y, t, noise, lr) in enumerate(batches):
+        decay = min(0.8, (1 + n_done) / (10 + n_done)) if ema_warmup else 0.8
         x_t = tr.diffusion.q_sample(x0, t, noise)
         out = tm(torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(y))
         opt.param_groups[0]["lr"] = lr
@@ -96,7 +99,7 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch):
         opt.step()
         with torch.no_grad():
             for n, p in named.items():
-                ema[n].mul_(0.8).add_(p, alpha=0.2)                   # official update_ema
+                ema[n].mul_(decay).add_(p, alpha=1 - decay)           # official update_ema
     assert [b[4] for b in batches][-3:] == pytest.approx([5e-4, 3.333333e-4, 1.666667e-4])
     for n, p in named.items():
         new = p.detach().numpy()
@@ -154,12 +157,32 @@ def test_lr_schedule():
     assert decay.opt.lr == 1e-3
 
 
+def test_ema_warmup_schedule():
+    """TensorFlow's num_updates warm-up: (1 + n) / (10 + n), capped at ema_decay; off = constant (official)."""
+    images, labels = _fake_digits()
+    off = T.Trainer(_recipe(steps=10), images, labels)
+    on = T.Trainer(_recipe(steps=10, ema_warmup=True), images, labels)
+    assert [off.ema_decay_at(n) for n in (0, 5, 1000)] == [0.9, 0.9, 0.9]
+    assert [on.ema_decay_at(n) for n in (0, 1, 5, 80, 1000)] == pytest.approx([0.1, 2 / 11, 6 / 15, 81 / 90, 0.9])
+    # the initial weights' share of the EMA: decay ** n without warm-up, a product that vanishes with it
+    assert np.prod([on.ema_decay_at(n) for n in range(100)]) < 1e-9 < 0.9 ** 100
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     images, labels = _fake_digits()
     kw = dict(sample_every=0, progress=False, images=images, labels=labels)
     T.train(_recipe(steps=2), tmp_path, **kw)
     with pytest.raises(ValueError, match="lr: checkpoint 0.001, now 0.002"):
         T.train(T.Recipe(overrides=TINY, batch_size=8, lr=2e-3, ema_decay=0.9, steps=4), tmp_path, resume=True, **kw)
+    with pytest.raises(ValueError, match="ema_warmup: checkpoint False, now True"):
+        T.train(_recipe(steps=4, ema_warmup=True), tmp_path, resume=True, **kw)
+    # a checkpoint written before a setting existed resumes when the run keeps that setting's default
+    ckpt = tmp_path / T.CHECKPOINT
+    tensors, meta = read_safetensors(ckpt)
+    recipe = json.loads(meta["recipe"])
+    del recipe["ema_warmup"]
+    write_safetensors(ckpt, tensors, dict(meta, recipe=json.dumps(recipe)))
+    assert T.train(_recipe(steps=4), tmp_path, resume=True, **kw).step_count == 4
 
 
 def test_export_official_keys_config_and_facts(tmp_path):

@@ -37,7 +37,7 @@ CHECKPOINT_FORMAT = "tinylazy-train-checkpoint-1"
 FROZEN = ("pos_embed",)            # a fixed sin-cos buffer in the official model (requires_grad=False)
 # Settings that must not change when a run is resumed (the step count may grow).
 RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "lr_decay_steps", "betas", "adam_eps",
-               "weight_decay", "ema_decay", "class_dropout_prob", "seed", "dtype", "init")
+               "weight_decay", "ema_decay", "ema_warmup", "class_dropout_prob", "seed", "dtype", "init")
 
 
 @dataclasses.dataclass
@@ -52,7 +52,13 @@ class Recipe:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    ema_decay: float = 0.9999       # official; the bundled model uses 0.999
+    ema_decay: float = 0.9999       # official; the bundled model uses 0.995 with ema_warmup
+    # True: the decay of update n (0-based) is min(ema_decay, (1 + n) / (10 + n)), the ramp of
+    # TensorFlow's ExponentialMovingAverage(num_updates) and of diffusers' EMAModel by default.
+    # The official EMA starts as a copy of the initial weights and keeps a share ema_decay ** steps
+    # of them: nothing after 400K steps at 0.9999, but 4% of the zero-initialised adaLN and final
+    # layer after 3200 steps at 0.999 (the previous bundled model, whose EMA it ruined).
+    ema_warmup: bool = False
     class_dropout_prob: float = 0.1
     seed: int = 0
     dtype: str = "float32"
@@ -137,6 +143,11 @@ class Trainer:
             return r.lr
         return r.lr * min(1.0, (r.steps - step) / r.lr_decay_steps)
 
+    def ema_decay_at(self, step):
+        """EMA decay of the update after ``step`` completed optimizer steps."""
+        r = self.recipe
+        return min(r.ema_decay, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema_decay
+
     def step(self):
         t0 = time.perf_counter()
         self.opt.lr = self.lr_at(self.step_count)
@@ -148,7 +159,7 @@ class Trainer:
         drop = self.rng.random(B) < self.recipe.class_dropout_prob                       # LabelEmbedder.token_drop
         y = np.where(drop, self.config.num_classes, self.labels[idx])
         self.last_terms = train_step(self.model, self.diffusion, self.opt, x_start, y, t, noise)
-        update_ema(self.ema, self.trainable, self.recipe.ema_decay)
+        update_ema(self.ema, self.trainable, self.ema_decay_at(self.step_count))
         self.step_count += 1
         self.train_seconds += time.perf_counter() - t0
         return self.last_terms
@@ -183,6 +194,8 @@ class Trainer:
             raise ValueError(f"{path}: not a tinylazy training checkpoint (format {meta.get('format')!r})")
         saved = json.loads(meta["recipe"])
         mine = json.loads(self.recipe.to_json())
+        for k, v in json.loads(Recipe().to_json()).items():
+            saved.setdefault(k, v)                    # settings added since the checkpoint: their defaults
         keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())     # the schedule ends at steps
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in keys if saved.get(k) != mine[k]]
         if diff:
@@ -209,6 +222,7 @@ class Trainer:
         r = self.recipe
         meta = {"recipe": r.to_json(), "steps": str(self.step_count), "train_seconds": f"{self.train_seconds:.1f}",
                 "seed": str(r.seed), "data": r.data, "weights": "ema", "ema_decay": repr(r.ema_decay),
+                "ema_warmup": str(r.ema_warmup),
                 "objective": "ADM training_losses, learned sigma (eps MSE + vb), uniform t, 10% label drop",
                 "trainer": f"tinylazy {__version__} (python -m tinylazy.train), NumPy {np.__version__}, "
                            f"{platform.machine()}"}
@@ -298,6 +312,9 @@ def main(argv=None):
                         "as official)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay} (official)")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="warm the EMA decay up as min(decay, (1+n)/(10+n)) so that a short run forgets its "
+                        "initial weights (default off: official, the EMA starts as a copy of them)")
     p.add_argument("--class-dropout", type=float, default=d.class_dropout_prob,
                    help="probability of the null label (default 0.1)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
@@ -321,7 +338,8 @@ def main(argv=None):
     recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, lr_decay_steps=args.lr_decay_steps,
                     weight_decay=args.weight_decay,
-                    ema_decay=args.ema_decay, class_dropout_prob=args.class_dropout, seed=args.seed,
+                    ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, class_dropout_prob=args.class_dropout,
+                    seed=args.seed,
                     dtype=args.dtype)
     try:
         recipe.model_config()
