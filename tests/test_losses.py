@@ -144,3 +144,31 @@ def test_bad_inputs_name_the_problem():
         losses.training_losses(DIFF, out[:, :3], x_start, x_t, t, noise)
     with pytest.raises(ValueError, match="timesteps in 0..999"):
         losses.training_losses(DIFF, out, x_start, x_t, t + 1, noise)
+    with pytest.raises(ValueError, match="snr_gamma must be None or > 0"):
+        losses.training_losses(DIFF, out, x_start, x_t, t, noise, snr_gamma=0.0)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_min_snr_weighting_matches_torch_autograd(learn_sigma):
+    """snr_gamma=5: the mse term weighted by min(SNR, 5) / SNR per sample (Min-SNR, eps target),
+    as diffusers' train_text_to_image computes it; vb unchanged."""
+    torch = pytest.importorskip("torch")
+    out, x_start, x_t, t, noise = _batch(seed=6, t=(0, 3, 60, 128, 131, 300, 700, 999))
+    C = x_start.shape[1]
+    out = out if learn_sigma else out[:, :C]
+    terms, cache = losses.training_losses(DIFF, out, x_start, x_t, t, noise, snr_gamma=5.0)
+    dout = losses.training_losses_backward(cache)
+
+    out_t = torch.from_numpy(out).requires_grad_(True)
+    ref = _torch_terms(torch, out_t if learn_sigma else torch.cat([out_t, out_t.detach()], 1), x_start, x_t, t,
+                       noise)
+    acp = torch.from_numpy(DIFF.alphas_cumprod)[torch.from_numpy(t)]
+    snr = acp / (1 - acp)
+    w = (torch.clamp(snr, max=5.0) / snr).float().double()      # cast as the other float64 tables
+    loss = w * ref["mse"] + (ref["vb"] if learn_sigma else 0.0)
+    loss.mean().backward()
+    assert rel_err(terms["mse"], ref["mse"].detach().numpy()) <= 1e-12     # reported unweighted
+    assert rel_err(terms["loss"], loss.detach().numpy()) <= 1e-12
+    assert rel_err(dout, out_t.grad.numpy()) <= 1e-10
+    w = w.numpy()
+    assert w[0] < 1e-3 and w[3] < 1.0 and np.all(w[4:] == 1.0)    # SNR = 5 falls between t = 129 and 130

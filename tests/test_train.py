@@ -60,8 +60,8 @@ def test_one_step_matches_torch_adamw():
     assert worst <= 1e-8
 
 
-@pytest.mark.parametrize("ema_warmup", [False, True])
-def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup):
+@pytest.mark.parametrize("ema_warmup,snr_gamma", [(False, 0.0), (True, 0.0), (True, 5.0)])
+def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup, snr_gamma):
     """Twelve steps of the Trainer itself (its batches, label drop, lr decay, EMA, official init)
     replayed in PyTorch: one step matching is not enough to catch state that goes stale after it."""
     torch = pytest.importorskip("torch")
@@ -71,15 +71,15 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup):
     images, labels = _fake_digits(n=40)
     recipe = T.Recipe(overrides={"depth": 2, "hidden_size": 32, "num_heads": 2}, batch_size=8, lr=1e-3,
                       lr_decay_steps=6, steps=12, ema_decay=0.8, class_dropout_prob=0.3, dtype="float64",
-                      ema_warmup=ema_warmup)
+                      ema_warmup=ema_warmup, snr_gamma=snr_gamma)
     tr = T.Trainer(recipe, images, labels)
     params0 = {k: v.copy() for k, v in tr.model.params.items()}
     batches = []
     run_step = T.train_step
 
-    def recording_step(model, diffusion, opt, x_start, y, t, noise):
+    def recording_step(model, diffusion, opt, x_start, y, t, noise, snr_gamma=None):
         batches.append((x_start.copy(), y.copy(), t.copy(), noise.copy(), opt.lr))
-        return run_step(model, diffusion, opt, x_start, y, t, noise)
+        return run_step(model, diffusion, opt, x_start, y, t, noise, snr_gamma)
     monkeypatch.setattr(T, "train_step", recording_step)
     for _ in range(recipe.steps):
         tr.step()
@@ -89,18 +89,26 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup):
     named = {n: p for n, p in tm.named_parameters() if n != "pos_embed"}
     opt = torch.optim.AdamW(list(named.values()), lr=1e-3, weight_decay=0.0)
     ema = {n: p.detach().clone() for n, p in named.items()}
+    weighted = []
     for n_done, (x0, y, t, noise, lr) in enumerate(batches):
         decay = min(0.8, (1 + n_done) / (10 + n_done)) if ema_warmup else 0.8
         x_t = tr.diffusion.q_sample(x0, t, noise)
         out = tm(torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(y))
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad()
-        _torch_terms(torch, out, x0, x_t, t, noise)["loss"].mean().backward()
+        terms = _torch_terms(torch, out, x0, x_t, t, noise)
+        if snr_gamma:                                                 # Min-SNR: min(SNR, gamma) / SNR on mse
+            acp = torch.from_numpy(tr.diffusion.alphas_cumprod)[torch.from_numpy(t)]
+            w = (torch.clamp(acp / (1 - acp), max=snr_gamma) / (acp / (1 - acp))).float().double()
+            terms["loss"] = w * terms["mse"] + terms["vb"]
+            weighted.append(bool((w < 1).any()))
+        terms["loss"].mean().backward()
         opt.step()
         with torch.no_grad():
             for n, p in named.items():
                 ema[n].mul_(decay).add_(p, alpha=1 - decay)           # official update_ema
     assert [b[4] for b in batches][-3:] == pytest.approx([5e-4, 3.333333e-4, 1.666667e-4])
+    assert any(weighted) or not snr_gamma                             # some t < 130 were down-weighted
     for n, p in named.items():
         new = p.detach().numpy()
         assert rel_err(tr.model.params[n] - params0[n], new - params0[n]) <= 1e-8, n
@@ -176,11 +184,13 @@ def test_resume_refuses_changed_settings(tmp_path):
         T.train(T.Recipe(overrides=TINY, batch_size=8, lr=2e-3, ema_decay=0.9, steps=4), tmp_path, resume=True, **kw)
     with pytest.raises(ValueError, match="ema_warmup: checkpoint False, now True"):
         T.train(_recipe(steps=4, ema_warmup=True), tmp_path, resume=True, **kw)
+    with pytest.raises(ValueError, match="snr_gamma: checkpoint 0.0, now 5.0"):
+        T.train(_recipe(steps=4, snr_gamma=5.0), tmp_path, resume=True, **kw)
     # a checkpoint written before a setting existed resumes when the run keeps that setting's default
     ckpt = tmp_path / T.CHECKPOINT
     tensors, meta = read_safetensors(ckpt)
     recipe = json.loads(meta["recipe"])
-    del recipe["ema_warmup"]
+    del recipe["ema_warmup"], recipe["snr_gamma"]
     write_safetensors(ckpt, tensors, dict(meta, recipe=json.dumps(recipe)))
     assert T.train(_recipe(steps=4), tmp_path, resume=True, **kw).step_count == 4
 
@@ -220,6 +230,9 @@ def test_cli_help_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         T.main(["--config", "DiT-Q/2", "--no-progress"])
     assert e.value.code == 2 and "unknown DiT configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        T.main(["--snr-gamma", "-1", "--no-progress"])
+    assert e.value.code == 2 and "--snr-gamma must be >= 0" in capsys.readouterr().err
 
 
 def test_progress_line_past_its_total():

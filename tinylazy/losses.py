@@ -14,6 +14,11 @@ variance half v: ``log var = frac * log(beta_t) + (1 - frac) * log(posterior var
 ``frac = (v + 1) / 2``.  The model minimises the batch mean of ``loss``;
 ``training_losses_backward`` is its gradient w.r.t. the model output, written by hand.
 
+Not official, off by default: ``snr_gamma`` weights the mse term per sample by
+``min(SNR(t), gamma) / SNR(t)``, SNR(t) = alphas_cumprod / (1 - alphas_cumprod): the Min-SNR-gamma
+strategy for eps prediction (Hang et al., ICCV 2023), which takes weight off the nearly clean
+steps (SNR > gamma: t < 130 of 1000 at gamma 5) whose large eps errors dominate the gradient.
+
 Every schedule coefficient is looked up in float64 and cast to float32, as the official
 ``_extract_into_tensor(...).float()``; products with the arrays run in their dtype.
 """
@@ -117,13 +122,21 @@ def discretized_gaussian_log_likelihood_backward(dlog_probs, cache):
 # ----------------------------------------------------------------------------
 # the training loss and its gradient w.r.t. the model output
 
-def training_losses(diffusion, model_output, x_start, x_t, t, noise):
+def min_snr_weight(diffusion, t, gamma, like):
+    """min(SNR(t), gamma) / SNR(t) in float64, cast as ``extract`` casts: shape (B, 1, 1, 1)."""
+    acp = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+    snr = acp / (1.0 - acp)
+    return extract(np.minimum(snr, gamma) / snr, t, like)
+
+
+def training_losses(diffusion, model_output, x_start, x_t, t, noise, snr_gamma=None):
     """Per-sample loss terms of one batch.
 
     diffusion: a ``tinylazy.diffusion.GaussianDiffusion`` with the full (unrespaced) schedule.
     model_output (B, 2C, H, W) with learned sigma ([eps, v]) or (B, C, H, W) without;
     x_start, x_t = q_sample(x_start, t, noise), noise (B, C, H, W); t (B,) ints 0..T-1.
-    Returns (terms, cache): terms["mse"], terms["vb"] (learned sigma only), terms["loss"], each (B,).
+    snr_gamma: None (official) or gamma > 0: loss = w(t) mse (+ vb), w = ``min_snr_weight``.
+    Returns (terms, cache): terms["mse"] (unweighted), terms["vb"] (learned sigma only), terms["loss"], each (B,).
     """
     xp = array_module_of(model_output)
     B, C = x_start.shape[:2]
@@ -133,12 +146,16 @@ def training_losses(diffusion, model_output, x_start, x_t, t, noise):
     if model_output.shape[1] not in (C, 2 * C) or model_output.shape[2:] != x_start.shape[2:]:
         raise ValueError(f"model output has shape {tuple(model_output.shape)}; expected (B, {C} or {2 * C}, "
                          f"{', '.join(map(str, x_start.shape[2:]))}) for x_start {tuple(x_start.shape)}")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be None or > 0, got {snr_gamma}")
     learn_sigma = model_output.shape[1] == 2 * C
     eps = model_output[:, :C]
     terms = {"mse": mean_flat((noise - eps) ** 2)}                       # eps target (ModelMeanType.EPSILON)
-    cache = {"eps": eps, "noise": noise, "learn_sigma": learn_sigma, "shape": model_output.shape}
+    w = None if snr_gamma is None else min_snr_weight(diffusion, t, snr_gamma, eps)
+    weighted_mse = terms["mse"] if w is None else w.reshape(-1) * terms["mse"]
+    cache = {"eps": eps, "noise": noise, "learn_sigma": learn_sigma, "shape": model_output.shape, "mse_weight": w}
     if not learn_sigma:
-        terms["loss"] = terms["mse"]
+        terms["loss"] = weighted_mse
         return terms, cache
 
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x_start, x_t, t)   # q(x_{t-1} | x_t, x_0)
@@ -151,7 +168,7 @@ def training_losses(diffusion, model_output, x_start, x_t, t, noise):
     log_probs, dgll_cache = discretized_gaussian_log_likelihood_forward(x_start, model_mean, 0.5 * model_log_var)
     is_t0 = xp.asarray(t == 0)
     terms["vb"] = xp.where(is_t0, mean_flat(-log_probs) / LN2, mean_flat(kl) / LN2)
-    terms["loss"] = terms["mse"] + terms["vb"]
+    terms["loss"] = weighted_mse + terms["vb"]
     cache.update(true_mean=true_mean, true_log_var=true_log_var, model_mean=model_mean,
                  model_log_var=model_log_var, dlog_var_dv=(max_log - min_log) / 2, dgll_cache=dgll_cache,
                  is_t0=is_t0)
@@ -167,6 +184,8 @@ def training_losses_backward(cache):
     dout = xp.empty(cache["shape"], dtype=eps.dtype)
     C = eps.shape[1]
     dout[:, :C] = (2.0 * scale) * (eps - noise)                          # d (noise - eps)^2 / d eps
+    if cache.get("mse_weight") is not None:
+        dout[:, :C] *= cache["mse_weight"]                                # min-SNR: w(t) per sample
     if not cache["learn_sigma"]:
         return dout
     # vb sees only v: d vb / d model_log_var, per sample from the KL or from the decoder NLL

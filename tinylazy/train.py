@@ -37,7 +37,7 @@ CHECKPOINT_FORMAT = "tinylazy-train-checkpoint-1"
 FROZEN = ("pos_embed",)            # a fixed sin-cos buffer in the official model (requires_grad=False)
 # Settings that must not change when a run is resumed (the step count may grow).
 RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "lr_decay_steps", "betas", "adam_eps",
-               "weight_decay", "ema_decay", "ema_warmup", "class_dropout_prob", "seed", "dtype", "init")
+               "weight_decay", "ema_decay", "ema_warmup", "snr_gamma", "class_dropout_prob", "seed", "dtype", "init")
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class Recipe:
     # of them: nothing after 400K steps at 0.9999, but 4% of the zero-initialised adaLN and final
     # layer after 3200 steps at 0.999 (the previous bundled model, whose EMA it ruined).
     ema_warmup: bool = False
+    snr_gamma: float = 0.0          # > 0: Min-SNR-gamma weights on the mse term (losses.py); 0: official
     class_dropout_prob: float = 0.1
     seed: int = 0
     dtype: str = "float32"
@@ -84,11 +85,11 @@ def load_data(name):
 # ----------------------------------------------------------------------------
 # One step
 
-def train_step(model, diffusion, opt, x_start, y, t, noise):
+def train_step(model, diffusion, opt, x_start, y, t, noise, snr_gamma=None):
     """One AdamW step on ADM's loss for the batch (x_start, y, t, noise); returns the loss terms (B,)."""
     x_t = diffusion.q_sample(x_start, t, noise)
     out, cache = model.forward_train(x_t, t, y)
-    terms, loss_cache = training_losses(diffusion, out, x_start, x_t, t, noise)
+    terms, loss_cache = training_losses(diffusion, out, x_start, x_t, t, noise, snr_gamma=snr_gamma)
     grads, _ = model.backward(training_losses_backward(loss_cache), cache)
     opt.step(grads)
     return terms
@@ -158,7 +159,8 @@ class Trainer:
         noise = self.rng.standard_normal(x_start.shape).astype(self.model.dtype)
         drop = self.rng.random(B) < self.recipe.class_dropout_prob                       # LabelEmbedder.token_drop
         y = np.where(drop, self.config.num_classes, self.labels[idx])
-        self.last_terms = train_step(self.model, self.diffusion, self.opt, x_start, y, t, noise)
+        self.last_terms = train_step(self.model, self.diffusion, self.opt, x_start, y, t, noise,
+                                     self.recipe.snr_gamma or None)
         update_ema(self.ema, self.trainable, self.ema_decay_at(self.step_count))
         self.step_count += 1
         self.train_seconds += time.perf_counter() - t0
@@ -223,7 +225,8 @@ class Trainer:
         meta = {"recipe": r.to_json(), "steps": str(self.step_count), "train_seconds": f"{self.train_seconds:.1f}",
                 "seed": str(r.seed), "data": r.data, "weights": "ema", "ema_decay": repr(r.ema_decay),
                 "ema_warmup": str(r.ema_warmup),
-                "objective": "ADM training_losses, learned sigma (eps MSE + vb), uniform t, 10% label drop",
+                "objective": "ADM training_losses, learned sigma (eps MSE + vb), uniform t, 10% label drop"
+                             + (f"; eps MSE weighted min(SNR, {r.snr_gamma:g}) / SNR (Min-SNR)" if r.snr_gamma else ""),
                 "trainer": f"tinylazy {__version__} (python -m tinylazy.train), NumPy {np.__version__}, "
                            f"{platform.machine()}"}
         if r.data == "digits":
@@ -315,6 +318,9 @@ def main(argv=None):
     p.add_argument("--ema-warmup", action="store_true",
                    help="warm the EMA decay up as min(decay, (1+n)/(10+n)) so that a short run forgets its "
                         "initial weights (default off: official, the EMA starts as a copy of them)")
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma,
+                   help="weight the eps MSE of each sample by min(SNR(t), G) / SNR(t) (Min-SNR-gamma, Hang et "
+                        "al. 2023; e.g. 5); default 0: unweighted, official")
     p.add_argument("--class-dropout", type=float, default=d.class_dropout_prob,
                    help="probability of the null label (default 0.1)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
@@ -333,12 +339,15 @@ def main(argv=None):
     for name in ("steps", "ckpt_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.snr_gamma >= 0:
+        p.error(f"--snr-gamma must be >= 0 (0: off), got {args.snr_gamma}")
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v is not None}
     recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, lr_decay_steps=args.lr_decay_steps,
                     weight_decay=args.weight_decay,
-                    ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, class_dropout_prob=args.class_dropout,
+                    ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, snr_gamma=args.snr_gamma,
+                    class_dropout_prob=args.class_dropout,
                     seed=args.seed,
                     dtype=args.dtype)
     try:
