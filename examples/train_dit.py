@@ -1,7 +1,7 @@
 """Train a DiT from scratch; the same command line as ``python -m tinylazy.train``.
 
     python examples/train_dit.py --config tiny-dit-digits --steps 3000 --batch-size 64 --lr 1e-3 \\
-        --lr-decay-steps 1500 --ema-decay 0.995 --ema-warmup --seed 0 \\
+        --lr-decay-steps 1500 --ema-decay 0.995 --ema-warmup --snr-gamma 5 --seed 0 \\
         --out runs/tiny-dit-digits --export weights/tiny-dit-digits.safetensors
 """
 from tinylazy.train import main
