@@ -148,6 +148,14 @@ def test_bad_inputs_name_the_problem():
         losses.training_losses(DIFF, out, x_start, x_t, t, noise, snr_gamma=0.0)
 
 
+def torch_min_snr_weight(torch, t, gamma):
+    """min(SNR, gamma) / SNR of the timesteps t (numpy ints), float64 cast to float32 and back as
+    the other float64 tables: Min-SNR for an eps target, as diffusers' train_text_to_image."""
+    acp = torch.from_numpy(DIFF.alphas_cumprod)[torch.from_numpy(t)]
+    snr = acp / (1 - acp)
+    return (torch.clamp(snr, max=gamma) / snr).float().double()
+
+
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_min_snr_weighting_matches_torch_autograd(learn_sigma):
     """snr_gamma=5: the mse term weighted by min(SNR, 5) / SNR per sample (Min-SNR, eps target),
@@ -162,9 +170,7 @@ def test_min_snr_weighting_matches_torch_autograd(learn_sigma):
     out_t = torch.from_numpy(out).requires_grad_(True)
     ref = _torch_terms(torch, out_t if learn_sigma else torch.cat([out_t, out_t.detach()], 1), x_start, x_t, t,
                        noise)
-    acp = torch.from_numpy(DIFF.alphas_cumprod)[torch.from_numpy(t)]
-    snr = acp / (1 - acp)
-    w = (torch.clamp(snr, max=5.0) / snr).float().double()      # cast as the other float64 tables
+    w = torch_min_snr_weight(torch, t, 5.0)
     loss = w * ref["mse"] + (ref["vb"] if learn_sigma else 0.0)
     loss.mean().backward()
     assert rel_err(terms["mse"], ref["mse"].detach().numpy()) <= 1e-12     # reported unweighted

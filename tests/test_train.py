@@ -65,7 +65,7 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup, snr_ga
     """Twelve steps of the Trainer itself (its batches, label drop, lr decay, EMA, official init)
     replayed in PyTorch: one step matching is not enough to catch state that goes stale after it."""
     torch = pytest.importorskip("torch")
-    from test_losses import _torch_terms
+    from test_losses import _torch_terms, torch_min_snr_weight
     from torch_dit import TorchDiT
 
     images, labels = _fake_digits(n=40)
@@ -98,8 +98,7 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup, snr_ga
         opt.zero_grad()
         terms = _torch_terms(torch, out, x0, x_t, t, noise)
         if snr_gamma:                                                 # Min-SNR: min(SNR, gamma) / SNR on mse
-            acp = torch.from_numpy(tr.diffusion.alphas_cumprod)[torch.from_numpy(t)]
-            w = (torch.clamp(acp / (1 - acp), max=snr_gamma) / (acp / (1 - acp))).float().double()
+            w = torch_min_snr_weight(torch, t, snr_gamma)
             terms["loss"] = w * terms["mse"] + terms["vb"]
             weighted.append(bool((w < 1).any()))
         terms["loss"].mean().backward()

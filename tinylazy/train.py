@@ -57,7 +57,7 @@ class Recipe:
     # TensorFlow's ExponentialMovingAverage(num_updates) and of diffusers' EMAModel by default.
     # The official EMA starts as a copy of the initial weights and keeps a share ema_decay ** steps
     # of them: nothing after 400K steps at 0.9999, but 4% of the zero-initialised adaLN and final
-    # layer after 3200 steps at 0.999 (the previous bundled model, whose EMA it ruined).
+    # layer after 3200 steps at 0.999 (the first bundled model, whose EMA it ruined).
     ema_warmup: bool = False
     snr_gamma: float = 0.0          # > 0: Min-SNR-gamma weights on the mse term (losses.py); 0: official
     class_dropout_prob: float = 0.1
