@@ -345,10 +345,8 @@ def main(argv=None):
                                    ("num_heads", args.num_heads)) if v is not None}
     recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, lr_decay_steps=args.lr_decay_steps,
-                    weight_decay=args.weight_decay,
-                    ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, snr_gamma=args.snr_gamma,
-                    class_dropout_prob=args.class_dropout,
-                    seed=args.seed,
+                    weight_decay=args.weight_decay, ema_decay=args.ema_decay, ema_warmup=args.ema_warmup,
+                    snr_gamma=args.snr_gamma, class_dropout_prob=args.class_dropout, seed=args.seed,
                     dtype=args.dtype)
     try:
         recipe.model_config()
