@@ -71,7 +71,23 @@ def test_silu(rng):
 
 def test_gelu_tanh(rng):
     x = 3 * rng.standard_normal((4, 6, 5))
+    y, s = ops.gelu_tanh_forward(x, return_gate=True)
+    assert np.array_equal(y, ops.gelu_tanh_forward(x))
     check_grads("gelu_tanh", ops.gelu_tanh_forward, lambda dy: (ops.gelu_tanh_backward(dy, x),), [x], rng)
+    check_grads("gelu_tanh, forward's gate", ops.gelu_tanh_forward,
+                lambda dy: (ops.gelu_tanh_backward(dy, x, s),), [x], rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_tanh_bits(rng, dtype):
+    """y = ((1 + tanh u) / 2) x has the bits of the textbook (1 + tanh u) x / 2 (halving is
+    exact), and the forward's tanh gate equals the backward's exp form to rounding."""
+    x = np.concatenate([4 * rng.standard_normal(4000), [-1e4, -60.0, -1e-3, 0.0, 1e-30, 60.0, 1e4]]).astype(dtype)
+    with np.errstate(over="ignore"):
+        u = ((x * x) * (ops.GELU_C * x) + x) * ops.GELU_K            # the kernel's order of operations
+        y, s = ops.gelu_tanh_forward(x, return_gate=True)
+        np.testing.assert_array_equal(y, ((np.tanh(u) + 1) * x) * 0.5)
+        np.testing.assert_allclose(s, ops.gelu_tanh_gate(x), rtol=4 * np.finfo(dtype).eps, atol=np.finfo(dtype).eps)
 
 
 def test_gelu_tanh_gate(rng):
@@ -225,9 +241,10 @@ def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
     monkeypatch.setattr(ops, "_BLAS_ONE_THREAD", None)             # the plain expressions
     plain_y, plain_attn = x @ w.T + b, ops.sdpa_forward(q, k, v, return_lse=True)
     np.testing.assert_array_equal(ops.linear_forward(x, w, b), plain_y)
-    h, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
+    h, s, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
     np.testing.assert_array_equal(h, plain_y)
-    np.testing.assert_array_equal(g, ops.gelu_tanh_forward(plain_y))
+    for a, c in zip((g, s), ops.gelu_tanh_forward(plain_y, return_gate=True)):
+        np.testing.assert_array_equal(a, c)
     monkeypatch.undo()
     if ops._BLAS_ONE_THREAD is None:
         pytest.skip("NumPy's BLAS is not OpenBLAS: no pooled GEMMs")
@@ -236,9 +253,10 @@ def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
     monkeypatch.setattr(ops, "CACHE_BYTES", 1 << 12)               # several chunks per thread
     scale = np.abs(plain_y).max()
     assert np.abs(ops.linear_forward(x, w, b) - plain_y).max() <= 1e-6 * scale
-    h, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
+    h, s, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
     assert np.abs(h - plain_y).max() <= 1e-6 * scale
-    np.testing.assert_array_equal(g, ops.gelu_tanh_forward(h))
+    for a, c in zip((g, s), ops.gelu_tanh_forward(h, return_gate=True)):
+        np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(ops.linear_gelu_forward(x, w, b), g)
     for a, c in zip(plain_attn, ops.sdpa_forward(q, k, v, return_lse=True)):
         np.testing.assert_array_equal(a, c)

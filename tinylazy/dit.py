@@ -322,8 +322,7 @@ class DiT:
         do = do.reshape(B, T, H, D // H).transpose(0, 2, 1, 3)           # (B, T, D) -> (B, H, T, Dh)
         o = cache["o"].reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
         dqkv = self.xp.empty((B, T, 3, H, D // H), dtype=da.dtype)
-        for i, d in enumerate(ops.sdpa_backward(do, q, k, v, o, cache["lse"])):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)                      # (B, H, T, Dh) -> (B, T, H, Dh)
+        ops.sdpa_backward(do, q, k, v, o, cache["lse"], grads_out=dqkv.transpose(2, 0, 3, 1, 4))  # (3, B, H, T, Dh)
         dz, dw, db = ops.linear_backward(dqkv.reshape(B, T, 3 * D), cache["z"],
                                          P[f"blocks.{l}.attn.qkv.weight"], pg)
         if pg:
@@ -333,13 +332,13 @@ class DiT:
     def mlp(self, l, z, cache=None):
         """MLP branch of block l, before the gate_mlp multiply: fc1 -> tanh-GELU -> fc2.
 
-        cache: z, h (B, T, 4D) the GELU input (its output is recomputed for fc2's dW)."""
+        cache: z, h (B, T, 4D) the GELU input, s its gate (the output h s is recomputed for fc2's dW)."""
         P = self.params
         keep = cache is not None or self.recorder is not None
-        hg = ops.linear_gelu_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"], keep)
-        h, g = hg if keep else (None, hg)                                 # gelu(fc1(z)), one pass
+        hsg = ops.linear_gelu_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"], keep)
+        h, s, g = hsg if keep else (None, None, hsg)                      # gelu(fc1(z)) = h s, one pass
         if cache is not None:
-            cache.update(z=z, h=h)
+            cache.update(z=z, h=h, s=s)
         if self.recorder is not None:
             self.recorder(f"block.{l:02d}/mlp/hidden", h)
             self.recorder(f"block.{l:02d}/mlp/act", g)
@@ -347,8 +346,7 @@ class DiT:
 
     def mlp_backward(self, l, dm, cache, grads=None):
         """dm (B, T, D), the gradient of the branch output -> dz (B, T, D)."""
-        P, pg, h = self.params, grads is not None, cache["h"]
-        s = ops.gelu_tanh_gate(h)                                         # gelu(h) = h s
+        P, pg, h, s = self.params, grads is not None, cache["h"], cache["s"]
         dg, dw, db = ops.linear_backward(dm, h * s if pg else None, P[f"blocks.{l}.mlp.fc2.weight"], pg)
         if pg:
             _put(grads, f"blocks.{l}.mlp.fc2", dw, db)
@@ -459,8 +457,9 @@ class DiT:
         """-> out, cache: the forward keeping, per piece, only what its backward reads.
 
         cache keys: "embed", "cond", "blocks.{l}" (l = 0..depth-1), "final"; the
-        contents are listed in each piece's docstring.  Per block that is 14 (B, T, D)
-        arrays (xhat, z twice; qkv three; o, a, m; h four) and no (T, T) attention matrix."""
+        contents are listed in each piece's docstring.  Per block that is 18 (B, T, D)
+        arrays (xhat, z twice; qkv three; o, a, m; h and the GELU gate s four each; PyTorch
+        keeps h and the GELU output) and no (T, T) attention matrix."""
         cache = {}
         out = self.forward(x, t, y, cache)
         return out, cache
