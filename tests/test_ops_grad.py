@@ -118,6 +118,15 @@ def test_modulate(rng):
     assert dshift is None and dscale is None and np.array_equal(dx, ops.modulate_backward(x, x, scale)[0])
 
 
+def test_gated_residual(rng):
+    x, gate, branch = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 5, 4))
+    np.testing.assert_array_equal(ops.gated_residual_forward(x, gate, branch), x + gate[:, None, :] * branch)
+    check_grads("gated_residual", ops.gated_residual_forward,
+                lambda dy: (dy, *ops.gated_residual_backward(dy, gate, branch)[::-1]), [x, gate, branch], rng)
+    dbranch, dgate = ops.gated_residual_backward(x, gate, branch, gate_grad=False)
+    assert dgate is None and np.array_equal(dbranch, ops.gated_residual_backward(x, gate, branch)[0])
+
+
 def test_softmax(rng):
     s = 4 * rng.standard_normal((2, 3, 7))
     p, lse = ops.softmax_forward(s, return_lse=True)
@@ -202,12 +211,17 @@ def test_row_parallel_results_do_not_depend_on_threads(monkeypatch, rng):
     x = rng.standard_normal((6, 96, 128)).astype(np.float32)        # big enough to be split
     q, k, v = (rng.standard_normal((4, 3, 96, 32)).astype(np.float32) for _ in range(3))
 
+    shift, scale = x[:, 0], x[:, 1]                                    # (6, 128) per-sample rows
+
     def run():
         xhat, rstd = ops.layernorm_forward(x[:, ::2], return_rstd=True)  # a non-contiguous input too
         out, lse = ops.sdpa_forward(q, k, v, return_lse=True)
         return [ops.gelu_tanh_forward(x), ops.gelu_tanh_backward(x, x), xhat, rstd,
                 ops.layernorm_backward(x[:, ::2], xhat, rstd), ops.softmax_forward(x),
-                ops.softmax_backward(x, x), out, lse, *ops.sdpa_backward(q, k, v, q, out, lse)]
+                ops.softmax_backward(x, x), out, lse, *ops.sdpa_backward(q, k, v, q, out, lse),
+                ops.modulate_forward(x, shift, scale), *ops.modulate_backward(x[:, ::-1], x, scale),
+                ops.gated_residual_forward(x, scale, x[:, ::-1]), *ops.gated_residual_backward(x, scale, x[:, ::-1]),
+                ops.gelu_tanh_output(x, x[:, ::-1])]
 
     monkeypatch.setattr(ops, "NUM_THREADS", 1)
     single = run()
@@ -230,33 +244,41 @@ def test_row_parallel_pool_survives_fork(monkeypatch, rng):
 
 @pytest.mark.parametrize("batch", [4, 1])                   # 1: attention split over heads
 def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
-    """linear, linear + GELU and attention on the pool (single-threaded BLAS per thread,
+    """linear, the fused MLP and attention on the pool (single-threaded BLAS per thread,
     cache-sized chunks).  Attention runs the same (sample, head) GEMMs: the same bits.  A
     linear's rows go to BLAS in other blocks, which changes float32 rounding (as OpenBLAS's
     own threading does: 1 and 2 threads differ too), so it is checked to 1e-6; the fused
-    GELU is bit for bit the GELU of its own hidden output."""
+    GELU is bit for bit the GELU of its own hidden output, and fc2 is the same GEMM on the
+    same chunks whatever the MLP is asked to return."""
     x = rng.standard_normal((batch, 96, 128)).astype(np.float32)
     w, b = rng.standard_normal((200, 128)).astype(np.float32), rng.standard_normal(200).astype(np.float32)
+    w2, b2 = rng.standard_normal((128, 200)).astype(np.float32), rng.standard_normal(128).astype(np.float32)
     q, k, v = (rng.standard_normal((batch, 3, 96, 32)).astype(np.float32) for _ in range(3))
     monkeypatch.setattr(ops, "_BLAS_ONE_THREAD", None)             # the plain expressions
     plain_y, plain_attn = x @ w.T + b, ops.sdpa_forward(q, k, v, return_lse=True)
+    plain_g, plain_s = ops.gelu_tanh_forward(plain_y, return_gate=True)
+    plain_m = plain_g @ w2.T + b2
     np.testing.assert_array_equal(ops.linear_forward(x, w, b), plain_y)
-    h, s, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
-    np.testing.assert_array_equal(h, plain_y)
-    for a, c in zip((g, s), ops.gelu_tanh_forward(plain_y, return_gate=True)):
+    for a, c in zip(ops.mlp_forward(x, w, b, w2, b2, return_hidden=True, return_act=True),
+                    (plain_m, plain_y, plain_s, plain_g)):
         np.testing.assert_array_equal(a, c)
     monkeypatch.undo()
     if ops._BLAS_ONE_THREAD is None:
         pytest.skip("NumPy's BLAS is not OpenBLAS: no pooled GEMMs")
     monkeypatch.setattr(ops, "NUM_THREADS", 3)
     monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
-    monkeypatch.setattr(ops, "CACHE_BYTES", 1 << 12)               # several chunks per thread
+    monkeypatch.setattr(ops, "CACHE_BYTES", 1 << 14)               # several chunks per thread
+    monkeypatch.setattr(ops, "GEMM_MIN_ROWS", 16)
     scale = np.abs(plain_y).max()
     assert np.abs(ops.linear_forward(x, w, b) - plain_y).max() <= 1e-6 * scale
-    h, s, g = ops.linear_gelu_forward(x, w, b, return_hidden=True)
+    m, h, s, g = ops.mlp_forward(x, w, b, w2, b2, return_hidden=True, return_act=True)
     assert np.abs(h - plain_y).max() <= 1e-6 * scale
+    assert np.abs(m - plain_m).max() <= 1e-6 * np.abs(plain_m).max()
     for a, c in zip((g, s), ops.gelu_tanh_forward(h, return_gate=True)):
         np.testing.assert_array_equal(a, c)
-    np.testing.assert_array_equal(ops.linear_gelu_forward(x, w, b), g)
+    for flags in [{}, {"return_hidden": True}, {"return_act": True}]:
+        out = ops.mlp_forward(x, w, b, w2, b2, **flags)
+        for a, c in zip(out, (m, h, s, g)):
+            assert a is None or np.array_equal(a, c)
     for a, c in zip(plain_attn, ops.sdpa_forward(q, k, v, return_lse=True)):
         np.testing.assert_array_equal(a, c)

@@ -300,11 +300,10 @@ class DiT:
         if self.recorder is not None:
             self._record_qkv(l, qkv)
         qkv = qkv.reshape(B, T, 3, H, D // H).transpose(2, 0, 3, 1, 4)   # (3, B, H, T, Dh)
-        if cache is None:
-            o = ops.sdpa_forward(qkv[0], qkv[1], qkv[2])                 # (B, H, T, Dh)
-        else:
-            o, lse = ops.sdpa_forward(qkv[0], qkv[1], qkv[2], return_lse=True)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, D)                     # (B, T, D)
+        o = ops.empty((B, T, H, D // H), qkv.dtype, self.xp)            # written as (B, H, T, Dh)
+        res = ops.sdpa_forward(qkv[0], qkv[1], qkv[2], return_lse=cache is not None, out=o.transpose(0, 2, 1, 3))
+        lse = res[1] if cache is not None else None
+        o = o.reshape(B, T, D)
         if cache is not None:
             cache.update(z=z, qkv=qkv, lse=lse, o=o)
         if self.recorder is not None:
@@ -321,7 +320,7 @@ class DiT:
             _put(grads, f"blocks.{l}.attn.proj", dw, db)
         do = do.reshape(B, T, H, D // H).transpose(0, 2, 1, 3)           # (B, T, D) -> (B, H, T, Dh)
         o = cache["o"].reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
-        dqkv = self.xp.empty((B, T, 3, H, D // H), dtype=da.dtype)
+        dqkv = ops.empty((B, T, 3, H, D // H), da.dtype, self.xp)
         ops.sdpa_backward(do, q, k, v, o, cache["lse"], grads_out=dqkv.transpose(2, 0, 3, 1, 4))  # (3, B, H, T, Dh)
         dz, dw, db = ops.linear_backward(dqkv.reshape(B, T, 3 * D), cache["z"],
                                          P[f"blocks.{l}.attn.qkv.weight"], pg)
@@ -333,21 +332,22 @@ class DiT:
         """MLP branch of block l, before the gate_mlp multiply: fc1 -> tanh-GELU -> fc2.
 
         cache: z, h (B, T, 4D) the GELU input, s its gate (the output h s is recomputed for fc2's dW)."""
-        P = self.params
-        keep = cache is not None or self.recorder is not None
-        hsg = ops.linear_gelu_forward(z, P[f"blocks.{l}.mlp.fc1.weight"], P[f"blocks.{l}.mlp.fc1.bias"], keep)
-        h, s, g = hsg if keep else (None, None, hsg)                      # gelu(fc1(z)) = h s, one pass
+        P, pre = self.params, f"blocks.{l}.mlp."
+        m, h, s, g = ops.mlp_forward(z, P[pre + "fc1.weight"], P[pre + "fc1.bias"], P[pre + "fc2.weight"],
+                                     P[pre + "fc2.bias"], return_hidden=cache is not None or self.recorder is not None,
+                                     return_act=self.recorder is not None)
         if cache is not None:
             cache.update(z=z, h=h, s=s)
         if self.recorder is not None:
             self.recorder(f"block.{l:02d}/mlp/hidden", h)
             self.recorder(f"block.{l:02d}/mlp/act", g)
-        return ops.linear_forward(g, P[f"blocks.{l}.mlp.fc2.weight"], P[f"blocks.{l}.mlp.fc2.bias"])
+        return m
 
     def mlp_backward(self, l, dm, cache, grads=None):
         """dm (B, T, D), the gradient of the branch output -> dz (B, T, D)."""
         P, pg, h, s = self.params, grads is not None, cache["h"], cache["s"]
-        dg, dw, db = ops.linear_backward(dm, h * s if pg else None, P[f"blocks.{l}.mlp.fc2.weight"], pg)
+        dg, dw, db = ops.linear_backward(dm, ops.gelu_tanh_output(h, s) if pg else None,
+                                         P[f"blocks.{l}.mlp.fc2.weight"], pg)
         if pg:
             _put(grads, f"blocks.{l}.mlp.fc2", dw, db)
         dh = ops.gelu_tanh_backward(dg, h, s)
@@ -367,14 +367,14 @@ class DiT:
         if self.recorder is not None:
             self.record_branch_input(l, "attn", x, z)
         a = self.attn(l, z, _sub(cache, "attn"))
-        x = x + gate_msa[:, None, :] * a
+        x = ops.gated_residual_forward(x, gate_msa, a)                  # x + gate_msa * a
         if self.recorder is not None:
             self.record_branch_output(l, "attn", a, x)
         z = self.modulated_input(x, shift_mlp, scale_mlp, _sub(cache, "mlp_in"))
         if self.recorder is not None:
             self.record_branch_input(l, "mlp", x, z)
         m = self.mlp(l, z, _sub(cache, "mlp"))
-        x = x + gate_mlp[:, None, :] * m
+        x = ops.gated_residual_forward(x, gate_mlp, m)                  # x + gate_mlp * m
         if self.recorder is not None:
             self.record_branch_output(l, "mlp", m, x)
         if cache is not None:
@@ -386,17 +386,17 @@ class DiT:
 
         The forward read bottom to top; with grads=None no adaLN gradients are formed
         and dc_act is None."""
-        pg, xp = grads is not None, self.xp
+        pg = grads is not None
         # x = x + gate_mlp * m
-        dz = self.mlp_backward(l, dx * cache["gate_mlp"][:, None, :], cache["mlp"], grads)
+        dm, dgate_mlp = ops.gated_residual_backward(dx, cache["gate_mlp"], cache["m"], pg)
+        dz = self.mlp_backward(l, dm, cache["mlp"], grads)
         dx_mlp, dshift_mlp, dscale_mlp = self.modulated_input_backward(dz, cache["mlp_in"], pg)
-        dgate_mlp = xp.einsum("btd,btd->bd", dx, cache["m"]) if pg else None
         dx_mlp += dx
         dx = dx_mlp
         # x = x + gate_msa * a
-        dz = self.attn_backward(l, dx * cache["gate_msa"][:, None, :], cache["attn"], grads)
+        da, dgate_msa = ops.gated_residual_backward(dx, cache["gate_msa"], cache["a"], pg)
+        dz = self.attn_backward(l, da, cache["attn"], grads)
         dx_attn, dshift_msa, dscale_msa = self.modulated_input_backward(dz, cache["attn_in"], pg)
-        dgate_msa = xp.einsum("btd,btd->bd", dx, cache["a"]) if pg else None
         dx_attn += dx
         dx = dx_attn
         if not pg:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import memory
 from .backend import array_module_of
 
 LN_EPS = 1e-6                                  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
@@ -75,9 +76,24 @@ def rowwise(kernel, *arrays):
     n = arrays[0].shape[0]
     k = min(NUM_THREADS, n, arrays[0].size // MIN_BLOCK)
     if k <= 1 or array_module_of(arrays[0]) is not np:
-        kernel(*arrays)
+        _in_this_thread(kernel, *arrays)
         return
     _run_on_pool([(kernel, [a[lo:hi] for a in arrays]) for lo, hi in _cuts(n, k)])
+
+
+def _in_this_thread(kernel, *args):
+    """kernel(*args) in the calling thread, its GEMMs on single-threaded BLAS as in the pool:
+    OpenBLAS's own threads spin for a while after each call, on the cores the pool needs
+    next (measured: a DiT-S/2 training step 5% slower with the main thread's small adaLN
+    GEMMs left on OpenBLAS's two threads; no difference on the digits model)."""
+    if _BLAS_ONE_THREAD is None:
+        kernel(*args)
+        return
+    before = _BLAS_ONE_THREAD(1)
+    try:
+        kernel(*args)
+    finally:
+        _BLAS_ONE_THREAD(before)
 
 
 def _cuts(n, k):
@@ -104,9 +120,14 @@ def bmm(a, b):
     when its threads run single-threaded OpenBLAS (see above); a plain matmul otherwise."""
     if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
         return a @ b
-    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    out = empty(a.shape[:-1] + b.shape[-1:], np.result_type(a, b))
     rowwise(_matmul_kernel, out, a, b)
     return out
+
+
+def empty(shape, dtype, xp=np):
+    """An op's output array: on NumPy from memory.empty (recycled inside memory.recycling())."""
+    return memory.empty(shape, dtype) if xp is np else xp.empty(shape, dtype=dtype)
 
 
 def _rows(x):
@@ -131,38 +152,49 @@ def linear_forward(x, w, b=None):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _linear_gelu_kernel(h, s, g, x, wt, b):
-    """h = x W^T + b (skipped if h is None), g = gelu(x W^T + b) and its gate s (if s is not
-    None), a cache-sized chunk of rows at a time."""
-    n = max(GEMM_MIN_ROWS, CACHE_BYTES // (wt.shape[1] * x.itemsize))
-    tmp = None if h is not None else np.empty((min(n, x.shape[0]), wt.shape[1]), dtype=g.dtype)
+def _mlp_kernel(y, h, s, g, x, w1t, b1, w2t, b2):
+    """mlp_forward on a block of rows, a cache-sized chunk of rows at a time: fc1, GELU, fc2
+    while the chunk's hidden activations are in cache.  h, s, g (N, 4D) are written where
+    given, else they live in per-chunk scratch."""
+    n = max(GEMM_MIN_ROWS, CACHE_BYTES // (3 * w1t.shape[1] * x.itemsize))    # h, s, g of a chunk
+    scratch = np.empty((2, min(n, x.shape[0]), w1t.shape[1]), dtype=y.dtype)
     for i in range(0, x.shape[0], n):
-        hi = h[i:i + n] if h is not None else tmp[:len(x[i:i + n])]
-        _linear_kernel(hi, x[i:i + n], wt, b)
-        _gelu_tanh_kernel(g[i:i + n], hi, None if s is None else s[i:i + n])
+        rows = slice(i, i + n)
+        k = len(x[rows])
+        hi = h[rows] if h is not None else scratch[0, :k]
+        gi = g[rows] if g is not None else scratch[1, :k]
+        _linear_kernel(hi, x[rows], w1t, b1)
+        _gelu_tanh_kernel(gi, hi, None if s is None else s[rows])
+        _linear_kernel(y[rows], gi, w2t, b2)
 
 
-def linear_gelu_forward(x, w, b=None, return_hidden=False):
-    """gelu_tanh_forward(linear_forward(x, w, b)), with the same bits.  With ``return_hidden``
-    returns (h, s, g): also the GELU input h and its gate s (g = h s; see gelu_tanh_forward),
-    the backward's cache; else h never leaves the cache (NumPy with the per-thread BLAS
-    switch: each pool thread runs the GEMM and the GELU chunk by chunk)."""
-    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
-        h = linear_forward(x, w, b)
-        if not return_hidden:
-            return gelu_tanh_forward(h)
-        g, s = gelu_tanh_forward(h, return_gate=True)
-        return h, s, g
+def mlp_forward(x, w1, b1, w2, b2, return_hidden=False, return_act=False):
+    """fc2(gelu_tanh(fc1(x))): x (..., D) -> y (..., D), as (y, h, s, g): with ``return_hidden``
+    also the GELU input h = fc1(x) and its gate s (gelu_tanh_forward; the backward's cache),
+    with ``return_act`` also the GELU output g = h s, each (..., 4D); None where not asked for.
+    On NumPy with the per-thread BLAS switch, each pool thread runs its rows through fc1, the
+    GELU and fc2 a chunk at a time, so that what is not asked for never leaves the cache."""
     lead = x.shape[:-1]
+    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
+        h = linear_forward(x, w1, b1)
+        g, s = gelu_tanh_forward(h, return_gate=True)
+        return (linear_forward(g, w2, b2), h if return_hidden else None, s if return_hidden else None,
+                g if return_act else None)
     x2 = x.reshape(-1, x.shape[-1])
-    dtype = np.result_type(x2, w)
-    g = np.empty((x2.shape[0], w.shape[0]), dtype=dtype)
-    if return_hidden:
-        h, s = np.empty_like(g), np.empty_like(g)
-        rowwise(lambda hh, ss, gg, xx: _linear_gelu_kernel(hh, ss, gg, xx, w.T, b), h, s, g, x2)
-        return tuple(a.reshape(*lead, w.shape[0]) for a in (h, s, g))
-    rowwise(lambda gg, xx: _linear_gelu_kernel(None, None, gg, xx, w.T, b), g, x2)
-    return g.reshape(*lead, w.shape[0])
+    dtype = np.result_type(x2, w1, w2)
+    y = empty((x2.shape[0], w2.shape[0]), dtype)
+    hidden = [empty((x2.shape[0], w1.shape[0]), dtype) if want else None
+              for want in (return_hidden, return_hidden, return_act)]            # h, s, g
+    kept = [i for i, a in enumerate(hidden) if a is not None]
+
+    def kernel(yy, xx, *blocks):
+        hsg = [None] * 3
+        for i, blk in zip(kept, blocks):
+            hsg[i] = blk
+        _mlp_kernel(yy, *hsg, xx, w1.T, b1, w2.T, b2)
+    rowwise(kernel, y, x2, *(hidden[i] for i in kept))
+    return (y.reshape(*lead, w2.shape[0]),
+            *(a.reshape(*lead, w1.shape[0]) if a is not None else None for a in hidden))
 
 
 def linear_backward(dy, x, w, param_grads=True, input_grad=True):
@@ -173,8 +205,8 @@ def linear_backward(dy, x, w, param_grads=True, input_grad=True):
     """
     dy2 = dy.reshape(-1, dy.shape[-1])            # (N, out)
     if param_grads and input_grad and _pooled(dy2):
-        dx, dw = _pooled_linear_grads(dy2, x.reshape(-1, x.shape[-1]), w)
-        return dx.reshape(*dy.shape[:-1], w.shape[1]), dw, dy2.sum(axis=0)
+        dx, dw, db = _pooled_linear_grads(dy2, x.reshape(-1, x.shape[-1]), w)
+        return dx.reshape(*dy.shape[:-1], w.shape[1]), dw, db
     dx = _pooled_matmul(dy2, w).reshape(*dy.shape[:-1], w.shape[1]) if input_grad else None
     if not param_grads:
         return dx, None, None
@@ -187,20 +219,27 @@ def _pooled(a):
     return _BLAS_ONE_THREAD is not None and array_module_of(a) is np and NUM_THREADS > 1 and a.size >= MIN_BLOCK
 
 
+def _dw_db_kernel(dw, db, dyt, x):
+    """dw = dy^T x and db = sum of dy over rows, for a block of dy's columns (dyt = dy^T's rows)."""
+    np.matmul(dyt, x, out=dw)
+    dyt.sum(axis=1, out=db)
+
+
 def _pooled_linear_grads(dy2, x2, w):
-    """dx = dy w and dw = dy^T x at once on the pool, each GEMM on its own half of the threads
-    (at 2 threads: one whole GEMM per thread).  The two have the same FLOPs, and neither is split
-    more than it must be: dw's reduction runs over all N rows, so each of its blocks re-packs
-    all of x (measured on the digits model's shapes: up to 1.9x slower split in two)."""
+    """dx = dy w, and dw = dy^T x with db, at once on the pool, each GEMM on its own half of the
+    threads (at 2 threads: one whole GEMM per thread).  The two have the same FLOPs, and neither
+    is split more than it must be: dw's reduction runs over all N rows, so each of its blocks
+    re-packs all of x (measured on the digits model's shapes: up to 1.9x slower split in two)."""
     dtype = np.result_type(dy2, w, x2)
-    dx = np.empty((dy2.shape[0], w.shape[1]), dtype=dtype)
-    dw = np.empty((dy2.shape[1], x2.shape[1]), dtype=dtype)
+    dx = empty((dy2.shape[0], w.shape[1]), dtype)
+    dw = empty((dy2.shape[1], x2.shape[1]), dtype)
+    db = empty(dy2.shape[1], dy2.dtype)
     kx = (NUM_THREADS + 1) // 2
     tasks = [(_matmul_kernel, (dx[lo:hi], dy2[lo:hi], w)) for lo, hi in _cuts(dx.shape[0], kx)]
-    tasks += [(_matmul_kernel, (dw[lo:hi], dy2.T[lo:hi], x2))
+    tasks += [(_dw_db_kernel, (dw[lo:hi], db[lo:hi], dy2.T[lo:hi], x2))
               for lo, hi in _cuts(dw.shape[0], min(NUM_THREADS - kx, dw.shape[0]))]
     _run_on_pool(tasks)
-    return dx, dw
+    return dx, dw, db
 
 
 def _pooled_matmul(a, b, bias=None):
@@ -211,7 +250,7 @@ def _pooled_matmul(a, b, bias=None):
         if bias is not None:
             y += bias
         return y
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    out = empty((a.shape[0], b.shape[1]), np.result_type(a, b))
     rowwise(lambda o, aa: _linear_kernel(o, aa, b, bias), out, a)
     return out
 
@@ -256,13 +295,25 @@ def gelu_tanh_forward(x, return_gate=False):
     """With ``return_gate`` returns (y, s): the gate s = (1 + tanh(u)) / 2, y = x s, which the
     backward takes instead of recomputing it."""
     xp = array_module_of(x)
-    y = xp.empty(x.shape, dtype=x.dtype)
+    y = empty(x.shape, x.dtype, xp)
     if not return_gate:
         rowwise(_gelu_tanh_kernel, _rows(y), _rows(x))
         return y
-    s = xp.empty(x.shape, dtype=x.dtype)
+    s = empty(x.shape, x.dtype, xp)
     rowwise(_gelu_tanh_kernel, _rows(y), _rows(x), _rows(s))
     return y, s
+
+
+def _multiply_kernel(y, a, b):
+    array_module_of(a).multiply(a, b, out=y)
+
+
+def gelu_tanh_output(x, s):
+    """gelu(x) = x s from the forward's input x and gate s: its output, recomputed by one
+    multiply instead of kept (row blocks on the pool)."""
+    y = empty(x.shape, np.result_type(x, s), array_module_of(x))
+    rowwise(_multiply_kernel, _rows(y), _rows(x), _rows(s))
+    return y
 
 
 def _gelu_tanh_gate_kernel(s, x):
@@ -283,7 +334,7 @@ def gelu_tanh_gate(x):
     The backward's form of the forward: one exp instead of a tanh (about twice as
     fast in NumPy float32), and s serves both the derivative and a recomputed output.
     """
-    s = array_module_of(x).empty(x.shape, dtype=x.dtype)
+    s = empty(x.shape, x.dtype, array_module_of(x))
     rowwise(_gelu_tanh_gate_kernel, _rows(s), _rows(x))
     return s
 
@@ -307,7 +358,7 @@ def gelu_tanh_backward(dy, x, s=None):
     """
     if s is None:
         s = gelu_tanh_gate(x)
-    g = array_module_of(x).empty(x.shape, dtype=x.dtype)
+    g = empty(x.shape, x.dtype, array_module_of(x))
     rowwise(_gelu_tanh_backward_kernel, _rows(g), _rows(dy), _rows(x), _rows(s))
     return g
 
@@ -330,8 +381,8 @@ def layernorm_forward(x, eps=LN_EPS, return_rstd=False):
     backward's cache is (xhat, rstd).
     """
     xp = array_module_of(x)
-    xhat = xp.empty(x.shape, dtype=x.dtype)
-    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    xhat = empty(x.shape, x.dtype, xp)
+    rstd = empty(x.shape[:-1] + (1,), x.dtype, xp)
     rowwise(lambda xh, r, xx: _layernorm_kernel(xh, r, xx, eps), _rows(xhat), _rows(rstd), _rows(x))
     return (xhat, rstd) if return_rstd else xhat
 
@@ -351,7 +402,7 @@ def layernorm_backward(dxhat, xhat, rstd):
 
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), means over the last axis.
     """
-    dx = array_module_of(xhat).empty(xhat.shape, dtype=xhat.dtype)
+    dx = empty(xhat.shape, xhat.dtype, array_module_of(xhat))
     rowwise(_layernorm_backward_kernel, _rows(dx), _rows(dxhat), _rows(xhat), _rows(rstd))
     return dx
 
@@ -359,11 +410,25 @@ def layernorm_backward(dxhat, xhat, rstd):
 # ----------------------------------------------------------------------------
 # modulate (adaLN): x * (1 + scale) + shift, per-sample shift/scale broadcast over tokens
 
-def modulate_forward(x, shift, scale):
-    """x (B, T, D), shift/scale (B, D) -> (B, T, D)."""
-    y = x * (1 + scale[:, None, :])
+def _modulate_kernel(y, x, shift, scale):
+    xp = array_module_of(x)
+    xp.multiply(x, 1 + scale[:, None, :], out=y)
     y += shift[:, None, :]
+
+
+def modulate_forward(x, shift, scale):
+    """x (B, T, D), shift/scale (B, D) -> (B, T, D).  Blocks of samples on the pool."""
+    y = empty(x.shape, np.result_type(x, shift, scale), array_module_of(x))
+    rowwise(_modulate_kernel, y, x, shift, scale)
     return y
+
+
+def _modulate_backward_kernel(dx, dshift, dscale, dy, x, scale):
+    xp = array_module_of(dy)
+    xp.multiply(dy, 1 + scale[:, None, :], out=dx)
+    if dshift is not None:
+        dy.sum(axis=1, out=dshift)
+        xp.einsum("btd,btd->bd", dy, x, out=dscale)
 
 
 def modulate_backward(dy, x, scale, mod_grads=True):
@@ -373,10 +438,51 @@ def modulate_backward(dy, x, scale, mod_grads=True):
     dscale are None without ``mod_grads`` (x is then unused).
     """
     xp = array_module_of(dy)
-    dx = dy * (1 + scale[:, None, :])
+    dx = empty(dy.shape, np.result_type(dy, scale), xp)
     if not mod_grads:
+        rowwise(lambda a, b, c: _modulate_backward_kernel(a, None, None, b, None, c), dx, dy, scale)
         return dx, None, None
-    return dx, dy.sum(axis=1), xp.einsum("btd,btd->bd", dy, x)
+    dshift, dscale = (empty(scale.shape, np.result_type(dy, x), xp) for _ in range(2))
+    rowwise(_modulate_backward_kernel, dx, dshift, dscale, dy, x, scale)
+    return dx, dshift, dscale
+
+
+# ----------------------------------------------------------------------------
+# gated residual (adaLN-Zero): x + gate * branch, per-sample gate broadcast over tokens
+
+def _gated_residual_kernel(y, x, gate, branch):
+    array_module_of(x).multiply(branch, gate[:, None, :], out=y)
+    y += x
+
+
+def gated_residual_forward(x, gate, branch):
+    """x, branch (B, T, D), gate (B, D) -> x + gate * branch (B, T, D).  Blocks of samples on the pool."""
+    y = empty(x.shape, np.result_type(x, gate, branch), array_module_of(x))
+    rowwise(_gated_residual_kernel, y, x, gate, branch)
+    return y
+
+
+def _gated_residual_backward_kernel(dbranch, dgate, dy, gate, branch):
+    xp = array_module_of(dy)
+    xp.multiply(dy, gate[:, None, :], out=dbranch)
+    if dgate is not None:
+        xp.einsum("btd,btd->bd", dy, branch, out=dgate)
+
+
+def gated_residual_backward(dy, gate, branch, gate_grad=True):
+    """dy (B, T, D); cache: gate (B, D), branch (B, T, D) (unused without ``gate_grad``).
+
+    Returns dbranch = gate dy (B, T, D) and dgate (B, D), summed over tokens (None
+    without ``gate_grad``); dx is dy itself.
+    """
+    xp = array_module_of(dy)
+    dbranch = empty(dy.shape, np.result_type(dy, gate), xp)
+    if not gate_grad:
+        rowwise(lambda a, b, c: _gated_residual_backward_kernel(a, None, b, c, None), dbranch, dy, gate)
+        return dbranch, None
+    dgate = empty(gate.shape, np.result_type(dy, branch), xp)
+    rowwise(_gated_residual_backward_kernel, dbranch, dgate, dy, gate, branch)
+    return dbranch, dgate
 
 
 # ----------------------------------------------------------------------------
@@ -395,7 +501,7 @@ def _softmax_kernel(p, lse, s):
 
 def _softmax(s, p):
     """Softmax of s into p (which may be s itself) -> p, lse."""
-    lse = array_module_of(s).empty(s.shape[:-1] + (1,), dtype=s.dtype)
+    lse = empty(s.shape[:-1] + (1,), s.dtype, array_module_of(s))
     rowwise(_softmax_kernel, _rows(p), _rows(lse), _rows(s))
     return p, lse
 
@@ -403,7 +509,7 @@ def _softmax(s, p):
 def softmax_forward(s, return_lse=False):
     """(..., n) -> p (..., n).  With ``return_lse`` also log-sum-exp of s, (..., 1):
     p = exp(s - lse), which is how the attention backward recomputes p."""
-    p, lse = _softmax(s, array_module_of(s).empty(s.shape, dtype=s.dtype))
+    p, lse = _softmax(s, empty(s.shape, s.dtype, array_module_of(s)))
     return (p, lse) if return_lse else p
 
 
@@ -417,7 +523,7 @@ def softmax_backward(dp, p, dot=None):
     that knows that sum another way passes it as ``dot`` (..., 1)."""
     if dot is None:
         dot = (dp * p).sum(axis=-1, keepdims=True)
-    ds = array_module_of(p).empty(p.shape, dtype=p.dtype)
+    ds = empty(p.shape, p.dtype, array_module_of(p))
     rowwise(_softmax_backward_kernel, _rows(ds), _rows(dp), _rows(p), _rows(dot))
     return ds
 
@@ -444,8 +550,9 @@ def _sdpa_kernel(o, lse, q, k, v, scale):
             np.matmul(s, v[c], out=o[c])
 
 
-def sdpa_forward(q, k, v, return_lse=False):
-    """q, k, v (B, H, T, Dh) -> (B, H, T, Dh).  Scale folded into q, as PyTorch's SDPA does.
+def sdpa_forward(q, k, v, return_lse=False, out=None):
+    """q, k, v (B, H, T, Dh) -> (B, H, T, Dh), written into ``out`` if given (an array or a
+    view of that shape).  Scale folded into q, as PyTorch's SDPA does.
 
     With ``return_lse`` also the softmax's log-sum-exp (B, H, T, 1).  The backward
     keeps that instead of the (T, T) probabilities and recomputes them (as
@@ -459,10 +566,13 @@ def sdpa_forward(q, k, v, return_lse=False):
         s = bmm(q * scale, k.swapaxes(-1, -2))              # (B, H, T, T)
         p, lse = _softmax(s, s)
         o = bmm(p, v)
+        if out is not None:
+            out[...] = o
+            o = out
         return (o, lse) if return_lse else o
     dtype = np.result_type(q, k, v)
-    o = np.empty(q.shape, dtype=dtype)
-    lse = np.empty(q.shape[:-1] + (1,), dtype=dtype)
+    o = empty(q.shape, dtype) if out is None else out
+    lse = empty(q.shape[:-1] + (1,), dtype)
     split = (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
     rowwise(lambda *blocks: _sdpa_kernel(*blocks, scale), *(split(a) for a in (o, lse, q, k, v)))
     return (o, lse) if return_lse else o
@@ -512,7 +622,7 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
     xp = array_module_of(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if grads_out is None:
-        grads_out = tuple(xp.empty(q.shape, dtype=np.result_type(dout, q, k, v)) for _ in range(3))
+        grads_out = tuple(empty(q.shape, np.result_type(dout, q, k, v), xp) for _ in range(3))
     if _BLAS_ONE_THREAD is None or xp is not np:
         _sdpa_backward_chunk(*grads_out, dout, q, k, v, out, lse, scale)
         return grads_out

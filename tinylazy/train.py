@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from . import memory
 from .config import DIT_CONFIGS, get_config
 from .diffusion import create_diffusion
 from .dit import DiT
@@ -86,12 +87,16 @@ def load_data(name):
 # One step
 
 def train_step(model, diffusion, opt, x_start, y, t, noise, snr_gamma=None):
-    """One AdamW step on ADM's loss for the batch (x_start, y, t, noise); returns the loss terms (B,)."""
-    x_t = diffusion.q_sample(x_start, t, noise)
-    out, cache = model.forward_train(x_t, t, y)
-    terms, loss_cache = training_losses(diffusion, out, x_start, x_t, t, noise, snr_gamma=snr_gamma)
-    grads, _ = model.backward(training_losses_backward(loss_cache), cache)
-    opt.step(grads)
+    """One AdamW step on ADM's loss for the batch (x_start, y, t, noise); returns the loss terms (B,).
+
+    The step's big arrays come from recycled buffers (memory.recycling): the same
+    memory every step instead of fresh pages from the kernel."""
+    with memory.recycling():
+        x_t = diffusion.q_sample(x_start, t, noise)
+        out, cache = model.forward_train(x_t, t, y)
+        terms, loss_cache = training_losses(diffusion, out, x_start, x_t, t, noise, snr_gamma=snr_gamma)
+        grads, _ = model.backward(training_losses_backward(loss_cache), cache)
+        opt.step(grads)
     return terms
 
 
