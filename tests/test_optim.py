@@ -60,6 +60,13 @@ def test_bad_state_and_grads_are_refused():
     opt = AdamW(p)
     with pytest.raises(KeyError, match="no gradient for"):
         opt.step({"a.weight": np.zeros((5, 3))})
+    before = {k: v.copy() for k, v in p.items()}
+    bad = _grads(0, p)
+    bad["a.bias"] = np.zeros(3)
+    with pytest.raises(ValueError, match="gradient of a.bias has shape"):
+        opt.step(bad)                                   # refused before any parameter moves
+    assert opt.step_count == 0 and all(np.array_equal(p[k], before[k]) for k in p)
+    assert all(not opt.exp_avg[k].any() for k in p)
     state = opt.state_dict()
     state["exp_avg"]["b"] = np.zeros(3)
     with pytest.raises(ValueError, match="exp_avg/b has shape"):
@@ -81,3 +88,21 @@ def test_ema_official_update():
     update_ema(ema, p32, 0.0)                               # decay 0 copies (the official initialisation)
     for k in ema:
         assert np.array_equal(ema[k], p32[k])
+
+
+def test_updates_do_not_depend_on_the_thread_count(monkeypatch):
+    """AdamW and the EMA run per tensor on the ops pool: the same bits on 1 or 3 threads."""
+    from tinylazy import ops
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(ops, "NUM_THREADS", threads)
+        params = _params()
+        ema = {k: v.copy() for k, v in params.items()}
+        opt = AdamW(params, lr=1e-2, weight_decay=0.1)
+        for s in range(3):
+            opt.step(_grads(s, params))
+            update_ema(ema, params, 0.9)
+        results.append((params, ema))
+    for a, b in zip(*results):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

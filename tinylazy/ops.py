@@ -96,6 +96,23 @@ def _in_this_thread(kernel, *args):
         _BLAS_ONE_THREAD(before)
 
 
+def for_each_name(fn, arrays):
+    """fn(name) for every name of ``arrays`` (name -> array), for per-tensor updates such as
+    the optimiser's: on NumPy the names go to the pool threads in groups of about equal
+    size (ufuncs release the GIL); each fn(name) computes the same whichever thread runs it."""
+    names = sorted(arrays, key=lambda k: -arrays[k].size)
+    if NUM_THREADS <= 1 or not names or array_module_of(arrays[names[0]]) is not np:
+        for k in names:
+            fn(k)
+        return
+    groups, load = [[] for _ in range(NUM_THREADS)], [0] * NUM_THREADS
+    for k in names:                                          # biggest first, to the least loaded
+        i = load.index(min(load))
+        groups[i].append(k)
+        load[i] += arrays[k].size
+    _run_on_pool([(lambda group: [fn(k) for k in group], (g,)) for g in groups if g])
+
+
 def _cuts(n, k):
     """k contiguous (lo, hi) blocks of range(n), as even as can be."""
     return [(n * i // k, n * (i + 1) // k) for i in range(k)]
@@ -532,7 +549,8 @@ def softmax_backward(dp, p, dot=None):
 # scaled dot-product attention: softmax(q k^T / sqrt(Dh)) v
 
 CACHE_BYTES = 1 << 21                          # working set per pool thread that stays in cache
-GEMM_MIN_ROWS = 128                            # rows per GEMM call below which BLAS loses speed
+GEMM_MIN_ROWS = 256                            # rows per GEMM call below which BLAS loses speed (the MLP:
+                                               # 128-row chunks measured 1.16x slower on DiT-S/2 than 256)
 
 
 def _sdpa_kernel(o, lse, q, k, v, scale):

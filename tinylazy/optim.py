@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from . import ops
 from .backend import array_module_of, to_numpy
 
 
@@ -31,19 +32,23 @@ class AdamW:
         self.exp_avg_sq = {k: array_module_of(p).zeros_like(p) for k, p in params.items()}
 
     def step(self, grads):
-        """One update from ``grads`` (name -> array, every parameter name present)."""
+        """One update from ``grads`` (name -> array, every parameter name present).  Every
+        gradient is checked before any parameter changes."""
         missing = [k for k in self.params if k not in grads]
         if missing:
             raise KeyError(f"AdamW.step: no gradient for {missing[:5]}")
+        for k, p in self.params.items():
+            if grads[k].shape != p.shape:
+                raise ValueError(f"AdamW.step: gradient of {k} has shape {tuple(grads[k].shape)}, "
+                                 f"expected {tuple(p.shape)}")
         self.step_count += 1
         beta1, beta2 = self.betas
         step_size = self.lr / (1.0 - beta1 ** self.step_count)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** self.step_count)
-        for k, p in self.params.items():
-            g, m, v = grads[k], self.exp_avg[k], self.exp_avg_sq[k]
+
+        def update(k):
+            p, g, m, v = self.params[k], grads[k], self.exp_avg[k], self.exp_avg_sq[k]
             xp = array_module_of(p)
-            if g.shape != p.shape:
-                raise ValueError(f"AdamW.step: gradient of {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
             if self.weight_decay:
                 p *= 1.0 - self.lr * self.weight_decay              # decoupled weight decay
             m += (1.0 - beta1) * (g - m)                            # exp_avg.lerp_(grad, 1 - beta1)
@@ -53,6 +58,7 @@ class AdamW:
             denom /= bias_correction2_sqrt
             denom += self.eps
             p -= step_size * (m / denom)                            # addcdiv_(exp_avg, denom, value=-step_size)
+        ops.for_each_name(update, self.params)
 
     def state_dict(self):
         """Host arrays and plain settings: {"step", "lr", "betas", "eps", "weight_decay", "exp_avg", "exp_avg_sq"}."""
@@ -88,6 +94,8 @@ def update_ema(ema, params, decay):
     Official order of ops: ``ema.mul_(decay).add_(param, alpha=1 - decay)``;
     ``decay=0`` copies (how the official script initialises its EMA).
     """
-    for k, e in ema.items():
+    def update(k):
+        e = ema[k]
         e *= decay
         e += (1.0 - decay) * params[k]
+    ops.for_each_name(update, ema)
