@@ -5,7 +5,9 @@
 A step is the whole official step: q_sample, forward, ADM's learned-sigma loss, backward,
 AdamW, EMA update.  Both sides start from the same weights and see the same batch, t
 and noise; their steps are interleaved so background load hits both alike.  Prints
-median seconds per step and the ratio PyTorch time / tinylazy time (> 1: tinylazy faster).
+median seconds per step and the ratio PyTorch time / tinylazy time (> 1: tinylazy faster),
+and the quartiles of the per-rep ratios (each rep's two adjacent steps), which show how
+much this machine's timings move.
 """
 import argparse
 import os
@@ -53,7 +55,7 @@ def torch_loss(torch, diffusion, out, x0, x_t, t, noise):
 
 
 def bench_pair(fa, fb, reps):
-    """Median seconds of fa and fb, interleaved."""
+    """Seconds of fa and fb per rep, interleaved (one of each per rep)."""
     fa(), fb()
     ta, tb = [], []
     for _ in range(reps):
@@ -61,12 +63,12 @@ def bench_pair(fa, fb, reps):
             t0 = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -77,7 +79,7 @@ def main():
     threadpool_limits(limits=args.threads, user_api="blas")
     blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
     print(f"threads {args.threads}; NumPy BLAS {blas}; torch {torch.__version__}")
-    print(f"{'model':<24}{'tinylazy s/step':>16}{'torch s/step':>14}{'ratio':>8}")
+    print(f"{'model':<24}{'tinylazy s/step':>16}{'torch s/step':>14}{'ratio':>8}   per-rep ratios: quartiles")
     diffusion = create_diffusion("")
     cases = [("tiny-dit-digits b64", tl.get_config("tiny-dit-digits"), 64),
              ("DiT-S/2 b8", tl.get_config("DiT-S/2"), 8)]
@@ -116,8 +118,11 @@ def main():
                 for e, p in zip(tema, tparams):
                     e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
 
-        ours_s, theirs_s = bench_pair(ours, theirs, args.reps)
-        print(f"{name:<24}{ours_s:>16.3f}{theirs_s:>14.3f}{theirs_s / ours_s:>7.2f}x")
+        ours_t, theirs_t = bench_pair(ours, theirs, args.reps)
+        ours_s, theirs_s = statistics.median(ours_t), statistics.median(theirs_t)
+        q = statistics.quantiles([b / a for a, b in zip(ours_t, theirs_t)], n=4)   # each rep's own ratio
+        print(f"{name:<24}{ours_s:>16.3f}{theirs_s:>14.3f}{theirs_s / ours_s:>7.2f}x   "
+              f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}")
 
 
 if __name__ == "__main__":
