@@ -15,6 +15,7 @@ kept idle is at most what was in use at once, per size.  Outside the context, an
 small arrays, ``empty`` is ``np.empty``.  ``release()`` drops the idle buffers.
 """
 import contextlib
+import math
 import mmap
 import threading
 import weakref
@@ -48,11 +49,13 @@ def _give_back(size, buf):
 
 def empty(shape, dtype):
     """np.empty(shape, dtype), C order; from a recycled buffer inside ``recycling()``."""
+    if not _active:
+        return np.empty(shape, dtype=dtype)
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    if not _active or nbytes < MIN_BYTES:
+    if nbytes < MIN_BYTES:
         return np.empty(shape, dtype=dtype)
     size = -(-nbytes // PAGE) * PAGE
     with _lock:

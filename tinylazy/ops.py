@@ -557,15 +557,29 @@ def _sdpa_kernel(o, lse, q, k, v, scale):
     """sdpa of a block (B', H', T, Dh) a cache-sized chunk at a time (several items of
     axis 0, or some of axis 1 of one item), so that the chunk's scores stay in cache
     between the two GEMMs and the softmax."""
-    per_row = q.shape[-2] * q.shape[-2] * q.itemsize        # the scores of one (item, head)
-    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
-    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
+    n0, n1 = _chunk_items(q, 1)
+    qs_buf, s_buf = _chunk_scratch(q, n0, n1, q.shape[-1]), _chunk_scratch(q, n0, n1, q.shape[-2])
     for i in range(0, q.shape[0], n0):
         for j in range(0, q.shape[1], n1):
             c = (slice(i, i + n0), slice(j, j + n1))
-            s = np.matmul(q[c] * scale, k[c].swapaxes(-1, -2))
+            qs, s = qs_buf[:len(q[c]), :q[c].shape[1]], s_buf[:len(q[c]), :q[c].shape[1]]
+            np.matmul(np.multiply(q[c], scale, out=qs), k[c].swapaxes(-1, -2), out=s)
             _softmax_kernel(s, lse[c], s)
             np.matmul(s, v[c], out=o[c])
+
+
+def _chunk_items(q, n_scores):
+    """(n0, n1): the items of axes 0 and 1 of q (B', H', T, Dh) per chunk, so that a chunk's
+    n_scores (T, T) matrices fit CACHE_BYTES: whole rows of axis 1 when they fit, else part of one."""
+    per_row = n_scores * q.shape[-2] * q.shape[-2] * q.itemsize
+    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
+    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
+    return n0, n1
+
+
+def _chunk_scratch(q, n0, n1, last):
+    """Scratch (n0, n1, T, last) for the chunks of one kernel call, reused chunk after chunk."""
+    return empty((min(n0, q.shape[0]), min(n1, q.shape[1]), q.shape[-2], last), q.dtype)
 
 
 def sdpa_forward(q, k, v, return_lse=False, out=None):
@@ -601,14 +615,19 @@ def _exp_minus_kernel(s, lse):
     array_module_of(s).exp(s, out=s)
 
 
-def _sdpa_backward_chunk(dq, dk, dv, dout, q, k, v, out, lse, scale):
-    """sdpa_backward's math on arrays (..., T, Dh), written into dq, dk, dv."""
+def _sdpa_backward_chunk(dq, dk, dv, dout, q, k, v, out, lse, scale, scratch=None):
+    """sdpa_backward's math on arrays (..., T, Dh), written into dq, dk, dv; ``scratch``:
+    arrays for q / sqrt(Dh), p and ds, of q's and the scores' shapes (else allocated)."""
     xp = array_module_of(q)
-    qs = q * scale
-    p = xp.matmul(qs, k.swapaxes(-1, -2))                   # (..., T, T)
+    if scratch is None:
+        scores = q.shape[:-1] + q.shape[-2:-1]
+        scratch = (empty(q.shape, q.dtype, xp), empty(scores, q.dtype, xp), empty(scores, q.dtype, xp))
+    qs, p, ds = scratch
+    xp.multiply(q, scale, out=qs)
+    xp.matmul(qs, k.swapaxes(-1, -2), out=p)                # (..., T, T)
     _exp_minus_kernel(p, lse)
     xp.matmul(p.swapaxes(-1, -2), dout, out=dv)
-    ds = xp.matmul(dout, v.swapaxes(-1, -2))                # dp, turned into ds in place
+    xp.matmul(dout, v.swapaxes(-1, -2), out=ds)             # dp, turned into ds in place
     dot = xp.einsum("...td,...td->...t", dout, out)[..., None]
     _softmax_backward_kernel(ds, ds, p, dot)
     xp.matmul(ds, k, out=dq)
@@ -619,13 +638,13 @@ def _sdpa_backward_chunk(dq, dk, dv, dout, q, k, v, out, lse, scale):
 def _sdpa_backward_kernel(dq, dk, dv, dout, q, k, v, out, lse, scale):
     """_sdpa_backward_chunk on a block (B', H', T, Dh) a cache-sized chunk at a time (as
     _sdpa_kernel), so that p and ds stay in cache through the five GEMMs."""
-    per_row = 2 * q.shape[-2] * q.shape[-2] * q.itemsize    # p and ds of one (item, head)
-    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
-    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
+    n0, n1 = _chunk_items(q, 2)                                # p and ds
+    bufs = [_chunk_scratch(q, n0, n1, last) for last in (q.shape[-1], q.shape[-2], q.shape[-2])]
     for i in range(0, q.shape[0], n0):
         for j in range(0, q.shape[1], n1):
             c = (slice(i, i + n0), slice(j, j + n1))
-            _sdpa_backward_chunk(dq[c], dk[c], dv[c], dout[c], q[c], k[c], v[c], out[c], lse[c], scale)
+            scratch = [b[:len(q[c]), :q[c].shape[1]] for b in bufs]
+            _sdpa_backward_chunk(dq[c], dk[c], dv[c], dout[c], q[c], k[c], v[c], out[c], lse[c], scale, scratch)
 
 
 def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
