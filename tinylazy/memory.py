@@ -3,8 +3,9 @@
 A training step allocates the same big arrays every time (the forward's cache, the
 backward's gradients) and frees them all by its end.  NumPy gets them from malloc, which
 hands big blocks back to the kernel when they are freed and gets fresh ones the next step;
-fresh pages cost a page fault each on first touch, and on this project's VMs that cost
-moved between 5% and 25% of a step from run to run (33k faults per digits-model step).
+fresh pages cost a page fault each on first touch.  On this project's 2-core VM a step of
+the digits model took 6k-36k faults (0.04-0.2 s of system time), depending on the machine's
+state; recycled, 0-1k (docs/benchmarks.md, "Training step").
 
 Inside ``with recycling():`` ``empty`` serves arrays of MIN_BYTES and more from buffers of
 the same size that earlier arrays no longer use: each array sits on its own anonymous
