@@ -132,16 +132,6 @@ def _matmul_kernel(out, a, b):
     array_module_of(a).matmul(a, b, out=out)
 
 
-def bmm(a, b):
-    """a (B, ..., M, K) @ b (B, ..., K, N) -> (B, ..., M, N), split over B on the pool
-    when its threads run single-threaded OpenBLAS (see above); a plain matmul otherwise."""
-    if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
-        return a @ b
-    out = empty(a.shape[:-1] + b.shape[-1:], np.result_type(a, b))
-    rowwise(_matmul_kernel, out, a, b)
-    return out
-
-
 def empty(shape, dtype, xp=np):
     """An op's output array: on NumPy from memory.empty (recycled inside memory.recycling())."""
     return memory.empty(shape, dtype) if xp is np else xp.empty(shape, dtype=dtype)
@@ -163,7 +153,7 @@ def _linear_kernel(y, x, wt, b):
 
 def linear_forward(x, w, b=None):
     """(..., in) -> (..., out).  On NumPy with the per-thread BLAS switch, the rows are split
-    over the pool (single-threaded BLAS per pool thread, as ``bmm``): OpenBLAS's own threads
+    over the pool (single-threaded BLAS per pool thread, as attention): OpenBLAS's own threads
     would otherwise spin after each GEMM on the cores the pool's elementwise work needs."""
     y = _pooled_matmul(x.reshape(-1, x.shape[-1]), w.T, b)   # (N, in) @ (in, out) -> (N, out)
     return y.reshape(*x.shape[:-1], w.shape[0])
@@ -348,8 +338,8 @@ def _gelu_tanh_gate_kernel(s, x):
 def gelu_tanh_gate(x):
     """s = (1 + tanh(u)) / 2 = sigmoid(2 u), u = k (x + c x^3), so that gelu(x) = x s.
 
-    The backward's form of the forward: one exp instead of a tanh (about twice as
-    fast in NumPy float32), and s serves both the derivative and a recomputed output.
+    The exp form (one exp instead of a tanh, about twice as fast in NumPy float32), for a
+    backward without the forward's gate at hand (gelu_tanh_backward with s=None).
     """
     s = empty(x.shape, x.dtype, array_module_of(x))
     rowwise(_gelu_tanh_gate_kernel, _rows(s), _rows(x))
@@ -444,8 +434,8 @@ def _modulate_backward_kernel(dx, dshift, dscale, dy, x, scale):
     xp = array_module_of(dy)
     xp.multiply(dy, 1 + scale[:, None, :], out=dx)
     if dshift is not None:
-        dy.sum(axis=1, out=dshift)
-        xp.einsum("btd,btd->bd", dy, x, out=dscale)
+        dshift[...] = dy.sum(axis=1)
+        dscale[...] = xp.einsum("btd,btd->bd", dy, x)
 
 
 def modulate_backward(dy, x, scale, mod_grads=True):
@@ -483,7 +473,7 @@ def _gated_residual_backward_kernel(dbranch, dgate, dy, gate, branch):
     xp = array_module_of(dy)
     xp.multiply(dy, gate[:, None, :], out=dbranch)
     if dgate is not None:
-        xp.einsum("btd,btd->bd", dy, branch, out=dgate)
+        dgate[...] = xp.einsum("btd,btd->bd", dy, branch)
 
 
 def gated_residual_backward(dy, gate, branch, gate_grad=True):
@@ -595,9 +585,9 @@ def sdpa_forward(q, k, v, return_lse=False, out=None):
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     if _BLAS_ONE_THREAD is None or array_module_of(q) is not np:
-        s = bmm(q * scale, k.swapaxes(-1, -2))              # (B, H, T, T)
+        s = (q * scale) @ k.swapaxes(-1, -2)                # (B, H, T, T)
         p, lse = _softmax(s, s)
-        o = bmm(p, v)
+        o = p @ v
         if out is not None:
             out[...] = o
             o = out
