@@ -99,9 +99,11 @@ def _in_this_thread(kernel, *args):
 def for_each_name(fn, arrays):
     """fn(name) for every name of ``arrays`` (name -> array), for per-tensor updates such as
     the optimiser's: on NumPy the names go to the pool threads in groups of about equal
-    size (ufuncs release the GIL); each fn(name) computes the same whichever thread runs it."""
+    size (ufuncs release the GIL) when there is enough work to be worth the hand-off; each
+    fn(name) computes the same whichever thread runs it."""
     names = sorted(arrays, key=lambda k: -arrays[k].size)
-    if NUM_THREADS <= 1 or not names or array_module_of(arrays[names[0]]) is not np:
+    if (NUM_THREADS <= 1 or not names or array_module_of(arrays[names[0]]) is not np
+            or sum(arrays[k].size for k in names) < NUM_THREADS * MIN_BLOCK):
         for k in names:
             fn(k)
         return
