@@ -18,6 +18,7 @@ small arrays, ``empty`` is ``np.empty``.  ``release()`` drops the idle buffers.
 import contextlib
 import math
 import mmap
+import os
 import threading
 import weakref
 
@@ -29,7 +30,16 @@ HUGE = 1 << 22                                 # from here on NumPy asks for tra
 
 _free = {}                                     # buffer size (bytes) -> [idle mmap, ...]
 _lock = threading.Lock()                       # finalizers run in whichever thread drops the array
-_active = 0
+_active = 0                                    # recycling() depth; entered from one thread at a time
+
+
+def _new_lock_in_child():
+    global _lock
+    _lock = threading.Lock()                   # a forked child may inherit it held by a parent thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 @contextlib.contextmanager
