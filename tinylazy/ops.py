@@ -549,29 +549,34 @@ def _sdpa_kernel(o, lse, q, k, v, scale):
     """sdpa of a block (B', H', T, Dh) a cache-sized chunk at a time (several items of
     axis 0, or some of axis 1 of one item), so that the chunk's scores stay in cache
     between the two GEMMs and the softmax."""
-    n0, n1 = _chunk_items(q, 1)
-    qs_buf, s_buf = _chunk_scratch(q, n0, n1, q.shape[-1]), _chunk_scratch(q, n0, n1, q.shape[-2])
+    for c, (qs, s) in _chunks(q, 1, 1):
+        np.matmul(np.multiply(q[c], scale, out=qs), k[c].swapaxes(-1, -2), out=s)
+        _softmax_kernel(s, lse[c], s)
+        np.matmul(s, v[c], out=o[c])
+
+
+def _chunks(q, n_q, n_scores):
+    """The cache-sized chunks of a block q (B', H', T, Dh), as (index, scratch): index selects a
+    chunk (several items of axis 0, or some of axis 1 of one item) whose n_scores (T, T) scratch
+    matrices fit CACHE_BYTES; scratch is n_q views of q's chunk shape, then n_scores of the
+    scores' shape, of buffers allocated once per call and reused chunk after chunk."""
+    T = q.shape[-2]
+    per_row = n_scores * T * T * q.itemsize
+    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
+    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
+    lead = (min(n0, q.shape[0]), min(n1, q.shape[1]), T)
+    bufs = [empty(lead + (last,), q.dtype) for last in [q.shape[-1]] * n_q + [T] * n_scores]
     for i in range(0, q.shape[0], n0):
         for j in range(0, q.shape[1], n1):
             c = (slice(i, i + n0), slice(j, j + n1))
-            qs, s = qs_buf[:len(q[c]), :q[c].shape[1]], s_buf[:len(q[c]), :q[c].shape[1]]
-            np.matmul(np.multiply(q[c], scale, out=qs), k[c].swapaxes(-1, -2), out=s)
-            _softmax_kernel(s, lse[c], s)
-            np.matmul(s, v[c], out=o[c])
+            items, heads = q[c].shape[:2]
+            yield c, [b[:items, :heads] for b in bufs]
 
 
-def _chunk_items(q, n_scores):
-    """(n0, n1): the items of axes 0 and 1 of q (B', H', T, Dh) per chunk, so that a chunk's
-    n_scores (T, T) matrices fit CACHE_BYTES: whole rows of axis 1 when they fit, else part of one."""
-    per_row = n_scores * q.shape[-2] * q.shape[-2] * q.itemsize
-    n1 = max(1, min(q.shape[1], CACHE_BYTES // per_row))
-    n0 = max(1, CACHE_BYTES // (per_row * q.shape[1])) if n1 == q.shape[1] else 1
-    return n0, n1
-
-
-def _chunk_scratch(q, n0, n1, last):
-    """Scratch (n0, n1, T, last) for the chunks of one kernel call, reused chunk after chunk."""
-    return empty((min(n0, q.shape[0]), min(n1, q.shape[1]), q.shape[-2], last), q.dtype)
+def _pool_blocks(q):
+    """How attention's arrays go to rowwise: blocks of samples, or of heads (axis 1 first)
+    when the batch is smaller than the pool."""
+    return (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
 
 
 def sdpa_forward(q, k, v, return_lse=False, out=None):
@@ -597,7 +602,7 @@ def sdpa_forward(q, k, v, return_lse=False, out=None):
     dtype = np.result_type(q, k, v)
     o = empty(q.shape, dtype) if out is None else out
     lse = empty(q.shape[:-1] + (1,), dtype)
-    split = (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
+    split = _pool_blocks(q)
     rowwise(lambda *blocks: _sdpa_kernel(*blocks, scale), *(split(a) for a in (o, lse, q, k, v)))
     return (o, lse) if return_lse else o
 
@@ -630,13 +635,8 @@ def _sdpa_backward_chunk(dq, dk, dv, dout, q, k, v, out, lse, scale, scratch=Non
 def _sdpa_backward_kernel(dq, dk, dv, dout, q, k, v, out, lse, scale):
     """_sdpa_backward_chunk on a block (B', H', T, Dh) a cache-sized chunk at a time (as
     _sdpa_kernel), so that p and ds stay in cache through the five GEMMs."""
-    n0, n1 = _chunk_items(q, 2)                                # p and ds
-    bufs = [_chunk_scratch(q, n0, n1, last) for last in (q.shape[-1], q.shape[-2], q.shape[-2])]
-    for i in range(0, q.shape[0], n0):
-        for j in range(0, q.shape[1], n1):
-            c = (slice(i, i + n0), slice(j, j + n1))
-            scratch = [b[:len(q[c]), :q[c].shape[1]] for b in bufs]
-            _sdpa_backward_chunk(dq[c], dk[c], dv[c], dout[c], q[c], k[c], v[c], out[c], lse[c], scale, scratch)
+    for c, scratch in _chunks(q, 1, 2):                      # q / sqrt(Dh); p, ds
+        _sdpa_backward_chunk(dq[c], dk[c], dv[c], dout[c], q[c], k[c], v[c], out[c], lse[c], scale, scratch)
 
 
 def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
@@ -655,7 +655,7 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
     if _BLAS_ONE_THREAD is None or xp is not np:
         _sdpa_backward_chunk(*grads_out, dout, q, k, v, out, lse, scale)
         return grads_out
-    split = (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
+    split = _pool_blocks(q)
     rowwise(lambda *blocks: _sdpa_backward_kernel(*blocks, scale),
             *(split(a) for a in (*grads_out, dout, q, k, v, out, lse)))
     return grads_out
