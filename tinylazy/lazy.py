@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 
+from . import ops
 from .backend import to_numpy
 from .diffusion import create_diffusion
 
@@ -490,14 +491,14 @@ class LazyDiT:
             if rec is not None:
                 model.record_branch_input(l, "attn", h, z)
             a = self._module(k, l, "attn", z)
-            h = h + gate_msa[:, None, :] * a
+            h = ops.gated_residual_forward(h, gate_msa, a)                 # h + gate_msa * a, as DiT.block
             if rec is not None:
                 model.record_branch_output(l, "attn", a, h)
             z = model.modulated_input(h, shift_mlp, scale_mlp)
             if rec is not None:
                 model.record_branch_input(l, "mlp", h, z)
             m = self._module(k, l, "mlp", z)
-            h = h + gate_mlp[:, None, :] * m
+            h = ops.gated_residual_forward(h, gate_mlp, m)                 # h + gate_mlp * m
             if rec is not None:
                 model.record_branch_output(l, "mlp", m, h)
         return model.final_layer(h, c_act)
