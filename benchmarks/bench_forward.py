@@ -61,7 +61,7 @@ def main():
     import torch
     from torch_dit import TorchDiT
     torch.set_num_threads(args.threads)
-    tl.ops.NUM_THREADS = args.threads                   # tinylazy's pool ...
+    tl.parallel.set_num_threads(args.threads)          # tinylazy's pool ...
     try:
         from threadpoolctl import threadpool_limits     # ... and NumPy's BLAS: the same count
         threadpool_limits(limits=args.threads, user_api="blas")

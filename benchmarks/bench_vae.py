@@ -9,10 +9,9 @@ tinylazy time: > 1 means tinylazy is faster), and the largest difference of the
 two outputs relative to the image's largest value.
 
 Threads: PyTorch runs ``--threads`` intra-op threads; tinylazy runs a pool of
-``--threads`` threads that shares out its elementwise work and its GEMMs, with
-NumPy's BLAS single-threaded inside (``--blas-threads 1``, set through
-OPENBLAS_NUM_THREADS before NumPy loads).  ``--blas-threads N`` instead leaves
-tinylazy's GEMMs to an N-thread BLAS.
+``--threads`` threads (``tinylazy.parallel``) that shares out its elementwise work and
+its GEMMs, with NumPy's BLAS single-threaded inside: OpenBLAS's per-thread switch, or
+``--blas-threads 1`` (OPENBLAS_NUM_THREADS, set before NumPy loads) for another BLAS.
 """
 import argparse
 import os
@@ -36,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="timed decodes per peer (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads and tinylazy's pool")
-    ap.add_argument("--blas-threads", type=int, default=1, help="NumPy BLAS threads (1: tinylazy's pool splits GEMMs)")
+    ap.add_argument("--blas-threads", type=int, default=1, help="NumPy BLAS threads outside tinylazy's pool (default 1)")
     ap.add_argument("--latent", type=int, default=32, help="latent side h = w (image side = 8 h)")
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
@@ -44,18 +43,18 @@ def main():
 
     import numpy as np
     import torch
-    from tinylazy import conv
+    from tinylazy import parallel
     from tinylazy.vae import AutoencoderKL, VAEConfig
     from diffusers import AutoencoderKL as TorchAutoencoderKL
     torch.set_num_threads(args.threads)
-    conv.set_num_threads(args.threads)
+    parallel.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_info
         blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
     except ImportError:
         blas = "threadpoolctl not installed"
     print(f"threads {args.threads} (tinylazy pool, torch intra-op); NumPy BLAS {blas}; "
-          f"tinylazy splits GEMMs in its pool: {conv.splits_gemms()}; "
+          f"tinylazy splits GEMMs in its pool: {parallel.splits_gemms()}; "
           f"torch {torch.__version__}")
 
     cfg = VAEConfig()                                         # sd-vae-ft-ema

@@ -7,7 +7,7 @@ from the backward against (L(input + eps V) - L(input - eps V)) / (2 eps).
 import numpy as np
 import pytest
 
-from tinylazy import ops
+from tinylazy import ops, parallel
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -223,10 +223,10 @@ def test_row_parallel_results_do_not_depend_on_threads(monkeypatch, rng):
                 ops.gated_residual_forward(x, scale, x[:, ::-1]), *ops.gated_residual_backward(x, scale, x[:, ::-1]),
                 ops.gelu_tanh_output(x, x[:, ::-1])]
 
-    monkeypatch.setattr(ops, "NUM_THREADS", 1)
+    monkeypatch.setattr(parallel, "NUM_THREADS", 1)
     single = run()
-    monkeypatch.setattr(ops, "NUM_THREADS", 3)
-    monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
+    monkeypatch.setattr(parallel, "NUM_THREADS", 3)
+    monkeypatch.setattr(parallel, "MIN_BLOCK", 1 << 10)
     for a, b in zip(single, run()):
         np.testing.assert_array_equal(a, b)
 
@@ -235,7 +235,7 @@ def test_row_parallel_results_do_not_depend_on_threads(monkeypatch, rng):
 def test_row_parallel_pool_survives_fork(monkeypatch, rng):
     """A forked child (e.g. a multiprocessing worker) gets a fresh pool, not a dead one."""
     import multiprocessing as mp
-    monkeypatch.setattr(ops, "NUM_THREADS", 2)
+    monkeypatch.setattr(parallel, "NUM_THREADS", 2)
     x = rng.standard_normal((8, 1 << 14)).astype(np.float32)
     expected = ops.gelu_tanh_forward(x)                  # the parent's pool now exists
     with mp.get_context("fork").Pool(1) as pool:
@@ -254,7 +254,7 @@ def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
     w, b = rng.standard_normal((200, 128)).astype(np.float32), rng.standard_normal(200).astype(np.float32)
     w2, b2 = rng.standard_normal((128, 200)).astype(np.float32), rng.standard_normal(128).astype(np.float32)
     q, k, v = (rng.standard_normal((batch, 3, 96, 32)).astype(np.float32) for _ in range(3))
-    monkeypatch.setattr(ops, "_BLAS_ONE_THREAD", None)             # the plain expressions
+    monkeypatch.setattr(parallel, "SPLIT_GEMMS", False)            # the plain expressions
     plain_y, plain_attn = x @ w.T + b, ops.sdpa_forward(q, k, v, return_lse=True)
     plain_g, plain_s = ops.gelu_tanh_forward(plain_y, return_gate=True)
     plain_m = plain_g @ w2.T + b2
@@ -263,10 +263,10 @@ def test_pooled_gemms_and_fused_paths(monkeypatch, rng, batch):
                     (plain_m, plain_y, plain_s, plain_g)):
         np.testing.assert_array_equal(a, c)
     monkeypatch.undo()
-    if ops._BLAS_ONE_THREAD is None:
+    if not parallel.SPLIT_GEMMS:
         pytest.skip("NumPy's BLAS is not OpenBLAS: no pooled GEMMs")
-    monkeypatch.setattr(ops, "NUM_THREADS", 3)
-    monkeypatch.setattr(ops, "MIN_BLOCK", 1 << 10)
+    monkeypatch.setattr(parallel, "NUM_THREADS", 3)
+    monkeypatch.setattr(parallel, "MIN_BLOCK", 1 << 10)
     monkeypatch.setattr(ops, "CACHE_BYTES", 1 << 14)               # several chunks per thread
     monkeypatch.setattr(ops, "GEMM_MIN_ROWS", 16)
     scale = np.abs(plain_y).max()

@@ -91,12 +91,12 @@ def test_ema_official_update():
 
 
 def test_updates_do_not_depend_on_the_thread_count(monkeypatch):
-    """AdamW and the EMA run per tensor on the ops pool: the same bits on 1 or 3 threads."""
-    from tinylazy import ops
-    monkeypatch.setattr(ops, "MIN_BLOCK", 4)                 # the small test tensors go to the pool too
+    """AdamW and the EMA run per tensor on the pool: the same bits on 1 or 3 threads."""
+    from tinylazy import parallel
+    monkeypatch.setattr(parallel, "MIN_BLOCK", 4)                 # the small test tensors go to the pool too
     results = []
     for threads in (1, 3):
-        monkeypatch.setattr(ops, "NUM_THREADS", threads)
+        monkeypatch.setattr(parallel, "NUM_THREADS", threads)
         params = _params()
         ema = {k: v.copy() for k, v in params.items()}
         opt = AdamW(params, lr=1e-2, weight_decay=0.1)

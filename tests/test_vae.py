@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tinylazy import conv
+from tinylazy import conv, parallel
 from tinylazy.io import WeightsError, write_safetensors
 from tinylazy.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, convert_state_dict, load_vae, param_shapes
 
@@ -57,7 +57,7 @@ def pair(request):
 def two_threads_all_winograd(monkeypatch):
     """Exercise the thread pool whatever the machine, and Winograd on the small test images too
     (even-sized ones; odd sizes still take im2col)."""
-    conv.set_num_threads(2)
+    monkeypatch.setattr(parallel, "NUM_THREADS", 2)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 0)
 
 
@@ -171,13 +171,11 @@ def test_pool_split_gemms_and_attention_blocks(pair, monkeypatch):
     vae = AutoencoderKL(cfg, sd, dtype="float64")
     z = np.random.default_rng(6).standard_normal((1, cfg.latent_channels, 6, 5))
     x = np.random.default_rng(7).uniform(-1, 1, (1, cfg.in_channels, 12, 10))
+    monkeypatch.setattr(parallel, "SPLIT_GEMMS", False)
     want = vae.decode(z), vae.encode(x).parameters
     monkeypatch.setattr(conv, "ATTN_ROWS", 7)
-    conv.set_num_threads(2, split_gemm=True)
-    try:
-        got = vae.decode(z), vae.encode(x).parameters
-    finally:
-        conv.set_num_threads(2)
+    monkeypatch.setattr(parallel, "SPLIT_GEMMS", True)
+    got = vae.decode(z), vae.encode(x).parameters
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-13
 

@@ -16,96 +16,28 @@ written against ``xp`` (NumPy or CuPy).  Speed comes from four choices:
   256x256x128 im2col would be 300 MB in float32) and keeps them in cache, and
   ops write straight into the zero-bordered buffer the next convolution reads
   (``pad_buffer``);
-- a small thread pool runs the elementwise passes (NumPy's ufuncs release the
-  GIL); when BLAS is single-threaded (``OPENBLAS_NUM_THREADS=1``, or
-  ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``) it also splits every GEMM by output
-  channels, one BLAS call per thread, and otherwise leaves the GEMMs to BLAS's
-  own threads.  The first is the faster setup: a multi-threaded BLAS keeps its
-  threads spinning between calls, stealing the cores from the pool, and on a
-  busy machine its fork/join per call cost 8x in CPU time (measured); the pool
-  never shares BLAS across threads because two concurrent multi-threaded BLAS
-  calls are slower still.
+- the pool of ``tinylazy.parallel`` runs the elementwise passes and, under its
+  BLAS policy, splits every GEMM by output channels, one single-threaded BLAS
+  call per thread.
 """
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .backend import array_module_of
+from . import parallel
+from .parallel import gemm_parts, parts, splits_gemms
 
 GN_EPS = 1e-6              # every GroupNorm of diffusers' AutoencoderKL (resnet_eps and conv_norm_out)
 BAND_BYTES = 8 << 20       # im2col / Winograd band buffers: a few MB stays in the last-level cache
 PIECE = 1 << 16            # elements per block of elementwise work: 256 KB in float32, within L2
 WINOGRAD_MIN_PIXELS = 1024  # smaller images: Winograd's 16 GEMMs per band cost more in calls than they save
 ATTN_ROWS = 512            # attention queries per block: bounds the (rows, H*W) score matrix
-_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _default_threads():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _blas_serial():
-    """True when the environment makes BLAS single-threaded (read once, as BLAS reads it at load)."""
-    return any(os.environ.get(v, "").strip() == "1" for v in _BLAS_THREAD_VARS)
-
-
-_threads = {"n": _default_threads(), "pool": None, "split_gemm": _blas_serial()}
-
-
-# ----------------------------------------------------------------------------
-# thread pool
-
-def set_num_threads(n, split_gemm=None):
-    """Threads of the pool (default: the usable cores).  split_gemm: whether the pool splits GEMMs,
-    which needs a single-threaded BLAS (None: True when the environment variables say so)."""
-    if int(n) < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    if _threads["pool"] is not None:
-        _threads["pool"].shutdown()
-    _threads.update(n=int(n), pool=None, split_gemm=_blas_serial() if split_gemm is None else bool(split_gemm))
-
-
-def get_num_threads():
-    return _threads["n"]
-
-
-def splits_gemms():
-    """Whether the pool splits GEMMs (BLAS single-threaded) or leaves them to BLAS's threads."""
-    return _threads["n"] > 1 and _threads["split_gemm"]
 
 
 def _parallel(xp, fn, items, work):
-    """fn(item) for every item: on the pool for NumPy, in order for CuPy (the GPU queues them anyway)
-    or when the work (elements touched) is too small to pay for handing it to threads."""
-    items = list(items)
-    if xp is not np or _threads["n"] == 1 or len(items) == 1 or work < PIECE:
-        for it in items:
-            fn(it)
-        return
-    if _threads["pool"] is None:
-        _threads["pool"] = ThreadPoolExecutor(_threads["n"], thread_name_prefix="tinylazy")
-    for f in [_threads["pool"].submit(fn, it) for it in items]:
-        f.result()
-
-
-def _parts(n):
-    """[0, n) split into one contiguous (start, stop) range per pool thread."""
-    return _split(n, _threads["n"])
-
-
-def _gemm_parts(n):
-    """Output-channel ranges for GEMMs: one per pool thread when BLAS is single-threaded, else one
-    range, which ``_parallel`` runs in the calling thread with BLAS's own threads."""
-    return _parts(n) if _threads["split_gemm"] else [(0, n)]
-
-
-def _split(n, parts):
-    """[0, n) as at most ``parts`` contiguous (start, stop) ranges."""
-    parts = max(1, min(parts, n))
-    edges = [n * i // parts for i in range(parts + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(parts)]
+    """fn(item) for every item: ``parallel.for_each`` for NumPy, in order for CuPy (the GPU queues them)."""
+    parallel.for_each(fn, items, work if xp is np else 0)
 
 
 # ----------------------------------------------------------------------------
@@ -159,7 +91,7 @@ def conv2d_forward(xpad, w, b, stride=1, residual=None):
 
     if k == 1 and stride == 1:                       # a 1x1 convolution is one GEMM on the pixels
         x2 = xpad.reshape(Cin, Hp * Wp)
-        _parallel(xp, lambda c: gemm(c, x2, 0, Ho * Wo), _gemm_parts(Cout), y.size)
+        _parallel(xp, lambda c: gemm(c, x2, 0, Ho * Wo), gemm_parts(Cout), y.size)
         return y.reshape(Cout, Ho, Wo)
     rows = max(1, min(Ho, BAND_BYTES // (Cin * k * k * Wo * xpad.itemsize)))
     cols_buf = xp.empty(Cin * k * k * rows * Wo, dtype=xpad.dtype)
@@ -173,9 +105,9 @@ def conv2d_forward(xpad, w, b, stride=1, residual=None):
                 for kx in range(k):
                     cols[c[0]:c[1], ky, kx] = xpad[c[0]:c[1], y0:y0 + (r1 - r0 - 1) * stride + 1:stride,
                                                    kx:kx + (Wo - 1) * stride + 1:stride]
-        _parallel(xp, fill, _parts(Cin), cols.size)
+        _parallel(xp, fill, parts(Cin), cols.size)
         cols2 = cols.reshape(Cin * k * k, (r1 - r0) * Wo)
-        _parallel(xp, lambda c, cols2=cols2, r0=r0, r1=r1: gemm(c, cols2, r0 * Wo, r1 * Wo), _gemm_parts(Cout),
+        _parallel(xp, lambda c, cols2=cols2, r0=r0, r1=r1: gemm(c, cols2, r0 * Wo, r1 * Wo), gemm_parts(Cout),
                   cols.size)
     return y.reshape(Cout, Ho, Wo)
 
@@ -250,8 +182,8 @@ def conv3x3_winograd_forward(xpad, U, b, residual=None):
                     if res is not None:
                         t += res[c[0]:c[1], :, a, :, k]
                     out[c[0]:c[1], :, a, :, k] = t
-        _parallel(xp, input_transform, _parts(Cin), V.size)
-        _parallel(xp, gemm_output_transform, _gemm_parts(Cout), M.size)
+        _parallel(xp, input_transform, parts(Cin), V.size)
+        _parallel(xp, gemm_output_transform, gemm_parts(Cout), M.size)
     return y
 
 
@@ -312,7 +244,7 @@ def upsample2x_forward(x, out=None):
         for a in (0, 1):
             for b in (0, 1):
                 out[c[0]:c[1], a::2, b::2] = x[c[0]:c[1]]
-    _parallel(xp, part, _parts(C), out.size)
+    _parallel(xp, part, parts(C), out.size)
     return out
 
 
@@ -343,7 +275,7 @@ def pixel_attention_forward(x, gn_w, gn_b, groups, wq, bq, wk, bk, wv, bv, wo, b
         p /= p.sum(axis=1, keepdims=True)
         xp.matmul(v, p.T, out=o[:, r[0]:r[1]])                      # (C, T) @ (T, rows) -> (C, rows)
     blocks = [(t, min(T, t + ATTN_ROWS)) for t in range(0, T, ATTN_ROWS)]
-    if _threads["split_gemm"]:
+    if splits_gemms():
         _parallel(xp, block, blocks, T * T)
     else:
         for r in blocks:                                            # BLAS's own threads share each block
@@ -364,5 +296,5 @@ def linear_cols_forward(w, x, b, residual=None, out=None):
         o += b[c[0]:c[1], None]
         if residual is not None:
             o += residual[c[0]:c[1]]
-    _parallel(xp, rows, _gemm_parts(w.shape[0]), out.size)
+    _parallel(xp, rows, gemm_parts(w.shape[0]), out.size)
     return out

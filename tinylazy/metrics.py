@@ -30,6 +30,7 @@ import numpy as np
 
 from .data import load_digits_dataset
 from .optim import AdamW
+from .parallel import serial_blas
 
 RECIPE = {
     "name": "digits-mlp", "version": 1, "data": "load_digits, 1x16x16 nearest, [-1, 1]",
@@ -49,13 +50,6 @@ def default_cache_dir():
 
 # ----------------------------------------------------------------------------
 # The judge: a NumPy MLP with its hand-written backward
-
-def _one_blas_thread():
-    """Small matrices run faster on one BLAS thread, above all on a busy machine
-    (threadpoolctl ships with scikit-learn, which the metrics need for the data)."""
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=1, user_api="blas")
-
 
 def _relu_forward(x):
     return np.maximum(x, 0.0)
@@ -122,7 +116,7 @@ class DigitsClassifier:
 
         BLAS runs on one thread: the same bits on any machine.
         """
-        with _one_blas_thread():
+        with serial_blas():                 # small matrices are faster on one thread, on a busy machine above all
             return cls._train(images, labels, recipe)
 
     @classmethod
@@ -249,7 +243,7 @@ def fd_against_real(gen_features, real_features, splits=10, seed=0):
                          f"{len(real_features)}")
     rng = np.random.default_rng(seed)
     fds, floors = [], []
-    with _one_blas_thread():
+    with serial_blas():
         for _ in range(splits):
             perm = rng.permutation(len(real_features))
             a, b = real_features[perm[:n]], real_features[perm[n:2 * n]]

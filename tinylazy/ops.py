@@ -5,129 +5,22 @@ op sits next to its forward (``foo_forward`` / ``foo_backward``) and takes only
 the cache it needs, named in its docstring; backward functions never modify
 their arguments.  Shapes: B batch, T tokens, D hidden, H heads, Dh = D / H.
 """
-import ctypes
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import memory
+from . import memory, parallel
 from .backend import array_module_of
+from .parallel import rowwise
 
 LN_EPS = 1e-6                                  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
 GELU_K = math.sqrt(2.0 / math.pi)              # tanh-GELU: 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
 GELU_C = 0.044715
 
 
-# ----------------------------------------------------------------------------
-# Row-parallel elementwise work.  A NumPy ufunc runs on one core, but it releases
-# the GIL, so the expensive row-wise ops (exp, tanh, softmax, LayerNorm) run their
-# kernel on row blocks from a small thread pool, between the BLAS calls.  Each
-# row is computed exactly as in one call, so results do not depend on it.
-
-NUM_THREADS = int(os.environ.get("TINYLAZY_NUM_THREADS", "0")) or min(
-    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
-MIN_BLOCK = 1 << 15                            # elements per block worth a thread hand-off
-_pool = None
-
-
-def _openblas_thread_switch():
-    """OpenBLAS's ``openblas_set_num_threads_local`` for the library NumPy loaded, or None
-    (another BLAS, another OS).  Found the way threadpoolctl finds it: among the mapped files."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
-        for path in sorted(paths):
-            switch = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
-            if switch is not None:
-                switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
-                return switch
-    except OSError:
-        pass
-    return None
-
-
-# OpenBLAS threads every GEMM it is handed, and a batched matmul hands it one small GEMM
-# per (sample, head): dozens of thread hand-offs per call, ruinous on a busy machine
-# (measured on DiT-S/2 attention under load: 18 ms single-threaded, 2.8 s with 2 threads).
-# When the per-thread switch exists, pool threads run single-threaded BLAS and the
-# batched matmuls are split over the batch instead, as PyTorch's bmm does.
-_BLAS_ONE_THREAD = _openblas_thread_switch()
-
-
-def _init_pool_thread():
-    if _BLAS_ONE_THREAD is not None:
-        _BLAS_ONE_THREAD(1)
-
-
-def _forget_pool():
-    global _pool
-    _pool = None                               # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def rowwise(kernel, *arrays):
-    """kernel(*blocks) on row blocks (axis 0) of ``arrays``, which share their first
-    dimension; the kernel writes its results into blocks of output arrays passed in."""
-    n = arrays[0].shape[0]
-    k = min(NUM_THREADS, n, arrays[0].size // MIN_BLOCK)
-    if k <= 1 or array_module_of(arrays[0]) is not np:
-        _in_this_thread(kernel, *arrays)
-        return
-    _run_on_pool([(kernel, [a[lo:hi] for a in arrays]) for lo, hi in _cuts(n, k)])
-
-
-def _in_this_thread(kernel, *args):
-    """kernel(*args) in the calling thread, its GEMMs on single-threaded BLAS as in the pool:
-    OpenBLAS's own threads spin for a while after each call, on the cores the pool needs
-    next (measured: a DiT-S/2 training step 5% slower with the main thread's small adaLN
-    GEMMs left on OpenBLAS's two threads; no difference on the digits model)."""
-    if _BLAS_ONE_THREAD is None:
-        kernel(*args)
-        return
-    before = _BLAS_ONE_THREAD(1)
-    try:
-        kernel(*args)
-    finally:
-        _BLAS_ONE_THREAD(before)
-
-
-def for_each_name(fn, arrays):
-    """fn(name) for every name of ``arrays`` (name -> array), for per-tensor updates such as
-    the optimiser's: on NumPy the names go to the pool threads in groups of about equal
-    size (ufuncs release the GIL) when there is enough work to be worth the hand-off; each
-    fn(name) computes the same whichever thread runs it."""
-    names = sorted(arrays, key=lambda k: -arrays[k].size)
-    if (NUM_THREADS <= 1 or not names or array_module_of(arrays[names[0]]) is not np
-            or sum(arrays[k].size for k in names) < NUM_THREADS * MIN_BLOCK):
-        for k in names:
-            fn(k)
-        return
-    groups, load = [[] for _ in range(NUM_THREADS)], [0] * NUM_THREADS
-    for k in names:                                          # biggest first, to the least loaded
-        i = load.index(min(load))
-        groups[i].append(k)
-        load[i] += arrays[k].size
-    _run_on_pool([(lambda group: [fn(k) for k in group], (g,)) for g in groups if g])
-
-
-def _cuts(n, k):
-    """k contiguous (lo, hi) blocks of range(n), as even as can be."""
-    return [(n * i // k, n * (i + 1) // k) for i in range(k)]
-
-
-def _run_on_pool(tasks):
-    """Run [(fn, args), ...] on the pool at once and wait for all of them."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="tinylazy-ops", initializer=_init_pool_thread)
-    jobs = [_pool.submit(fn, *args) for fn, args in tasks]
-    for job in jobs:
-        job.result()
+def _split_gemms(a):
+    """Whether ``a``'s GEMMs go to the pool in blocks (NumPy, and parallel.SPLIT_GEMMS)."""
+    return parallel.SPLIT_GEMMS and array_module_of(a) is np
 
 
 def _matmul_kernel(out, a, b):
@@ -154,9 +47,7 @@ def _linear_kernel(y, x, wt, b):
 
 
 def linear_forward(x, w, b=None):
-    """(..., in) -> (..., out).  On NumPy with the per-thread BLAS switch, the rows are split
-    over the pool (single-threaded BLAS per pool thread, as attention): OpenBLAS's own threads
-    would otherwise spin after each GEMM on the cores the pool's elementwise work needs."""
+    """(..., in) -> (..., out).  The rows are split over the pool when GEMMs are (parallel.py)."""
     y = _pooled_matmul(x.reshape(-1, x.shape[-1]), w.T, b)   # (N, in) @ (in, out) -> (N, out)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
@@ -181,10 +72,10 @@ def mlp_forward(x, w1, b1, w2, b2, return_hidden=False, return_act=False):
     """fc2(gelu_tanh(fc1(x))): x (..., D) -> y (..., D), as (y, h, s, g): with ``return_hidden``
     also the GELU input h = fc1(x) and its gate s (gelu_tanh_forward; the backward's cache),
     with ``return_act`` also the GELU output g = h s, each (..., 4D); None where not asked for.
-    On NumPy with the per-thread BLAS switch, each pool thread runs its rows through fc1, the
+    When GEMMs are split over the pool, each pool thread runs its rows through fc1, the
     GELU and fc2 a chunk at a time, so that what is not asked for never leaves the cache."""
     lead = x.shape[:-1]
-    if _BLAS_ONE_THREAD is None or array_module_of(x) is not np:
+    if not _split_gemms(x):
         h = linear_forward(x, w1, b1)
         g, s = gelu_tanh_forward(h, return_gate=True)
         return (linear_forward(g, w2, b2), h if return_hidden else None, s if return_hidden else None,
@@ -224,8 +115,8 @@ def linear_backward(dy, x, w, param_grads=True, input_grad=True):
 
 
 def _pooled(a):
-    """Whether ``a``'s GEMMs go to the pool: NumPy with the per-thread BLAS switch, and enough work."""
-    return _BLAS_ONE_THREAD is not None and array_module_of(a) is np and NUM_THREADS > 1 and a.size >= MIN_BLOCK
+    """Whether ``a``'s dx and dw GEMMs go to the pool side by side: split GEMMs, threads and enough work."""
+    return _split_gemms(a) and parallel.NUM_THREADS > 1 and a.size >= parallel.MIN_BLOCK
 
 
 def _dw_db_kernel(dw, db, dyt, x):
@@ -243,18 +134,17 @@ def _pooled_linear_grads(dy2, x2, w):
     dx = empty((dy2.shape[0], w.shape[1]), dtype)
     dw = empty((dy2.shape[1], x2.shape[1]), dtype)
     db = empty(dy2.shape[1], dy2.dtype)
-    kx = (NUM_THREADS + 1) // 2
-    tasks = [(_matmul_kernel, (dx[lo:hi], dy2[lo:hi], w)) for lo, hi in _cuts(dx.shape[0], kx)]
+    kx = (parallel.NUM_THREADS + 1) // 2
+    tasks = [(_matmul_kernel, (dx[lo:hi], dy2[lo:hi], w)) for lo, hi in parallel.cuts(dx.shape[0], kx)]
     tasks += [(_dw_db_kernel, (dw[lo:hi], db[lo:hi], dy2.T[lo:hi], x2))
-              for lo, hi in _cuts(dw.shape[0], min(NUM_THREADS - kx, dw.shape[0]))]
-    _run_on_pool(tasks)
+              for lo, hi in parallel.cuts(dw.shape[0], parallel.NUM_THREADS - kx)]
+    parallel.run_all(tasks)
     return dx, dw, db
 
 
 def _pooled_matmul(a, b, bias=None):
-    """a @ b (+ bias), a (N, K): on NumPy with the per-thread BLAS switch, a's rows split over
-    the pool (single-threaded BLAS per thread, see linear_forward); a plain matmul otherwise."""
-    if _BLAS_ONE_THREAD is None or array_module_of(a) is not np:
+    """a @ b (+ bias), a (N, K): a's rows split over the pool when GEMMs are; a plain matmul otherwise."""
+    if not _split_gemms(a):
         y = a @ b
         if bias is not None:
             y += bias
@@ -576,7 +466,7 @@ def _chunks(q, n_q, n_scores):
 def _pool_blocks(q):
     """How attention's arrays go to rowwise: blocks of samples, or of heads (axis 1 first)
     when the batch is smaller than the pool."""
-    return (lambda a: a.swapaxes(0, 1)) if q.shape[0] < NUM_THREADS else (lambda a: a)
+    return (lambda a: a.swapaxes(0, 1)) if q.shape[0] < parallel.NUM_THREADS else (lambda a: a)
 
 
 def sdpa_forward(q, k, v, return_lse=False, out=None):
@@ -586,12 +476,12 @@ def sdpa_forward(q, k, v, return_lse=False, out=None):
     With ``return_lse`` also the softmax's log-sum-exp (B, H, T, 1).  The backward
     keeps that instead of the (T, T) probabilities and recomputes them (as
     FlashAttention does): one extra q k^T GEMM saves H T^2 numbers per sample and block.
-    On NumPy with the per-thread BLAS switch, the pool threads run it on chunks of
+    When GEMMs are split over the pool, its threads run it on chunks of
     samples (of heads when the batch is smaller than the pool): the same GEMMs and
     softmax per (sample, head), with the scores kept in cache.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _BLAS_ONE_THREAD is None or array_module_of(q) is not np:
+    if not _split_gemms(q):
         s = (q * scale) @ k.swapaxes(-1, -2)                # (B, H, T, T)
         p, lse = _softmax(s, s)
         o = p @ v
@@ -644,15 +534,15 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
 
     Returns dq, dk, dv (B, H, T, Dh), written into ``grads_out`` = (dq, dk, dv) if given
     (arrays or views of that shape).  p = exp(q k^T / sqrt(Dh) - lse) is recomputed; the
-    softmax's row sum sum(dp p) equals sum(dout out) over Dh, which is cheaper.  On NumPy
-    with the per-thread BLAS switch, the pool threads run it on chunks of samples (of heads
+    softmax's row sum sum(dp p) equals sum(dout out) over Dh, which is cheaper.  When GEMMs
+    are split over the pool, its threads run it on chunks of samples (of heads
     when the batch is smaller than the pool), as sdpa_forward: the same GEMMs per (sample, head).
     """
     xp = array_module_of(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if grads_out is None:
         grads_out = tuple(empty(q.shape, np.result_type(dout, q, k, v), xp) for _ in range(3))
-    if _BLAS_ONE_THREAD is None or xp is not np:
+    if not _split_gemms(q):
         _sdpa_backward_chunk(*grads_out, dout, q, k, v, out, lse, scale)
         return grads_out
     split = _pool_blocks(q)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from . import parallel
 from .backend import array_module_of, to_numpy
 
 
@@ -58,7 +58,7 @@ class AdamW:
             denom /= bias_correction2_sqrt
             denom += self.eps
             p -= step_size * (m / denom)                            # addcdiv_(exp_avg, denom, value=-step_size)
-        ops.for_each_name(update, self.params)
+        parallel.for_each_name(update, self.params)
 
     def state_dict(self):
         """Host arrays and plain settings: {"step", "lr", "betas", "eps", "weight_decay", "exp_avg", "exp_avg_sq"}."""
@@ -98,4 +98,4 @@ def update_ema(ema, params, decay):
         e = ema[k]
         e *= decay
         e += (1.0 - decay) * params[k]
-    ops.for_each_name(update, ema)
+    parallel.for_each_name(update, ema)
