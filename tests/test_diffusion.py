@@ -14,7 +14,7 @@ import pytest
 
 import tinylazy as tl
 from tinylazy.backend import to_numpy
-from tinylazy.diffusion import GaussianDiffusion, create_diffusion, linear_betas, space_timesteps
+from tinylazy.diffusion import GaussianDiffusion, create_diffusion, extract, linear_betas, space_timesteps
 from tinylazy.sampling import ddim_step
 
 from conftest import BACKENDS, rel_err
@@ -168,7 +168,7 @@ def test_respaced_chain():
 def test_extract_casts_to_float32_and_promotes():
     d = create_diffusion(21)
     x = np.ones((2, 4, 8, 8))
-    c = d._extract(d.sqrt_recip_alphas_cumprod, 20, x)
+    c = extract(d.sqrt_recip_alphas_cumprod, 20, x)
     assert c.dtype == np.float32 and c.shape == (2, 1, 1, 1)
     assert c[0, 0, 0, 0] == np.float32(d.sqrt_recip_alphas_cumprod[20])
     assert (c * x).dtype == np.float64 and (c * x.astype(np.float32)).dtype == np.float32

@@ -79,6 +79,21 @@ def respace_betas(use_timesteps, betas):
     return np.array(new_betas, dtype=np.float64), np.array(timestep_map, dtype=np.int64)
 
 
+def extract(arr, t, x):
+    """ADM ``_extract_into_tensor(arr, t, x.shape)``: arr[t] cast to float32, shaped (B, 1, 1, 1).
+
+    t: a respaced index or one per sample.  The result stays float32 on x's array module; a
+    product with x then runs in x's dtype by type promotion (float32 * float64 -> float64),
+    exactly as in PyTorch.
+    """
+    xp = array_module_of(x)
+    t = np.asarray(to_numpy(t), dtype=np.int64).reshape(-1)
+    if t.size == 1 and x.shape[0] != 1:
+        t = np.repeat(t, x.shape[0])
+    res = np.asarray(arr, dtype=np.float64)[t].astype(np.float32)     # (B,)
+    return xp.asarray(res.reshape((-1,) + (1,) * (x.ndim - 1)))      # (B,) -> (B, 1, 1, 1)
+
+
 # ----------------------------------------------------------------------------
 # The diffusion process
 
@@ -120,54 +135,39 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
-    # -- coefficient lookup ---------------------------------------------------
-    @staticmethod
-    def _extract(arr, t, x):
-        """ADM ``_extract_into_tensor(arr, t, x.shape)``: arr[t] cast to float32, shaped (B, 1, 1, 1).
-
-        The result stays float32; a product with x then runs in x's dtype by type
-        promotion (float32 * float64 -> float64), exactly as in PyTorch.
-        """
-        xp = array_module_of(x)
-        t = np.asarray(to_numpy(t), dtype=np.int64).reshape(-1)
-        if t.size == 1 and x.shape[0] != 1:
-            t = np.repeat(t, x.shape[0])
-        res = arr[t].astype(np.float32)                                  # (B,)
-        return xp.asarray(res.reshape((-1,) + (1,) * (x.ndim - 1)))      # (B,) -> (B, 1, 1, 1)
-
     # -- forward process ------------------------------------------------------
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = extract(1.0 - self.alphas_cumprod, t, x_start)
+        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise):
         """Sample q(x_t | x_0) = sqrt(acp_t) x_0 + sqrt(1 - acp_t) noise (DDPM eq. 4)."""
         if noise.shape != x_start.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, x_start {tuple(x_start.shape)}")
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        variance = extract(self.posterior_variance, t, x_t)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
     # -- reverse process ------------------------------------------------------
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = sqrt(1/acp_t) x_t - sqrt(1/acp_t - 1) eps."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         """eps = (sqrt(1/acp_t) x_t - x_0) / sqrt(1/acp_t - 1)."""
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def p_mean_variance(self, model_output, x, t, clip_denoised=False):
         """p(x_{t-1} | x_t) from a model output, ADM ``p_mean_variance`` without the model call.
@@ -182,8 +182,8 @@ class GaussianDiffusion:
         B, C = x.shape[:2]
         if model_output.shape == (B, 2 * C) + tuple(x.shape[2:]):
             eps, model_var_values = model_output[:, :C], model_output[:, C:]
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-            max_log = self._extract(np.log(self.betas), t, x)
+            min_log = extract(self.posterior_log_variance_clipped, t, x)
+            max_log = extract(np.log(self.betas), t, x)
             frac = (model_var_values + 1) / 2
             model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = xp.exp(model_log_variance)
@@ -191,8 +191,8 @@ class GaussianDiffusion:
             eps = model_output
             fixed_large = np.append(self.posterior_variance[1:2], self.betas[1:]) if self.num_timesteps > 1 \
                 else self.betas
-            model_variance = xp.broadcast_to(self._extract(fixed_large, t, x), x.shape)          # float32
-            model_log_variance = xp.broadcast_to(self._extract(np.log(fixed_large), t, x), x.shape)
+            model_variance = xp.broadcast_to(extract(fixed_large, t, x), x.shape)          # float32
+            model_log_variance = xp.broadcast_to(extract(np.log(fixed_large), t, x), x.shape)
         else:
             raise ValueError(f"model output has shape {tuple(model_output.shape)}; expected "
                              f"{(B, 2 * C) + tuple(x.shape[2:])} (learned sigma) or {tuple(x.shape)}")

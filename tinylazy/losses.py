@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from .backend import array_module_of, to_numpy
+from .diffusion import extract
 
 LN2 = math.log(2.0)
 BIN_HALF = 1.0 / 255.0                    # half-width of an 8-bit bin on [-1, 1]
@@ -38,13 +39,6 @@ CDF_C = 0.044715
 def mean_flat(x):
     """Mean over every axis but the batch axis: (B, ...) -> (B,)."""
     return x.reshape(x.shape[0], -1).mean(axis=1)
-
-
-def extract(arr, t, like):
-    """Official ``_extract_into_tensor``: float64 table[t] -> float32 -> like's dtype, shape (B, 1, 1, 1)."""
-    xp = array_module_of(like)
-    v = np.asarray(arr, dtype=np.float64)[t].astype(np.float32)
-    return xp.asarray(v, dtype=like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 # ----------------------------------------------------------------------------
@@ -123,7 +117,7 @@ def discretized_gaussian_log_likelihood_backward(dlog_probs, cache):
 # the training loss and its gradient w.r.t. the model output
 
 def min_snr_weight(diffusion, t, gamma, like):
-    """min(SNR(t), gamma) / SNR(t) in float64, cast as ``extract`` casts: shape (B, 1, 1, 1)."""
+    """min(SNR(t), gamma) / SNR(t) in float64, cast to float32 as ``extract`` casts: shape (B, 1, 1, 1)."""
     acp = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
     snr = acp / (1.0 - acp)
     return extract(np.minimum(snr, gamma) / snr, t, like)
@@ -170,8 +164,8 @@ def training_losses(diffusion, model_output, x_start, x_t, t, noise, snr_gamma=N
     terms["vb"] = xp.where(is_t0, mean_flat(-log_probs) / LN2, mean_flat(kl) / LN2)
     terms["loss"] = weighted_mse + terms["vb"]
     cache.update(true_mean=true_mean, true_log_var=true_log_var, model_mean=model_mean,
-                 model_log_var=model_log_var, dlog_var_dv=(max_log - min_log) / 2, dgll_cache=dgll_cache,
-                 is_t0=is_t0)
+                 model_log_var=model_log_var, dlog_var_dv=(max_log.astype(x_t.dtype) - min_log) / 2,
+                 dgll_cache=dgll_cache, is_t0=is_t0)                  # d log_var / d v in the model dtype
     return terms, cache
 
 

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from .backend import array_module_of, to_numpy
-from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion
+from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion, extract
 from .progress import Progress
 
 
@@ -151,8 +151,8 @@ def ddim_step(diffusion, model_output, x, t, eta=0.0, noise=None, clip_denoised=
     xp = array_module_of(x)
     out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
     eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])        # re-derived, as ADM does
-    alpha_bar = diffusion._extract(diffusion.alphas_cumprod, t, x)             # float32 (B, 1, 1, 1)
-    alpha_bar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x)
+    alpha_bar = extract(diffusion.alphas_cumprod, t, x)             # float32 (B, 1, 1, 1)
+    alpha_bar_prev = extract(diffusion.alphas_cumprod_prev, t, x)
     sigma = eta * xp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * xp.sqrt(1 - alpha_bar / alpha_bar_prev)
     x_next = out["pred_xstart"] * xp.sqrt(alpha_bar_prev) + xp.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
     if eta > 0 and np.any(np.asarray(to_numpy(t)) != 0):
