@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import tinylazy as tl
-from tinylazy.lazy import LazyDiT, alternate_decisions, gates_file, lazy_ddim_sample
+from tinylazy.lazy import LazyDiT, alternate_decisions, gates_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
@@ -40,9 +40,9 @@ class TimedScores(LazyDiT):
     """LazyDiT that adds up the seconds spent scoring gates."""
     seconds = 0.0
 
-    def scores(self, l, kind, z):
+    def scores(self, s, l, kind, z):
         t0 = time.perf_counter()
-        s = super().scores(l, kind, z)
+        s = super().scores(s, l, kind, z)
         TimedScores.seconds += time.perf_counter() - t0
         return s
 
@@ -83,25 +83,24 @@ def main():
 
     # The bundled model and its learned gates.
     if os.path.isfile(BUNDLED):
-        from tinylazy.io import load_dit
-        model = load_dit(BUNDLED)
+        model = tl.load_dit(BUNDLED)
         steps, B = 20, args.digits_batch
         noise, labels = tl.make_noise(model, B, seed=0), np.arange(B) % model.config.num_classes
         path = gates_file(BUNDLED, steps)
         gates = tl.load_gates(path, model, steps) if os.path.isfile(path) else None
         kw = {"gates": gates} if gates is not None else {"decisions": alternate_decisions(steps, model.config.depth)}
         stats = tl.LazyStats()
-        lazy_ddim_sample(model, noise, labels, steps, 1.5, lazy_stats=stats, **kw)
+        tl.ddim_sample(model, noise, labels, steps, 1.5, lazy_stats=stats, **kw)
         full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
-                                lambda: lazy_ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
+                                lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
         report(f"digits b{B} cfg1.5 {steps} steps, " + ("learned gates" if gates else "alternate rule"),
                full, lazy, stats)
         if gates is not None:
             alt = alternate_decisions(steps, model.config.depth)
             stats = tl.LazyStats()
-            lazy_ddim_sample(model, noise, labels, steps, 1.5, decisions=alt, lazy_stats=stats)
+            tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=alt, lazy_stats=stats)
             full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
-                                    lambda: lazy_ddim_sample(model, noise, labels, steps, 1.5, decisions=alt),
+                                    lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=alt),
                                     args.reps)
             report(f"digits b{B} cfg1.5 {steps} steps, alternate rule", full, lazy, stats)
             frac = scoring_overhead(model, gates, noise, labels, steps, 1.5, args.reps)
@@ -120,9 +119,9 @@ def main():
               np.random.default_rng(0).random((steps, cfg.depth, 2, 2 * B)) < 0.5)]
     for name, keep in cases:
         stats = tl.LazyStats()
-        lazy_ddim_sample(model, noise, labels, steps, 1.5, decisions=keep, lazy_stats=stats)
+        tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=keep, lazy_stats=stats)
         full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
-                                lambda: lazy_ddim_sample(model, noise, labels, steps, 1.5, decisions=keep), args.reps)
+                                lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=keep), args.reps)
         report(f"DiT-S/2 b{B} cfg1.5 {steps} steps, {name}", full, lazy, stats)
     gates = tl.LazyGates.zeros(model, steps)
     gates.attn[...] = np.random.default_rng(1).standard_normal(gates.attn.shape) * 1e-3

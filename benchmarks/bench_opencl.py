@@ -99,9 +99,9 @@ def bench_lazy(host, dev, steps, reps):
     noise, labels = tl.make_noise(host, batch=B, seed=0), tl.sample_labels(host, batch=B, seed=0)
     stats = lazy.LazyStats()
     skip = lazy.alternate_decisions(steps, cfg.depth)
-    t_full, t_lazy = bench_pair(lambda: O.ddim_sample(dev, noise, labels, steps=steps),
-                                lambda: O.ddim_sample(dev, noise, labels, steps=steps, decisions=skip,
-                                                      lazy_stats=stats), reps)
+    t_full, t_lazy = bench_pair(lambda: tl.ddim_sample(dev, noise, labels, steps=steps),
+                                lambda: tl.ddim_sample(dev, noise, labels, steps=steps, decisions=skip,
+                                                       lazy_stats=stats), reps)
     print(f"\nDDIM {steps} steps on the device, DiT-S/2 batch 8, no guidance")
     print(f"  all modules       {t_full:.3f} s")
     print(f"  lazy, ratio {stats.lazy_ratio:.2f}   {t_lazy:.3f} s   speedup {t_full / t_lazy:.2f}x")

@@ -98,13 +98,12 @@ def resolve_weights(path):
 
 
 def load_model(args):
-    from tinylazy.io import load_dit
     path = resolve_weights(args.weights)
     if args.vae is not None and not os.path.exists(args.vae):
         raise UsageError(f"--vae {args.vae}: no such file or folder (give the sd-vae-ft-ema folder with "
                          f"config.json + diffusion_pytorch_model.safetensors, or a safetensors file)")
     try:
-        model = load_dit(path, dtype=args.dtype, backend=args.backend)
+        model = tl.load_dit(path, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"cannot load the DiT from {path}: {e}") from e
     C = model.config.in_channels

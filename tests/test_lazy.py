@@ -35,6 +35,8 @@ class ReplayDiT:
     """A DiT whose call number k replays the module outputs of call k - 1 where ``reuse[k][l][kind]``
     is set, either for all rows (True) or for the rows in a bool mask."""
 
+    recorder = None
+
     def __init__(self, model, reuse):
         self.model, self.config, self.xp, self.dtype, self.params = model, model.config, model.xp, model.dtype, \
             model.params
@@ -42,9 +44,9 @@ class ReplayDiT:
         self.calls = 0
         self.last = {}
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, branch=None):
         m = self.model
-        x, t, y = m._check_inputs(x, t, y)
+        x, t, y = m.check_inputs(x, t, y)
         h, c = m.embed_tokens(x), m.condition(t, y)
         rule = self.reuse.get(self.calls, {})
         outs = {}

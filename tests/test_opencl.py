@@ -215,7 +215,8 @@ def test_ddim_sample(models, cfg_scale):
     host, dev = models
     noise, labels = sampling.make_noise(host, batch=3, seed=9), np.array([1, 6, 3])
     trace = {"opencl": [], "numpy": []}
-    got = O.ddim_sample(dev, noise, labels, steps=5, cfg_scale=cfg_scale, callback=lambda i, d: trace["opencl"].append(d))
+    got = tl.ddim_sample(dev, noise, labels, steps=5, cfg_scale=cfg_scale,
+                         callback=lambda i, d: trace["opencl"].append(d))
     want = sampling.ddim_sample(host, noise, labels, steps=5, cfg_scale=cfg_scale,
                                 callback=lambda i, d: trace["numpy"].append(d))
     diffusion = tl.create_diffusion(5)
@@ -239,9 +240,8 @@ def test_lazy_sample_forced_decisions(models):
     keep = np.random.default_rng(11).random((6, CFG.depth, 2, 6)) < 0.5
     keep[:, 0, 0], keep[:, 1, 1] = True, False                   # all compute / none compute
     stats = {"opencl": lazy.LazyStats(), "numpy": lazy.LazyStats()}
-    got = O.ddim_sample(dev, noise, labels, steps=6, cfg_scale=4.0, decisions=keep, lazy_stats=stats["opencl"])
-    want = lazy.lazy_ddim_sample(host, noise, labels, steps=6, cfg_scale=4.0, decisions=keep,
-                                 lazy_stats=stats["numpy"])
+    got = tl.ddim_sample(dev, noise, labels, steps=6, cfg_scale=4.0, decisions=keep, lazy_stats=stats["opencl"])
+    want = tl.ddim_sample(host, noise, labels, steps=6, cfg_scale=4.0, decisions=keep, lazy_stats=stats["numpy"])
     np.testing.assert_array_equal(stats["opencl"].skips, stats["numpy"].skips)
     assert stats["opencl"].lazy_ratio > 0.3
     check("lazy forced final", got, want)
@@ -254,8 +254,8 @@ def test_lazy_sample_gates(models):
     rng = np.random.default_rng(13)
     gates.attn[:], gates.mlp[:] = rand(rng, *gates.attn.shape, scale=0.05), rand(rng, *gates.mlp.shape, scale=0.05)
     stats = {"opencl": lazy.LazyStats(), "numpy": lazy.LazyStats()}
-    got = O.ddim_sample(dev, noise, labels, steps=6, cfg_scale=1.5, gates=gates, lazy_stats=stats["opencl"])
-    want = lazy.lazy_ddim_sample(host, noise, labels, steps=6, cfg_scale=1.5, gates=gates, lazy_stats=stats["numpy"])
+    got = tl.ddim_sample(dev, noise, labels, steps=6, cfg_scale=1.5, gates=gates, lazy_stats=stats["opencl"])
+    want = tl.ddim_sample(host, noise, labels, steps=6, cfg_scale=1.5, gates=gates, lazy_stats=stats["numpy"])
     np.testing.assert_array_equal(stats["opencl"].skips, stats["numpy"].skips)   # identical gate decisions
     assert 0 < stats["opencl"].lazy_ratio < 1
     check("lazy gate scores (summed per module)", stats["opencl"].scores, stats["numpy"].scores)
@@ -271,7 +271,7 @@ def test_bad_inputs(models):
     with pytest.raises(ValueError, match="even batch"):
         dev.forward_with_cfg(np.zeros((3, 3, 10, 10), np.float32), [0] * 3, [0] * 3, 2.0)
     with pytest.raises(ValueError, match="noise has shape"):
-        O.ddim_sample(dev, np.zeros((2, 3, 10, 10), np.float32), [1], steps=2)
+        tl.ddim_sample(dev, np.zeros((2, 3, 10, 10), np.float32), [1], steps=2)
 
 
 # ----------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """The DiT model (Peebles & Xie 2023), forward and backward passes, keyed by the official parameter names.
 
-Mirrors facebookresearch/DiT ``models.py``.  Each block is split into pieces
-that the lazy sampler and the backward pass call one by one:
+Mirrors facebookresearch/DiT ``models.py``.  ``DiTSchema`` writes the forward once,
+the official block being modulate -> branch -> gated residual, twice:
 
     mod = block_modulation(l, c_act)           # six (B, D) vectors from adaLN
     z   = modulated_input(x, shift, scale)     # modulate(LN(x)): the gate's input Z
-    a   = attn(l, z);  x = x + gate_msa * a    # attention branch
-    m   = mlp(l, z);   x = x + gate_mlp * m    # MLP branch
+    a   = branch(l, "attn", z);  x = x + gate_msa * a
+    m   = branch(l, "mlp", z);   x = x + gate_mlp * m
 
-Each piece ``foo`` fills an optional ``cache`` dict and has a ``foo_backward``
-that reads it, written in the same order reversed with the same names.
+over pieces that ``DiT`` implements with ``tinylazy.ops`` and the OpenCL backend with
+its kernels.  A ``branch=`` hook replaces the module call (lazy reuse, gate training's
+soft blend; see protocol.py).  Each piece ``foo`` of ``DiT`` fills an optional ``cache``
+dict and has a ``foo_backward`` that reads it, written in the same order reversed with
+the same names.
 """
 import numpy as np
 
@@ -111,7 +114,68 @@ def _put(grads, prefix, dw, db):
     grads[prefix + ".bias"] = db
 
 
-class DiT:
+class DiTSchema:
+    """The DiT forward written once (official ``DiT.forward`` and ``DiTBlock.forward``) over the
+    pieces a backend implements: ``DiT`` with ``tinylazy.ops`` (and caches for the backward),
+    ``opencl.OpenCLDiT`` with fused kernels on device buffers.
+
+        embed_tokens(x, cache) -> h                  patches + pos_embed (B, T, D)
+        condition(t, y, cache) -> c_act              SiLU(t_emb + y_emb) (B, D)
+        block_modulation(l, c_act, cache) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        modulated_input(x, shift, scale, cache) -> z     modulate(LN(x), shift, scale)
+        branch(l, kind, z, cache) -> out             the attention or MLP module (protocol.py)
+        gated_residual(x, gate, out) -> x            x + gate * out
+        final_layer(h, c_act, cache) -> out          final adaLN, linear and unpatchify
+        record_inputs, record_branch_input, record_branch_output     (only while ``recorder`` is set)
+
+    ``cache`` is a dict each piece fills for its backward, or None; ``branch`` a hook that
+    replaces ``self.branch`` (protocol.py).
+    """
+
+    # A tinylazy.trace.Recorder receives every named intermediate while it is set;
+    # when None (the default) each recording point costs one ``is None`` test.
+    recorder = None
+
+    def forward_checked(self, x, t, y, cache=None, branch=None):
+        """The forward on inputs that ``check_inputs`` returned.
+
+        cache keys: "embed", "cond", "blocks.{l}" (l = 0..depth-1), "final"."""
+        if self.recorder is not None:
+            self.record_inputs(x, t, y)
+        h = self.embed_tokens(x, _sub(cache, "embed"))
+        c_act = self.condition(t, y, _sub(cache, "cond"))
+        for l in range(self.config.depth):
+            h = self.block(l, h, c_act, _sub(cache, f"blocks.{l}"), branch)
+        return self.final_layer(h, c_act, _sub(cache, "final"))
+
+    def block(self, l, x, c_act, cache=None, branch=None):
+        """One adaLN-Zero block, x (B, T, D) -> (B, T, D): attention, then MLP.
+
+        cache: "modulation", and per kind "{kind}_in" (modulated_input's), "{kind}" (the
+        branch's), "gate_{kind}" (B, D) and, without a hook, "out_{kind}" (B, T, D) the branch
+        output (for the gate gradient)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(
+            l, c_act, _sub(cache, "modulation"))
+        x = self.residual_branch(l, "attn", x, shift_msa, scale_msa, gate_msa, cache, branch)
+        return self.residual_branch(l, "mlp", x, shift_mlp, scale_mlp, gate_mlp, cache, branch)
+
+    def residual_branch(self, l, kind, x, shift, scale, gate, cache=None, branch=None):
+        """x + gate * branch(l, kind, modulate(LN(x), shift, scale)): one half of a block."""
+        z = self.modulated_input(x, shift, scale, _sub(cache, f"{kind}_in"))
+        if self.recorder is not None:
+            self.record_branch_input(l, kind, x, z)
+        out = (self.branch if branch is None else branch)(l, kind, z, _sub(cache, kind))
+        x = self.gated_residual(x, gate, out)
+        if self.recorder is not None:
+            self.record_branch_output(l, kind, out, x)
+        if cache is not None:
+            cache[f"gate_{kind}"] = gate
+            if branch is None:                     # a hook's backward is its own (lazy_train.soft_backward)
+                cache[f"out_{kind}"] = out
+        return x
+
+
+class DiT(DiTSchema):
     """A DiT with parameters ``self.params[name]`` (official names), on ``backend`` in ``dtype``.
 
     ``model(x, t, y)`` is the official ``DiT.forward``: x (B, C, H, W), t (B,) original
@@ -124,14 +188,12 @@ class DiT:
     forward takes an optional ``cache`` dict that it fills, and has a ``*_backward``
     that reads it; a ``grads`` dict receives parameter gradients, and ``grads=None``
     computes input gradients only (the frozen-DiT case of LazyDiT's gate training).
+    weights_hash: ``io.weights_hash`` of ``params`` when the caller knows it (``load_dit``).
     """
 
-    # A tinylazy.trace.Recorder receives every named intermediate while it is set;
-    # when None (the default) each recording point costs one ``is None`` test.
-    recorder = None
-
-    def __init__(self, config: DiTConfig, params, dtype="float32", backend="numpy"):
+    def __init__(self, config: DiTConfig, params, dtype="float32", backend="numpy", weights_hash=None):
         self.config = config.validate()
+        self.weights_hash = weights_hash
         self.dtype = resolve_dtype(dtype)
         self.backend = backend
         self.xp = get_xp(backend)
@@ -150,7 +212,8 @@ class DiT:
         return cls(config, init_params(config, seed, scheme), dtype=dtype, backend=backend)
 
     # -- input checks ---------------------------------------------------------
-    def _check_inputs(self, x, t, y):
+    def check_inputs(self, x, t, y):
+        """-> x as a model array, t and y (B,) on the host; a ValueError for bad shapes or values."""
         cfg, xp = self.config, self.xp
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {cfg.in_channels}, "
@@ -195,7 +258,7 @@ class DiT:
         return dx
 
     def timestep_embed(self, t, cache=None):
-        """t (B,) -> (B, D): features in float32 (reference.md), cast, then Linear-SiLU-Linear.
+        """t (B,) -> (B, D): features in float32 (docs/numerics.md), cast, then Linear-SiLU-Linear.
 
         cache: features (B, 256), hidden (B, D) before the SiLU."""
         P = self.params
@@ -356,30 +419,14 @@ class DiT:
             _put(grads, f"blocks.{l}.mlp.fc1", dw, db)
         return dz
 
-    def block(self, l, x, c_act, cache=None):
-        """One adaLN-Zero block: x (B, T, D) -> (B, T, D).
+    def branch(self, l, kind, z, cache=None):
+        """The module ``kind`` of block l on z (B, T, D), before its gate multiply."""
+        return self.attn(l, z, cache) if kind == "attn" else self.mlp(l, z, cache)
 
-        cache: the pieces' caches (modulation, attn_in, attn, mlp_in, mlp), the gates
-        gate_msa, gate_mlp (B, D) and the branch outputs a, m (B, T, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(
-            l, c_act, _sub(cache, "modulation"))
-        z = self.modulated_input(x, shift_msa, scale_msa, _sub(cache, "attn_in"))
-        if self.recorder is not None:
-            self.record_branch_input(l, "attn", x, z)
-        a = self.attn(l, z, _sub(cache, "attn"))
-        x = ops.gated_residual_forward(x, gate_msa, a)                  # x + gate_msa * a
-        if self.recorder is not None:
-            self.record_branch_output(l, "attn", a, x)
-        z = self.modulated_input(x, shift_mlp, scale_mlp, _sub(cache, "mlp_in"))
-        if self.recorder is not None:
-            self.record_branch_input(l, "mlp", x, z)
-        m = self.mlp(l, z, _sub(cache, "mlp"))
-        x = ops.gated_residual_forward(x, gate_mlp, m)                  # x + gate_mlp * m
-        if self.recorder is not None:
-            self.record_branch_output(l, "mlp", m, x)
-        if cache is not None:
-            cache.update(gate_msa=gate_msa, a=a, gate_mlp=gate_mlp, m=m)
-        return x
+    @staticmethod
+    def gated_residual(x, gate, out):
+        """x + gate * out: x, out (B, T, D), gate (B, D).  The backward is gated_residual_backward in ops."""
+        return ops.gated_residual_forward(x, gate, out)
 
     def block_backward(self, l, dx, cache, grads=None):
         """dx (B, T, D), the gradient of the block output -> dx of its input, dc_act (B, D).
@@ -388,13 +435,13 @@ class DiT:
         and dc_act is None."""
         pg = grads is not None
         # x = x + gate_mlp * m
-        dm, dgate_mlp = ops.gated_residual_backward(dx, cache["gate_mlp"], cache["m"], pg)
+        dm, dgate_mlp = ops.gated_residual_backward(dx, cache["gate_mlp"], cache["out_mlp"], pg)
         dz = self.mlp_backward(l, dm, cache["mlp"], grads)
         dx_mlp, dshift_mlp, dscale_mlp = self.modulated_input_backward(dz, cache["mlp_in"], pg)
         dx_mlp += dx
         dx = dx_mlp
         # x = x + gate_msa * a
-        da, dgate_msa = ops.gated_residual_backward(dx, cache["gate_msa"], cache["a"], pg)
+        da, dgate_msa = ops.gated_residual_backward(dx, cache["gate_attn"], cache["out_attn"], pg)
         dz = self.attn_backward(l, da, cache["attn"], grads)
         dx_attn, dshift_msa, dscale_msa = self.modulated_input_backward(dz, cache["attn_in"], pg)
         dx_attn += dx
@@ -440,16 +487,10 @@ class DiT:
         return dx, dc_act
 
     # -- full passes ----------------------------------------------------------------
-    def forward(self, x, t, y, cache=None):
-        """The official forward.  Pass a dict as ``cache`` to keep what ``backward`` needs."""
-        x, t, y = self._check_inputs(x, t, y)
-        if self.recorder is not None:
-            self.record_inputs(x, t, y)
-        h = self.embed_tokens(x, _sub(cache, "embed"))
-        c_act = self.condition(t, y, _sub(cache, "cond"))
-        for l in range(self.config.depth):
-            h = self.block(l, h, c_act, _sub(cache, f"blocks.{l}"))
-        return self.final_layer(h, c_act, _sub(cache, "final"))
+    def forward(self, x, t, y, cache=None, branch=None):
+        """The official forward.  Pass a dict as ``cache`` to keep what ``backward`` needs;
+        ``branch`` replaces the module calls (protocol.py)."""
+        return self.forward_checked(*self.check_inputs(x, t, y), cache, branch)
 
     __call__ = forward
 
@@ -493,26 +534,26 @@ class DiT:
         dx = self.embed_tokens_backward(dh, cache.pop("embed"), grads)
         return grads, dx
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3, branch=None):
         """Official ``forward_with_cfg``: batch = [cond half; uncond half].
 
         The first half of x is used for both halves; guidance is applied to the
         first ``guide_channels`` output channels (3 in the official code, a quirk
         kept for FID reproducibility); ``guide_channels=None`` guides all eps channels.
+        ``branch`` goes to the forward.
         """
         xp = self.xp
         x = xp.asarray(x, dtype=self.dtype)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
         half = x[: x.shape[0] // 2]
-        out = self.forward(xp.concatenate([half, half], axis=0), t, y)
+        out = self.forward(xp.concatenate([half, half], axis=0), t, y, branch=branch)
         g = self.config.in_channels if guide_channels is None else guide_channels
         eps, rest = out[:, :g], out[:, g:]
         cond_eps, uncond_eps = eps[: len(eps) // 2], eps[len(eps) // 2:]
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        rec = getattr(self, "recorder", None)              # LazyDiT and duck-typed models call this unbound
-        if rec is not None:
-            rec("cfg/eps", half_eps)
+        if self.recorder is not None:
+            self.recorder("cfg/eps", half_eps)
         return xp.concatenate([xp.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
 
     # -- trace recording (tinylazy.trace; called only while ``recorder`` is set) --------

@@ -32,9 +32,10 @@ import numpy as np
 
 from . import __version__
 from .backend import to_numpy
+from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates
-from .sampling import check_cfg_scale, check_labels, check_steps, ddim_sample, make_noise, sample_labels
+from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates, model_weights_hash
+from .sampling import check_cfg_scale, check_labels, check_steps, make_noise, sample_labels
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
 
 DEFAULT_RTOL = 3e-4
@@ -56,11 +57,7 @@ def gates_hash(gates):
 
 
 def model_meta(model, weights_file=None):
-    h = getattr(model, "weights_hash", None)
-    if h is None:
-        from .io import weights_hash
-        h = weights_hash(model)
-    return {"weights_hash": h, "file": os.path.basename(weights_file) if weights_file else None,
+    return {"weights_hash": model_weights_hash(model), "file": os.path.basename(weights_file) if weights_file else None,
             "config": dataclasses.asdict(model.config)}
 
 
@@ -71,7 +68,7 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
 
     model: a ``DiT`` (any backend) or an ``OpenCLDiT``.  noise and labels come from
     ``seed`` (``make_noise`` / ``sample_labels``) unless labels are given.  gates /
-    threshold / decisions: a LazyDiT run (``lazy.lazy_ddim_sample``).  vae: decode the
+    threshold / decisions: a LazyDiT run (``tinylazy.ddim_sample``).  vae: decode the
     final latents into ``image``.  recorder: a ``Recorder`` to choose what is kept.
     """
     rec = Recorder() if recorder is None else recorder
@@ -82,11 +79,6 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
     noise = make_noise(model, len(labels), seed)
     lazy = gates is not None or decisions is not None
     stats = LazyStats() if lazy else None
-    opencl = getattr(model, "backend", "numpy") == "opencl"
-    if opencl:
-        from .opencl import ddim_sample as sampler
-    else:
-        sampler = ddim_sample
 
     def record_step(i, info):
         for name, key in (("model_output", "model_output"), ("eps", "eps"), ("x0", "pred_xstart"),
@@ -101,7 +93,7 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
     previous, model.recorder = model.recorder, rec
     try:
         kw = dict(gates=gates, threshold=threshold, decisions=decisions, lazy_stats=stats) if lazy else {}
-        sample = sampler(model, noise, labels, steps=steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
+        sample = ddim_sample(model, noise, labels, steps=steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
                          callback=record_step, progress=progress, **kw)
     finally:
         model.recorder = previous
@@ -115,8 +107,8 @@ def trace_sampling(model, steps=4, seed=0, batch=2, cfg_scale=4.0, labels=None, 
         "tinylazy_version": __version__,
         "model": model_meta(model, weights_file),
         "dtype": np.dtype(model.dtype).name,
-        "backend": getattr(model, "backend", "numpy"),
-        "device": repr(model) if opencl else None,
+        "backend": model.backend,
+        "device": repr(model) if model.backend == "opencl" else None,
         "seed": int(seed),
         "sampler": {"name": "ddim", "steps": int(diffusion.num_timesteps), "eta": 0.0, "cfg_scale": cfg_scale,
                     "guide_channels": guide_channels, "clip_denoised": False, "batch": len(labels),
@@ -140,7 +132,7 @@ def trace_forward(model, x, t, y, recorder=None, weights_file=None):
     finally:
         model.recorder = previous
     meta = {"kind": "forward", "tinylazy_version": __version__, "model": model_meta(model, weights_file),
-            "dtype": np.dtype(model.dtype).name, "backend": getattr(model, "backend", "numpy"),
+            "dtype": np.dtype(model.dtype).name, "backend": model.backend,
             "seed": None, "sampler": None, "lazy": None, "vae": None}
     return rec.trace(meta)
 
@@ -168,7 +160,6 @@ def golden_path(name, directory=GOLDEN_DIR):
 
 def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
     """(Re)write the checked-in goldens of the bundled model: seed 0, batch 2, cfg 4 (``GOLDENS``)."""
-    from .io import load_dit
     from .lazy import gates_file
     names = list(names or GOLDENS)
     for name in names:
@@ -193,7 +184,6 @@ def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
 def rerun(trace, weights, gates=None, backend="numpy", dtype=None):
     """Run again what ``trace`` records (same seed, labels, sampler, gates and recorder settings),
     with the weights file ``weights`` and gates file ``gates`` -> a new Trace."""
-    from .io import load_dit
     m = trace.meta
     if m.get("kind") != "sampling":
         raise TraceError(f"{trace.label}: only sampling traces can be re-run")
@@ -615,20 +605,9 @@ def _dump(args):
     weights = args.weights or BUNDLED
     if not os.path.exists(weights):
         raise TraceError(f"{weights}: no such weights file (give --weights)")
-    from .io import load_dit
-    if args.backend == "opencl":
-        if args.dtype != "float32":
-            raise TraceError("the OpenCL backend runs float32 only (drop --dtype or use --dtype float32)")
-        from .opencl import OpenCLDiT
-        model = OpenCLDiT.from_model(load_dit(weights, dtype="float32"), device=args.device)
-    else:
-        model = load_dit(weights, dtype=args.dtype, backend=args.backend)
+    model = load_dit(weights, dtype=args.dtype, backend=args.backend, device=args.device)
     gates = load_gates(args.gates, model, steps=args.steps) if args.gates else None
-    vae = None
-    if args.vae:
-        from .vae import load_vae
-        vae = load_vae(args.vae, dtype=args.dtype if args.backend != "opencl" else "float32",
-                       backend=args.backend if args.backend != "opencl" else "numpy")
+    vae = load_vae(args.vae, dtype=args.dtype, backend=args.backend) if args.vae else None
     rec = Recorder(include=args.include, exclude=args.exclude, attn_probs=args.attn_probs,
                    max_elements=args.max_elements)
     trace = trace_sampling(model, steps=args.steps, seed=args.seed, batch=args.batch, cfg_scale=args.cfg_scale,

@@ -603,24 +603,17 @@ def weights_hash(model_or_path):
 # ----------------------------------------------------------------------------
 # DiT loading and saving
 
-def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None):
-    """Load a DiT from official-key safetensors, a diffusers DiTTransformer2DModel folder,
-    or a folder holding one official safetensors file.
-
-    backend "numpy" or "cupy" gives a ``DiT``; "opencl" an ``OpenCLDiT`` (float32 only)
-    on ``device`` (see ``tinylazy.opencl.select_device``).
+def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
+    """Load a ``DiT`` (backend "numpy" or "cupy") from official-key safetensors, a diffusers
+    DiTTransformer2DModel folder, or a folder holding one official safetensors file.
+    ``tinylazy.load_dit`` (api.py) also loads onto the OpenCL backend.
 
     The configuration is inferred from the tensor shapes (num_heads: the argument,
     the file's metadata, diffusers' config.json, or the official width table).
     Every key, shape and dtype is checked before any data is read; tensors are
     read one by one straight into arrays of the model dtype, so no second copy of
-    the weights is made.  Sets ``model.weights_hash``.
+    the weights is made.  The model is built with the weights hash computed while reading.
     """
-    if backend == "opencl":
-        if resolve_dtype(dtype) != np.float32:
-            raise ValueError("the OpenCL backend runs float32 only (use dtype='float32')")
-        from .opencl import OpenCLDiT
-        return OpenCLDiT.from_model(load_dit(path, "float32", "numpy", num_heads), device=device)
     dt = resolve_dtype(dtype)
     layout = _open_layout(path)
     try:
@@ -640,9 +633,7 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None
     if recorded is not None and recorded != digest:
         raise WeightsError(f"{layout.label}: tensors do not match the weights_hash in the file's metadata "
                            f"(modified or corrupted file)")
-    model = DiT(cfg, params, dtype=dt, backend=backend)
-    model.weights_hash = digest
-    return model
+    return DiT(cfg, params, dtype=dt, backend=backend, weights_hash=digest)
 
 
 def save_dit(model, path, metadata=None):

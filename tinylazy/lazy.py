@@ -22,17 +22,16 @@ ties them to one DiT (its weights hash), one step count and one timestep map.
 Training the gates is ``lazy_train.py``.
 """
 import json
-import math
 import numbers
 import re
 
 import numpy as np
 
-from . import ops
-from .backend import to_numpy
+from .backend import array_module_of, to_numpy
 from .diffusion import create_diffusion
+from .io import read_safetensors, weights_hash, write_safetensors
+from .protocol import KINDS
 
-KINDS = ("attn", "mlp")                      # index 0, 1 in every (..., 2) array below
 FORMAT = "tinylazy-lazydit-gates-v1"
 DEFAULT_THRESHOLD = 0.5                      # official attn_threshold / mlp_threshold
 
@@ -59,17 +58,9 @@ def gates_file(weights_path, steps):
     return f"{stem.rstrip('/')}.gates-ddim{int(steps)}.safetensors"
 
 
-def _model_hash(model):
-    """The model's weights hash (set by ``load_dit``; computed once otherwise)."""
-    h = getattr(model, "weights_hash", None)
-    if h is None:
-        from .io import weights_hash
-        h = weights_hash(model)
-        try:
-            model.weights_hash = h
-        except AttributeError:
-            pass
-    return h
+def model_weights_hash(model):
+    """The hash of ``model``'s weights: the one it was built with, else ``io.weights_hash`` of its params."""
+    return weights_hash(model) if model.weights_hash is None else model.weights_hash
 
 
 # ----------------------------------------------------------------------------
@@ -105,7 +96,7 @@ class LazyGates:
         tmap = create_diffusion(steps).timestep_map
         shape = (len(tmap), cfg.depth, cfg.hidden_size)
         dt = model.dtype if dtype is None else np.dtype(dtype)
-        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, _model_hash(model))
+        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model))
 
     @property
     def num_steps(self):
@@ -149,7 +140,7 @@ class LazyGates:
         if not np.array_equal(tmap, self.timestep_map):
             raise GatesError(f"gates were made for another respacing of {self.num_steps} steps "
                              f"(timestep map {self.timestep_map.tolist()[:4]}..., run {tmap.tolist()[:4]}...)")
-        mh = getattr(model, "weights_hash", None)
+        mh = model.weights_hash
         if self.weights_hash is not None and mh is not None and mh != self.weights_hash:
             raise GatesError(f"gates were trained for DiT weights {self.weights_hash[:12]}, "
                              f"this model's weights are {mh[:12]}")
@@ -161,7 +152,6 @@ class LazyGates:
 
 def save_gates(gates, path, training=None):
     """Write ``gates`` to a safetensors file (atomic), float32, official names, with metadata."""
-    from .io import write_safetensors
     if training:
         gates.training.update(training)
     tensors = {k: np.asarray(v, dtype=np.float32) for k, v in gates.state_dict().items()}
@@ -196,7 +186,6 @@ def load_gates(path, model, steps=None):
     checked and the timestep map is the official ``create_diffusion(str(steps))`` one).
     steps: the number of sampling steps the caller will use (checked when given).
     """
-    from .io import read_safetensors
     path = str(path)
     tensors, meta = read_safetensors(path)
     found = _parse_keys(path, tensors)
@@ -218,9 +207,10 @@ def load_gates(path, model, steps=None):
     if steps is not None and int(steps) != S:
         raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
     file_hash = meta.get("weights_hash")
-    if file_hash is not None and file_hash != _model_hash(model):
+    model_hash = model_weights_hash(model) if file_hash is not None else None
+    if file_hash is not None and file_hash != model_hash:
         raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
-                         f"are {_model_hash(model)[:12]} (different weights file)")
+                         f"are {model_hash[:12]} (different weights file)")
     tmap = np.asarray(json.loads(meta["timestep_map"]), dtype=np.int64) if "timestep_map" in meta \
         else create_diffusion(S).timestep_map
     stack = lambda kind: np.stack([np.stack([found[(kind, l, s)][0] for l in range(cfg.depth)])
@@ -230,7 +220,7 @@ def load_gates(path, model, steps=None):
 
 
 # ----------------------------------------------------------------------------
-# Forced decisions (tests, baselines, benchmarks): True = compute, (steps, depth, 2[, rows])
+# Decisions: forced tables (tests, baselines, benchmarks; True = compute), the rule, the gate score
 
 def alternate_decisions(steps, depth):
     """The alternate-step rule: compute every module on even sampling steps, reuse on odd ones.
@@ -257,35 +247,49 @@ def random_decisions(steps, depth, ratio, seed=0):
     return keep.reshape(steps, depth, 2)
 
 
-class _Decider:
-    """decisions: None (use the gates' scores), a bool array (steps, depth, 2) or
-    (steps, depth, 2, rows), or a callable (step, layer, kind, scores) -> bool or (rows,) bool."""
+class DecisionRule:
+    """The one rule by which a module computes (True) or reuses its cached output (False), per row.
 
-    def __init__(self, decisions, num_steps, depth):
-        self.fn = None
+    decisions (forced; they win over the gates): None, a bool array (steps, depth, 2) or
+    (steps, depth, 2, rows) in sampling order, or a callable (step, layer, kind, scores) ->
+    bool or (rows,) bool.  Otherwise a gated row computes when its score >= threshold (the
+    official ``attn_threshold`` / ``mlp_threshold``), and without gates every row computes.
+    The first step has no cache and computes whatever the rule says (``LazyDiT.module``).
+    """
+
+    def __init__(self, threshold=DEFAULT_THRESHOLD, decisions=None, num_steps=None, depth=None):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        self.threshold = float(threshold)
+        self.fn = decisions if callable(decisions) else None
         self.table = None
-        if decisions is None:
-            return
-        if callable(decisions):
-            self.fn = decisions
-            return
-        table = np.asarray(decisions)
-        if table.dtype != bool or table.shape[:3] != (num_steps, depth, 2) or table.ndim not in (3, 4):
-            raise ValueError(f"decisions must be a bool array of shape ({num_steps}, {depth}, 2) or "
-                             f"({num_steps}, {depth}, 2, rows), or a callable; got {table.dtype} {table.shape}")
-        self.table = table
-
-    @property
-    def forced(self):
-        return self.fn is not None or self.table is not None
+        if decisions is not None and self.fn is None:
+            table = np.asarray(decisions)
+            if table.dtype != bool or table.shape[:3] != (num_steps, depth, 2) or table.ndim not in (3, 4):
+                raise ValueError(f"decisions must be a bool array of shape ({num_steps}, {depth}, 2) or "
+                                 f"({num_steps}, {depth}, 2, rows), or a callable; got {table.dtype} {table.shape}")
+            self.table = table
 
     def __call__(self, k, l, kind, scores, rows):
+        """-> (rows,) bool on the host for module kind of layer l at sampling step k; scores: (rows,) or None."""
         if self.fn is not None:
             keep = self.fn(k, l, kind, scores)
-        else:
+        elif self.table is not None:
             keep = self.table[k, l, KINDS.index(kind)]
-        keep = np.broadcast_to(np.asarray(to_numpy(keep), dtype=bool), (rows,))
-        return keep
+        elif scores is not None:
+            keep = scores >= self.threshold
+        else:
+            keep = True
+        return np.broadcast_to(np.asarray(to_numpy(keep), dtype=bool), (rows,))
+
+
+def gate_score(z, w):
+    """sigmoid(sum over tokens of Z @ w) (paper eq. 4): z (B, T, D), w (D,) -> (B,), in z's array module.
+
+    The official order: the per-token products, then their sum over tokens."""
+    u = (z @ w).sum(axis=1)                                              # (B, T, D) @ (D,) -> (B, T) -> (B,)
+    with np.errstate(over="ignore"):                                     # exp(-u) = inf gives the right 0
+        return 1.0 / (1.0 + array_module_of(u).exp(-u))
 
 
 # ----------------------------------------------------------------------------
@@ -438,137 +442,102 @@ class LazyStats:
 # Lazy sampling
 
 class LazyDiT:
-    """A DiT that reuses module outputs across the steps of one sampling run.
+    """A model that reuses module outputs across the steps of one sampling run (paper eq. 7).
 
-    It has the DiT's sampling interface (``config``, ``xp``, ``dtype``, ``params``,
-    ``__call__``, ``forward_with_cfg``), so the ordinary samplers drive it; one
-    instance holds the cache of one run.  The gate of a forward pass is looked up
-    from its first timestep, as the official code does (a batch shares one step).
+    It has the model protocol (protocol.py), so the ordinary samplers drive it, and runs the
+    wrapped model's block schema with a branch hook (``module``) that computes or reuses
+    each module, row by row, by ``DecisionRule``.  One instance holds the cache of one run.
+    The gate of a forward pass is looked up from its first timestep, as the official code
+    does (a batch shares one step).  Where the arrays live is the business of four methods
+    that the OpenCL backend overrides (``opencl.OpenCLLazyDiT``): ``upload_gates``,
+    ``scores``, ``rows`` and ``run_branch``.
     """
 
     def __init__(self, model, timestep_map, gates=None, threshold=DEFAULT_THRESHOLD, decisions=None, stats=None):
-        if not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        self.model = model
-        self.config, self.xp, self.dtype, self.params = model.config, model.xp, model.dtype, model.params
         self.num_steps = len(timestep_map)
+        self.rule = DecisionRule(threshold, decisions, self.num_steps, model.config.depth)
+        self.model = model
+        self.config, self.backend, self.xp, self.dtype = model.config, model.backend, model.xp, model.dtype
+        self.params, self.weights_hash = model.params, model.weights_hash
         self.step_of = {int(t): i for i, t in enumerate(timestep_map)}     # original timestep -> s
         if gates is not None:
             gates.check_run(model, timestep_map)
         self.gates = gates
-        self.threshold = float(threshold)
-        self.decide = _Decider(decisions, self.num_steps, model.config.depth)
+        self.gate_w = None if gates is None else self.upload_gates(gates)
         self.stats = stats
         if stats is not None:
             stats.start(model.config, self.num_steps)
-        self.cache = {}                     # (layer, kind) -> (rows, T, D) module output before the gate multiply
-        self._w = None
+        self.cache = {}                     # (layer, kind) -> module output before the gate multiply
 
     @property
     def recorder(self):
-        """The DiT's trace recorder (tinylazy.trace): one run records through the model it wraps."""
+        """The wrapped model's trace recorder (tinylazy.trace): one run records through it."""
         return self.model.recorder
 
+    def check_inputs(self, x, t, y):
+        return self.model.check_inputs(x, t, y)
+
     def forward(self, x, t, y):
-        model = self.model
-        x, t, y = model._check_inputs(x, t, y)
-        s = self.step_of.get(int(t[0]))
-        if s is None:
-            raise ValueError(f"timestep {int(t[0])} is not a step of this {self.num_steps}-step schedule")
-        k = self.num_steps - 1 - s                                       # sampling order
-        if self.gates is not None:
-            self._w = {kind: self.xp.asarray(self.gates.of(kind)[s], dtype=self.dtype) for kind in KINDS}  # (L, D)
-        if self.stats is not None:
-            self.stats.row_steps += x.shape[0]
-        rec = model.recorder
-        if rec is not None:
-            model.record_inputs(x, t, y)
-        h = model.embed_tokens(x)
-        c_act = model.condition(t, y)
-        for l in range(self.config.depth):
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = model.block_modulation(l, c_act)
-            z = model.modulated_input(h, shift_msa, scale_msa)
-            if rec is not None:
-                model.record_branch_input(l, "attn", h, z)
-            a = self._module(k, l, "attn", z)
-            h = ops.gated_residual_forward(h, gate_msa, a)                 # h + gate_msa * a, as DiT.block
-            if rec is not None:
-                model.record_branch_output(l, "attn", a, h)
-            z = model.modulated_input(h, shift_mlp, scale_mlp)
-            if rec is not None:
-                model.record_branch_input(l, "mlp", h, z)
-            m = self._module(k, l, "mlp", z)
-            h = ops.gated_residual_forward(h, gate_mlp, m)                 # h + gate_mlp * m
-            if rec is not None:
-                model.record_branch_output(l, "mlp", m, h)
-        return model.final_layer(h, c_act)
+        return self.model(x, t, y, branch=self.hook(t, len(x)))
 
     __call__ = forward
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
-        """The DiT's ``forward_with_cfg`` around the lazy forward (one code path, so an
-        all-compute run is bit-identical to the plain sampler)."""
-        return type(self.model).forward_with_cfg(self, x, t, y, cfg_scale, guide_channels)
+        return self.model.forward_with_cfg(x, t, y, cfg_scale, guide_channels, branch=self.hook(t, len(x)))
 
-    def scores(self, l, kind, z):
-        """Gate scores (rows,) on the host: sigmoid(sum_t Z @ w), official order (per token, then sum)."""
-        u = (z @ self._w[kind][l]).sum(axis=1)                           # (R, T, D) @ (D,) -> (R, T) -> (R,)
-        with np.errstate(over="ignore"):                                 # exp(-u) = inf gives the right 0
-            return to_numpy(1.0 / (1.0 + self.xp.exp(-u)))
+    def hook(self, t, rows):
+        """The branch hook of one forward pass of ``rows`` rows at timestep t[0]."""
+        t0 = int(np.asarray(to_numpy(t)).reshape(-1)[0])
+        s = self.step_of.get(t0)
+        if s is None:
+            raise ValueError(f"timestep {t0} is not a step of this {self.num_steps}-step schedule")
+        k = self.num_steps - 1 - s                                       # sampling order
+        if self.stats is not None:
+            self.stats.row_steps += rows
+        return lambda l, kind, z, cache=None: self.module(k, s, l, kind, z)
 
-    def _module(self, k, l, kind, z):
-        fn = self.model.attn if kind == "attn" else self.model.mlp
-        rows = z.shape[0]
-        cached = self.cache.get((l, kind))
-        rec = self.model.recorder
-        if cached is None:                                              # first step: always compute
-            if rec is not None:
-                rec(f"block.{l:02d}/{kind}/compute", np.ones(rows, dtype=bool))
-            out = fn(l, z)
-            self.cache[(l, kind)] = out
-            if self.stats is not None:
-                self.stats.record(k, l, kind, rows, 0)
-            return out
-        if cached.shape != z.shape:
-            raise ValueError(f"the batch changed within a lazy run ({cached.shape[0]} -> {rows} rows)")
-        scores = self.scores(l, kind, z) if self.gates is not None else None
-        if self.decide.forced:
-            keep = self.decide(k, l, kind, scores, rows)
-        elif scores is not None:
-            keep = scores >= self.threshold
-        else:
+    def module(self, k, s, l, kind, z):
+        """Module kind of block l at sampling step k (respaced index s) on z: computed for the
+        rows the rule keeps, the previous step's output for the others."""
+        rows, cached = self.rows(z), self.cache.get((l, kind))
+        scores = None
+        if cached is None:                                              # first step: no cache, compute
             keep = np.ones(rows, dtype=bool)
+        else:
+            if cached.shape != z.shape:
+                raise ValueError(f"the batch changed within a lazy run ({self.rows(cached)} -> {rows} rows)")
+            scores = None if self.gates is None else self.scores(s, l, kind, z)
+            keep = self.rule(k, l, kind, scores, rows)
+        rec = self.model.recorder
         if rec is not None:                                             # the computing rows' internals follow
             if scores is not None:
                 rec(f"block.{l:02d}/{kind}/score", scores)
             rec(f"block.{l:02d}/{kind}/compute", keep)
-        n_keep = int(keep.sum())
-        if n_keep == rows:
-            out = fn(l, z)
-            self.cache[(l, kind)] = out
-        elif n_keep == 0:
-            out = cached
-        else:                                                           # gather the computing rows, scatter back
-            idx = self.xp.asarray(np.flatnonzero(keep))
-            cached[idx] = fn(l, z[idx])                                 # (n_keep, T, D) into the cache, in place
-            out = cached
+        out = self.cache[(l, kind)] = self.run_branch(l, kind, z, keep, cached)
         if self.stats is not None:
-            self.stats.record(k, l, kind, rows, rows - n_keep, scores)
+            self.stats.record(k, l, kind, rows, rows - int(keep.sum()), scores)
         return out
 
+    # -- where the arrays live (NumPy / CuPy; opencl.OpenCLLazyDiT has the device twins) ------
+    def upload_gates(self, gates):
+        """{kind: (steps, depth, D)} gate vectors as model arrays in the model dtype."""
+        return {kind: self.xp.asarray(gates.of(kind), dtype=self.dtype) for kind in KINDS}
 
-def lazy_ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, gates=None, threshold=DEFAULT_THRESHOLD,
-                     decisions=None, lazy_stats=None, **kwargs):
-    """DDIM sampling with LazyDiT module reuse; ``tl.ddim_sample(..., gates=...)`` lands here.
+    def scores(self, s, l, kind, z):
+        """Gate scores (rows,) on the host."""
+        return to_numpy(gate_score(z, self.gate_w[kind][s, l]))
 
-    gates: ``LazyGates`` for this model and step count (``load_gates``); threshold:
-    compute when score >= threshold.  decisions (instead of, or overriding, the gates):
-    a bool array (steps, depth, 2[, rows]) in sampling order, True = compute, or a
-    callable (step, layer, kind, scores) -> bool / (rows,) bool; rows are the model's
-    batch rows ([cond; uncond] halves with guidance).  lazy_stats: a ``LazyStats`` that
-    is filled in.  Other keyword arguments go to ``sampling.ddim_sample``.
-    """
-    from .sampling import check_steps, ddim_sample
-    timestep_map = create_diffusion(check_steps(steps)).timestep_map
-    lazy = LazyDiT(model, timestep_map, gates, threshold, decisions, lazy_stats)
-    return ddim_sample(lazy, noise, labels, steps, cfg_scale, **kwargs)
+    @staticmethod
+    def rows(z):
+        return z.shape[0]
+
+    def run_branch(self, l, kind, z, keep, cached):
+        """The module's output on the rows where keep, ``cached`` on the others (None: none cached)."""
+        n_keep = int(keep.sum())
+        if n_keep == len(keep):
+            return self.model.branch(l, kind, z)
+        if n_keep == 0:
+            return cached
+        idx = self.xp.asarray(np.flatnonzero(keep))                     # gather the computing rows, scatter back
+        cached[idx] = self.model.branch(l, kind, z[idx])                # (n_keep, T, D) into the cache, in place
+        return cached

@@ -27,23 +27,20 @@ import numpy as np
 
 from .backend import to_numpy
 from .diffusion import create_diffusion
-from .lazy import KINDS, LazyDiT, LazyGates, LazyStats
+from .io import read_safetensors, write_safetensors
+from .lazy import LazyDiT, LazyGates, LazyStats, gate_score
 from .optim import AdamW
+from .protocol import KINDS
 from .sampling import ddim_sample, ddim_step, make_noise
 
 LABEL_DROP = 0.1                    # official DiT class_dropout_prob, used for CFG
-
-
-def _sigmoid(xp, u):
-    with np.errstate(over="ignore"):                                     # exp(-u) = inf gives the right 0
-        return 1.0 / (1.0 + xp.exp(-u))
 
 
 # ----------------------------------------------------------------------------
 # The two forward passes at x_next and the backward of the soft one
 
 def teacher_step(model, diffusion, x0, y, index, noise):
-    """x_t = q_sample(x0, index), then one full DDIM step with caching.
+    """x_t = q_sample(x0, index), then one full DDIM step that keeps every module's output.
 
     x0 (B, C, H, W), y (B,) labels (null class allowed), index: respaced t >= 1,
     noise like x0.  Returns x_next (B, C, H, W) and the module outputs at x_t,
@@ -52,69 +49,64 @@ def teacher_step(model, diffusion, x0, y, index, noise):
     xp = model.xp
     x0 = xp.asarray(x0, dtype=model.dtype)
     x_t = diffusion.q_sample(x0, index, xp.asarray(noise, dtype=model.dtype))
-    runner = LazyDiT(model, diffusion.timestep_map)                  # no gates: computes and caches all
-    out = runner(x_t, np.full(len(y), diffusion.timestep_map[index]), y)
-    return ddim_step(diffusion, out, x_t, index)["x_next"], runner.cache
+    caches = {}
+
+    def keep(l, kind, z, cache=None):                                    # the branch hook: compute and keep
+        caches[(l, kind)] = out = model.branch(l, kind, z, cache)
+        return out
+
+    out = model(x_t, np.full(len(y), diffusion.timestep_map[index]), y, branch=keep)
+    return ddim_step(diffusion, out, x_t, index)["x_next"], caches
 
 
 def soft_forward(model, x, t, y, w, caches, tape=None):
-    """The soft-lazy forward (paper eq. 5 with the official score = probability to compute).
+    """The soft-lazy forward (paper eq. 5 with the official score = probability to compute): the
+    model's block schema with a branch hook that blends each module's output with its cache.
 
     w: {"attn", "mlp": (L, D)} gate vectors of one step in the model dtype; caches:
     {(layer, kind): (B, T, D)}.  Returns out (B, out_channels, H, W) and scores
-    (B, L, 2).  A dict ``tape`` receives what ``soft_backward`` reads.
+    (B, L, 2).  A dict ``tape`` receives what ``soft_backward`` reads: "model" (the
+    schema's cache) and per (layer, kind) zsum (B, D), the score s (B,) and F(Z).
     """
-    xp = model.xp
-    x, t, y = model._check_inputs(x, t, y)
-    L = model.config.depth
-    h = model.embed_tokens(x)
-    c_act = model.condition(t, y)
-    scores = xp.empty((x.shape[0], L, 2), dtype=model.dtype)
-    branches = (model.attn, model.mlp)
-    for l in range(L):
-        mods = model.block_modulation(l, c_act)
-        for j, kind in enumerate(KINDS):
-            shift, scale, gate = mods[3 * j: 3 * j + 3]
-            rec = None if tape is None else {"in": {}, "branch": {}}
-            z = model.modulated_input(h, shift, scale, None if rec is None else rec["in"])
-            s = _sigmoid(xp, (z @ w[kind][l]).sum(axis=1))               # (B, T, D) @ (D,) -> (B, T) -> (B,)
-            f = branches[j](l, z, None if rec is None else rec["branch"])
-            s3 = s[:, None, None]
-            o = f * s3 + caches[(l, kind)] * (1 - s3)                    # official: F(Z) * mask + cache * (1 - mask)
-            h = h + gate[:, None, :] * o
-            scores[:, l, j] = s
-            if rec is not None:
-                rec.update(zsum=z.sum(axis=1), s=s, f=f, gate=gate)      # zsum (B, D)
-                tape[(l, kind)] = rec
-    final = None if tape is None else {}
-    out = model.final_layer(h, c_act, final)
-    if tape is not None:
-        tape["final"] = final
-    return out, scores
+    x, t, y = model.check_inputs(x, t, y)
+    scores = model.xp.empty((x.shape[0], model.config.depth, 2), dtype=model.dtype)
+
+    def soft(l, kind, z, cache):
+        s = gate_score(z, w[kind][l])
+        f = model.branch(l, kind, z, cache)
+        scores[:, l, KINDS.index(kind)] = s
+        if tape is not None:
+            tape[(l, kind)] = {"zsum": z.sum(axis=1), "s": s, "f": f}
+        s3 = s[:, None, None]
+        return f * s3 + caches[(l, kind)] * (1 - s3)                     # official: F(Z) * mask + cache * (1 - mask)
+
+    cache = None if tape is None else tape.setdefault("model", {})
+    return model.forward_checked(x, t, y, cache, branch=soft), scores
 
 
 def soft_backward(model, dout, dscores, w, caches, tape):
     """dout (B, out_channels, H, W) = dL/dout, dscores (B, L, 2) = the direct dL/dscore
     -> {"attn", "mlp": (L, D)} dL/dw.  The forward read bottom to top."""
-    xp = model.xp
+    xp, cache = model.xp, tape["model"]
     L = model.config.depth
     grads = {kind: xp.zeros_like(w[kind]) for kind in KINDS}
-    dh, _ = model.final_layer_backward(xp.asarray(dout, dtype=model.dtype), tape["final"], grads=None)
+    dh, _ = model.final_layer_backward(xp.asarray(dout, dtype=model.dtype), cache["final"], grads=None)
     backwards = (model.attn_backward, model.mlp_backward)
     for l in reversed(range(L)):
+        block = cache[f"blocks.{l}"]
         for j in (1, 0):
             kind = KINDS[j]
             rec = tape[(l, kind)]
             s = rec["s"]
-            do = dh * rec["gate"][:, None, :]                            # h = h + gate * o
+            do = dh * block[f"gate_{kind}"][:, None, :]                  # h = h + gate * o
             ds = xp.einsum("btd,btd->b", do, rec["f"] - caches[(l, kind)]) + dscores[:, l, j]
             du = ds * s * (1 - s)                                        # through the sigmoid, (B,)
             grads[kind][l] = du @ rec["zsum"]                            # (B,) @ (B, D) -> (D,)
             if l == 0 and j == 0:
                 break                                                    # no gate upstream of the first module
-            dz = backwards[j](l, do * s[:, None, None], rec["branch"])  # o = s F(Z) + (1 - s) cache
+            dz = backwards[j](l, do * s[:, None, None], block[kind])    # o = s F(Z) + (1 - s) cache
             dz += du[:, None, None] * w[kind][l]                         # score = sigmoid(sum_t Z @ w)
-            dx, _, _ = model.modulated_input_backward(dz, rec["in"], mod_grads=False)
+            dx, _, _ = model.modulated_input_backward(dz, block[f"{kind}_in"], mod_grads=False)
             dh = dh + dx
     return grads
 
@@ -228,9 +220,9 @@ class GateTrainer:
         num = st["calib_samples"] if num is None else num
         noise = make_noise(model, num, seed=st["seed"] + 1 if seed is None else seed)
         stats = LazyStats()
-        ddim_sample(model, noise, np.arange(num) % model.config.num_classes, st["steps"],
-                    st["calib_cfg"] if cfg_scale is None else cfg_scale, gates=self.gates,
-                    threshold=st["threshold"], lazy_stats=stats)
+        lazy = LazyDiT(model, self.diffusion.timestep_map, self.gates, st["threshold"], stats=stats)
+        ddim_sample(lazy, noise, np.arange(num) % model.config.num_classes, st["steps"],
+                    st["calib_cfg"] if cfg_scale is None else cfg_scale)
         return stats
 
     def _draw(self):
@@ -287,13 +279,11 @@ class GateTrainer:
         return tensors, meta
 
     def save(self, path):
-        from .io import write_safetensors
         tensors, meta = self.state()
         write_safetensors(path, tensors, meta)
 
     def load(self, path):
         """Continue from a checkpoint written by ``save`` with the same model and settings."""
-        from .io import read_safetensors
         tensors, meta = read_safetensors(path)
         if meta.get("format") != "tinylazy-gate-training-v1":
             raise ValueError(f"{path}: not a gate-training checkpoint")

@@ -11,24 +11,27 @@ Layers, bottom up:
     compiler's build log when a build fails.
   * one Python function per kernel (``linear``, ``layernorm_modulate``, ``attention``, ...),
     on device arrays (``pyopencl.array.Array``), each the twin of a ``tinylazy.ops`` op.
-  * ``OpenCLDiT``: the DiT forward and ``forward_with_cfg`` with weights and activations
-    resident on the device; only the input, the timestep features and the labels go up,
-    and only the output comes back.
+  * ``OpenCLDiT``: the DiT's one forward schema (``dit.DiTSchema``) on these kernels, with
+    weights and activations resident on the device; only the input, the timestep features
+    and the labels go up, and only the output comes back.
+  * ``OpenCLLazyDiT`` and ``DeviceLatents``: where ``lazy.LazyDiT`` and the sampler loop of
+    ``sampling`` keep their arrays (the gates and the cache; the latents), nothing else:
+    the decision rule and the DDIM loop are those modules' own.
 """
+import collections
 import math
-import numbers
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .diffusion import create_diffusion
-from .dit import DiT, FREQ_DIM, MODULATION_NAMES
+from .backend import to_numpy
+from .dit import FREQ_DIM, MODULATION_NAMES, DiT, DiTSchema, init_params
 from .embeddings import timestep_features
-from .lazy import DEFAULT_THRESHOLD, KINDS, _Decider
-from .progress import Progress
-from .sampling import check_cfg_scale, check_labels, check_steps
+from .lazy import LazyDiT
+from .protocol import KINDS
+
 
 def _kernel_dir():
     """kernels_cl/ of the checkout (editable install), else the copy a wheel installs under <prefix>/share."""
@@ -361,26 +364,31 @@ def skip_select(rt, cache, fresh, slot, n):
 # ----------------------------------------------------------------------------
 # The model
 
-class OpenCLDiT:
+# A (B, D) chunk of a (B, k*D) device buffer (the adaLN modulation): the kernels take the
+# buffer and the chunk's column offset.
+Chunk = collections.namedtuple("Chunk", "buf offset")
+
+
+class OpenCLDiT(DiTSchema):
     """A DiT whose forward runs in OpenCL kernels, weights and activations on the device.
 
     Built from official-name parameters (as ``tinylazy.DiT``) or from a NumPy DiT with
-    ``OpenCLDiT.from_model``.  ``forward`` and ``forward_with_cfg`` take and return NumPy
-    arrays with ``DiT``'s signatures and checks, so host-side code (samplers, goldens)
-    can use it as a float32 DiT; ``forward_device`` keeps input and output on the device.
-    weights="float16" keeps the linear layers' weights in half precision on the device
-    (arithmetic stays float32); it then matches a DiT whose linear weights were rounded
-    to float16, not the float32 DiT.
+    ``OpenCLDiT.from_model``.  It runs the DiT's one forward schema (``dit.DiTSchema``) with
+    its pieces as fused kernels on the workspace buffers of the batch size.  ``forward`` and
+    ``forward_with_cfg`` take and return NumPy arrays with ``DiT``'s signatures and checks
+    (the model protocol, protocol.py); ``forward_device`` and ``forward_with_cfg_device`` keep
+    input and output on the device.  weights="float16" keeps the linear layers' weights in
+    half precision on the device (arithmetic stays float32); it then matches a DiT whose
+    linear weights were rounded to float16, not the float32 DiT.
     """
 
     backend = "opencl"
     xp = np
     dtype = np.dtype(np.float32)
-    recorder = None             # a tinylazy.trace.Recorder: the names DiT records (those the fused kernels keep)
 
-    def __init__(self, config, params, device=None, weights="float32"):
-        self.host = DiT(config, params, dtype="float32")      # validates names and shapes
-        self.config, self.params = self.host.config, self.host.params
+    def __init__(self, config, params, device=None, weights="float32", weights_hash=None):
+        self.host = DiT(config, params, dtype="float32", weights_hash=weights_hash)   # validates names and shapes
+        self.config, self.params, self.weights_hash = self.host.config, self.host.params, weights_hash
         self.weights = weights
         self.rt = get_runtime(device)
         cfg, P, rt = self.config, self.params, self.rt
@@ -397,20 +405,17 @@ class OpenCLDiT:
         self.final_mod = lin("final_layer.adaLN_modulation.1")
         self.final_linear = lin("final_layer.linear")
         self._workspaces = {}
+        self.ws = None                      # the workspace of the forward in progress
 
     @classmethod
     def from_model(cls, model, device=None, weights="float32"):
         """The OpenCL twin of a ``tinylazy.DiT`` (any backend and dtype; weights cast to float32,
-        or the linear layers' to float16 with weights="float16")."""
-        from .backend import to_numpy
-        twin = cls(model.config, {k: to_numpy(v) for k, v in model.params.items()}, device=device, weights=weights)
-        if getattr(model, "weights_hash", None) is not None:
-            twin.weights_hash = model.weights_hash          # lets LazyGates check they fit
-        return twin
+        or the linear layers' to float16 with weights="float16"); it keeps the DiT's weights hash."""
+        return cls(model.config, {k: to_numpy(v) for k, v in model.params.items()}, device=device, weights=weights,
+                   weights_hash=model.weights_hash)
 
     @classmethod
     def from_config(cls, config, seed=0, scheme="official", device=None, weights="float32"):
-        from .dit import init_params
         return cls(config, init_params(config, seed, scheme), device=device, weights=weights)
 
     def __repr__(self):
@@ -434,17 +439,30 @@ class OpenCLDiT:
                 "t_hidden": rt.empty((B, D)), "c": rt.empty((B, D)),
                 "mod": rt.empty((B, 6 * D)), "final_mod": rt.empty((B, 2 * D)), "scores": rt.empty((B,)),
                 "h": rt.empty((B * T, D)), "z": rt.empty((B * T, D)), "qkv": rt.empty((B * T, 3 * D)),
-                "o": rt.empty((B * T, D)), "branch": rt.empty((B * T, D)), "z_sub": rt.empty((B * T, D)), "mlp": rt.empty((B * T, F)),
-                "tokens_out": rt.empty((B * T, cfg.patch_size ** 2 * cfg.out_channels)),
+                "o": rt.empty((B * T, D)), "branch": rt.empty((B * T, D)), "z_sub": rt.empty((B * T, D)),
+                "mlp": rt.empty((B * T, F)), "tokens_out": rt.empty((B * T, cfg.patch_size ** 2 * cfg.out_channels)),
                 "out": rt.empty((B, cfg.out_channels, S, S)),
             }
         return self._workspaces[B]
 
-    # -- the forward pass, mirroring DiT.forward piece by piece ------------------
-    def _condition(self, ws, t, y):
-        """SiLU(t_emb + y_emb) into ws["c"]: DiT.condition."""
-        rt = self.rt
-        ws["tfeat"].set(timestep_features(t, FREQ_DIM))                 # (B, 256), host-computed (reference.md)
+    def upload(self, x):
+        """Host images (B, C, H, W) into the input buffer of batch B's workspace."""
+        buf = self._workspace(x.shape[0])["x"]
+        buf.set(np.ascontiguousarray(x, dtype=np.float32))
+        return buf
+
+    # -- the pieces of the schema (dit.DiTSchema), on the workspace ws --------------
+    def embed_tokens(self, x, cache=None):
+        """Images (B, C, H, W) on the device -> tokens ws["h"] (B*T, D) + pos_embed."""
+        h = patch_embed(self.rt, x, self.patch_w, self.patch_b, self.pos, self.config.patch_size, out=self.ws["h"])
+        if self.recorder is not None:
+            self._record("embed/tokens", h, x.shape[0])
+        return h
+
+    def condition(self, t, y, cache=None):
+        """SiLU(t_emb + y_emb) into ws["c"]; the timestep features are computed on the host."""
+        rt, ws = self.rt, self.ws
+        ws["tfeat"].set(timestep_features(t, FREQ_DIM))                 # (B, 256)
         ws["labels"].set(np.asarray(y, dtype=np.int32))
         silu(rt, linear(rt, ws["tfeat"], self.t_mlp[0], out=ws["t_hidden"]))
         linear(rt, ws["t_hidden"], self.t_mlp[1], out=ws["c"])
@@ -456,11 +474,35 @@ class OpenCLDiT:
             self._record("cond/c", ws["c"])
         return silu(rt, ws["c"])
 
-    def _attn(self, l, z, B, ws, out):
-        """Attention branch of block l before the gate: DiT.attn."""
+    def block_modulation(self, l, c_act, cache=None):
+        """adaLN of block l into ws["mod"] (B, 6D) -> its six chunks, in the official order."""
+        D = self.config.hidden_size
+        mod = linear(self.rt, c_act, self.blocks[l]["adaLN_modulation.1"], out=self.ws["mod"])
+        if self.recorder is not None:
+            host = mod.get()
+            for i, name in enumerate(MODULATION_NAMES):
+                self.recorder(f"block.{l:02d}/mod/{name}", host[:, i * D:(i + 1) * D])
+        return tuple(Chunk(mod, i * D) for i in range(6))
+
+    def modulated_input(self, x, shift, scale, cache=None):
+        """LN(x) * (1 + scale) + shift into ws["z"], one fused kernel."""
+        return layernorm_modulate(self.rt, x, shift.buf, shift.offset, scale.offset, self.config.num_tokens,
+                                  out=self.ws["z"])
+
+    def branch(self, l, kind, z, cache=None, out=None):
+        """Module ``kind`` of block l on z (n*T, D) into out (default ws["branch"]): DiT.branch."""
+        out = self.ws["branch"] if out is None else out
+        return self._attn(l, z, out) if kind == "attn" else self._mlp(l, z, out)
+
+    def gated_residual(self, x, gate, out):
+        """x += gate * out, in place."""
+        return gated_residual(self.rt, x, gate.buf, gate.offset, out, self.config.num_tokens)
+
+    def _attn(self, l, z, out):
         rt, blk, cfg = self.rt, self.blocks[l], self.config
-        qkv = linear(rt, z, blk["attn.qkv"], out=ws["qkv"])
-        o = attention(rt, qkv, B, cfg.num_tokens, cfg.num_heads, out=ws["o"])
+        B = z.shape[0] // cfg.num_tokens
+        qkv = linear(rt, z, blk["attn.qkv"], out=self.ws["qkv"])
+        o = attention(rt, qkv, B, cfg.num_tokens, cfg.num_heads, out=self.ws["o"])
         if self.recorder is not None:
             D = cfg.hidden_size
             host = qkv.get()[: B * cfg.num_tokens].reshape(B, cfg.num_tokens, 3 * D)
@@ -469,48 +511,19 @@ class OpenCLDiT:
             self._record(f"block.{l:02d}/attn/o", o, B)
         return linear(rt, o, blk["attn.proj"], out=out)
 
-    def _mlp(self, l, z, ws, out):
-        """MLP branch of block l before the gate: DiT.mlp (fc1 + GELU fused)."""
+    def _mlp(self, l, z, out):
         rt, blk = self.rt, self.blocks[l]
-        act = linear(rt, z, blk["mlp.fc1"], out=ws["mlp"], gelu=True)
+        act = linear(rt, z, blk["mlp.fc1"], out=self.ws["mlp"], gelu=True)              # fc1 + GELU fused
         if self.recorder is not None:
             self._record(f"block.{l:02d}/mlp/act", act, z.shape[0] // self.config.num_tokens)
         return linear(rt, act, blk["mlp.fc2"], out=out)
 
-    def _compute(self, l, kind, z, B, ws, out):
-        """Module ``kind`` ("attn" or "mlp") of block l on z (B*T, D), into out (B*T, D)."""
-        return self._attn(l, z, B, ws, out) if kind == "attn" else self._mlp(l, z, ws, out)
-
-    def _block(self, l, ws, B, branch):
-        """One adaLN-Zero block on ws["h"]: DiT.block.  branch(l, kind, z, B, ws) gives a module's output."""
-        rt, T, D = self.rt, self.config.num_tokens, self.config.hidden_size
-        mod = linear(rt, ws["c"], self.blocks[l]["adaLN_modulation.1"], out=ws["mod"])   # (B, 6D)
-        # chunks of mod: shift_msa 0, scale_msa D, gate_msa 2D, shift_mlp 3D, scale_mlp 4D, gate_mlp 5D
-        rec = self.recorder
-        if rec is not None:
-            host = mod.get()
-            for i, name in enumerate(MODULATION_NAMES):
-                rec(f"block.{l:02d}/mod/{name}", host[:, i * D:(i + 1) * D])
-        z = layernorm_modulate(rt, ws["h"], mod, 0, D, T, out=ws["z"])
-        if rec is not None:
-            self._record(f"block.{l:02d}/attn/z", z, B)
-        a = branch(l, "attn", z, B, ws)
-        gated_residual(rt, ws["h"], mod, 2 * D, a, T)
-        if rec is not None:
-            self._record_branch_output(l, "attn", a, ws["h"], B)
-        z = layernorm_modulate(rt, ws["h"], mod, 3 * D, 4 * D, T, out=ws["z"])
-        if rec is not None:
-            self._record(f"block.{l:02d}/mlp/z", z, B)
-        m = branch(l, "mlp", z, B, ws)
-        gated_residual(rt, ws["h"], mod, 5 * D, m, T)
-        if rec is not None:
-            self._record_branch_output(l, "mlp", m, ws["h"], B)
-
-    def _final_layer(self, ws, B):
-        """Final adaLN layer and unpatchify into ws["out"]: DiT.final_layer."""
-        rt, cfg, D = self.rt, self.config, self.config.hidden_size
-        mod = linear(rt, ws["c"], self.final_mod, out=ws["final_mod"])            # (B, 2D): shift, scale
-        z = layernorm_modulate(rt, ws["h"], mod, 0, D, cfg.num_tokens, out=ws["z"])
+    def final_layer(self, h, c_act, cache=None):
+        """Final adaLN layer and unpatchify into ws["out"]."""
+        rt, ws, cfg, D = self.rt, self.ws, self.config, self.config.hidden_size
+        B = ws["out"].shape[0]
+        mod = linear(rt, c_act, self.final_mod, out=ws["final_mod"])               # (B, 2D): shift, scale
+        z = layernorm_modulate(rt, h, mod, 0, D, cfg.num_tokens, out=ws["z"])
         tok = linear(rt, z, self.final_linear, out=ws["tokens_out"])
         out = unpatchify(rt, tok, B, cfg.grid_size, cfg.patch_size, cfg.out_channels, out=ws["out"])
         if self.recorder is not None:
@@ -522,148 +535,110 @@ class OpenCLDiT:
             self._record("final/out", out)
         return out
 
+    # -- trace recording (called only while ``recorder`` is set) ------------------------
     def _record(self, name, a, B=None):
         """Record device array a; with B, its first B*T rows (a workspace may be larger) as (B, T, n)."""
         host, T = a.get(), self.config.num_tokens
         self.recorder(name, host if B is None else host[: B * T].reshape(B, T, -1))
 
-    def _record_branch_output(self, l, kind, out, h, B):
+    def record_inputs(self, x, t, y):
+        self.recorder("input/x", x)
+        self.recorder("input/t", np.asarray(t))
+        self.recorder("input/y", np.asarray(y))
+
+    def record_branch_input(self, l, kind, x, z):
+        """Z only: LN(x) never exists apart from Z in the fused kernel."""
+        self._record(f"block.{l:02d}/{kind}/z", z, z.shape[0] // self.config.num_tokens)
+
+    def record_branch_output(self, l, kind, out, x):
+        B = x.shape[0] // self.config.num_tokens
         self._record(f"block.{l:02d}/{kind}/out", out, B)
-        self._record(f"block.{l:02d}/{kind}/residual", h, B)
+        self._record(f"block.{l:02d}/{kind}/residual", x, B)
+
+    # -- the forward passes --------------------------------------------------------------
+    def check_inputs(self, x, t, y):
+        return self.host.check_inputs(x, t, y)
 
     def forward_device(self, x, t, y, branch=None):
         """x: a device array (B, C, H, W) float32; t, y: host (B,) -> device (B, Co, H, W).
 
-        branch(l, kind, z, B, ws) -> device (B*T, D) replaces the module computation
-        (the lazy sampler's hook); by default every module computes.  The returned array
-        is a workspace buffer, overwritten by the next call at this batch size.
-        """
-        B = x.shape[0]
-        ws = self._workspace(B)
-        if branch is None:
-            branch = lambda l, kind, z, B, ws: self._compute(l, kind, z, B, ws, out=ws["branch"])
-        if self.recorder is not None:
-            self.recorder("input/x", x)
-            self.recorder("input/t", np.asarray(t))
-            self.recorder("input/y", np.asarray(y))
-        self._condition(ws, t, y)
-        patch_embed(self.rt, x, self.patch_w, self.patch_b, self.pos, self.config.patch_size, out=ws["h"])
-        if self.recorder is not None:
-            self._record("embed/tokens", ws["h"], B)
-        for l in range(self.config.depth):
-            self._block(l, ws, B, branch)
-        return self._final_layer(ws, B)
+        The returned array is a workspace buffer, overwritten by the next call at this batch size."""
+        self.ws = self._workspace(x.shape[0])
+        return self.forward_checked(x, t, y, None, branch)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, branch=None):
         """Official ``DiT.forward`` on host arrays: x (B, C, H, W), t (B,), y (B,) -> NumPy output."""
-        x, t, y = self.host._check_inputs(x, t, y)
-        ws = self._workspace(x.shape[0])
-        ws["x"].set(np.ascontiguousarray(x, dtype=np.float32))
-        return self.forward_device(ws["x"], t, y).get()
+        x, t, y = self.check_inputs(x, t, y)
+        return self.forward_device(self.upload(x), t, y, branch).get()
 
     __call__ = forward
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3, branch=None):
         """Official ``forward_with_cfg`` (see ``DiT.forward_with_cfg``), guidance on the device."""
         x = np.asarray(x, dtype=np.float32)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
         half = x[: x.shape[0] // 2]
-        x, t, y = self.host._check_inputs(np.concatenate([half, half], axis=0), t, y)
-        ws = self._workspace(x.shape[0])
-        ws["x"].set(np.ascontiguousarray(x))
-        out = self.forward_device(ws["x"], t, y)
+        x, t, y = self.check_inputs(np.concatenate([half, half], axis=0), t, y)
+        return self.forward_with_cfg_device(self.upload(x), t, y, cfg_scale, guide_channels, branch).get()
+
+    def forward_with_cfg_device(self, x, t, y, cfg_scale, guide_channels=3, branch=None):
+        """``forward_with_cfg`` on a device batch [x; x] that is already doubled -> device output."""
+        out = self.forward_device(x, t, y, branch)
         g = self.config.in_channels if guide_channels is None else min(guide_channels, self.config.out_channels)
-        out = cfg_combine(self.rt, out, cfg_scale, g).get()
+        cfg_combine(self.rt, out, cfg_scale, g)
         if self.recorder is not None:
-            self.recorder("cfg/eps", out[: len(out) // 2, :g])
+            self.recorder("cfg/eps", out.get()[: out.shape[0] // 2, :g])
         return out
 
 
 # ----------------------------------------------------------------------------
-# Lazy forward and sampling, on the device
+# Lazy sampling and the sampler's latents, on the device
 
-class OpenCLLazyDiT:
-    """``tinylazy.lazy.LazyDiT`` on the device: the same decisions, the cache in device memory.
+class OpenCLLazyDiT(LazyDiT):
+    """``lazy.LazyDiT`` (its step lookup, decision rule, statistics and trace names) with the
+    gates and the cache in device memory.
 
-    Per module: Z and the gate score are computed on the device, the (rows,) scores
-    come back to the host (the one read per module), the decision is made there as
-    LazyDiT makes it, and the module then runs on the computing rows only (gathered
-    into a compact batch) and ``skip_select`` writes their outputs into the cache.
-    One instance holds the cache of one sampling run.
+    Per module: the gate scores are computed on the device and the (rows,) scores come back
+    to the host (the one read per module) for the rule; the module then runs on the
+    computing rows only, gathered into a compact batch, and ``skip_select`` writes their
+    outputs into the cache.
     """
 
-    def __init__(self, model, timestep_map, gates=None, threshold=DEFAULT_THRESHOLD, decisions=None, stats=None):
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        self.model, self.config = model, model.config
-        self.num_steps = len(timestep_map)
-        self.step_of = {int(t): i for i, t in enumerate(timestep_map)}     # original timestep -> s
-        if gates is not None:
-            gates.check_run(model, timestep_map)
-            S, L, D = gates.attn.shape
-            self.gate_w = {kind: model.rt.to_device(gates.of(kind).reshape(S * L, D)) for kind in KINDS}
-        self.gates = gates
-        self.threshold = float(threshold)
-        self.decide = _Decider(decisions, self.num_steps, self.config.depth)
-        self.stats = stats
-        if stats is not None:
-            stats.start(self.config, self.num_steps)
-        self.cache = {}                     # (layer, kind) -> device (rows*T, D), outputs before the gate multiply
+    def upload_gates(self, gates):
+        S, L, D = gates.attn.shape
+        return {kind: self.model.rt.to_device(gates.of(kind).reshape(S * L, D)) for kind in KINDS}
 
-    def forward_device(self, x, t, y):
-        """As ``OpenCLDiT.forward_device``; t must be one step of the schedule for the whole batch."""
-        s = self.step_of.get(int(np.asarray(t).reshape(-1)[0]))
-        if s is None:
-            raise ValueError(f"timestep {int(np.asarray(t).reshape(-1)[0])} is not a step of this "
-                             f"{self.num_steps}-step schedule")
-        k = self.num_steps - 1 - s                                         # sampling order
-        if self.stats is not None:
-            self.stats.row_steps += x.shape[0]
-        return self.model.forward_device(x, t, y, branch=lambda l, kind, z, B, ws:
-                                         self._module(k, s, l, kind, z, B, ws))
+    def scores(self, s, l, kind, z):
+        model, T = self.model, self.config.num_tokens
+        return gate_score(model.rt, z, self.gate_w[kind], s * self.config.depth + l, z.shape[0] // T, T,
+                          out=model.ws["scores"]).get()
 
-    def _module(self, k, s, l, kind, z, B, ws):
+    def rows(self, z):
+        return z.shape[0] // self.config.num_tokens
+
+    def run_branch(self, l, kind, z, keep, cached):
         model, rt, T = self.model, self.model.rt, self.config.num_tokens
-        cache = self.cache.get((l, kind))
-        rec = model.recorder
-        if cache is None:                                                  # first step: always compute
-            if rec is not None:
-                rec(f"block.{l:02d}/{kind}/compute", np.ones(B, dtype=bool))
-            cache = self.cache[(l, kind)] = rt.empty(z.shape)
-            model._compute(l, kind, z, B, ws, out=cache)
-            if self.stats is not None:
-                self.stats.record(k, l, kind, B, 0)
-            return cache
-        if cache.shape != z.shape:
-            raise ValueError(f"the batch changed within a lazy run ({cache.shape[0] // T} -> {B} rows)")
-        scores = None
-        if self.gates is not None:
-            scores = gate_score(rt, z, self.gate_w[kind], s * self.config.depth + l, B, T, out=ws["scores"]).get()
-        if self.decide.forced:
-            keep = self.decide(k, l, kind, scores, B)
-        elif scores is not None:
-            keep = scores >= self.threshold
-        else:
-            keep = np.ones(B, dtype=bool)
-        if rec is not None:
-            if scores is not None:
-                rec(f"block.{l:02d}/{kind}/score", scores)
-            rec(f"block.{l:02d}/{kind}/compute", keep)
-        n_keep = int(keep.sum())
+        if cached is None:
+            cached = rt.empty(z.shape)
+        B, n_keep = len(keep), int(keep.sum())
         if n_keep == B:
-            model._compute(l, kind, z, B, ws, out=cache)
+            model.branch(l, kind, z, out=cached)
         elif n_keep > 0:                                                   # gather the computing rows, select back
             idx = np.flatnonzero(keep).astype(np.int32)
             slot = np.full(B, -1, np.int32)
             slot[idx] = np.arange(n_keep, dtype=np.int32)
             n = T * self.config.hidden_size
-            zc = gather_samples(rt, z, rt.to_device(idx, np.int32), n, out=ws["z_sub"][: n_keep * T])
-            fresh = model._compute(l, kind, zc, n_keep, ws, out=ws["branch"][: n_keep * T])
-            skip_select(rt, cache, fresh, rt.to_device(slot, np.int32), n)
-        if self.stats is not None:
-            self.stats.record(k, l, kind, B, B - n_keep, scores)
-        return cache
+            zc = gather_samples(rt, z, rt.to_device(idx, np.int32), n, out=model.ws["z_sub"][: n_keep * T])
+            fresh = model.branch(l, kind, zc, out=model.ws["branch"][: n_keep * T])
+            skip_select(rt, cached, fresh, rt.to_device(slot, np.int32), n)
+        return cached
+
+    def forward_device(self, x, t, y):
+        return self.model.forward_device(x, t, y, branch=self.hook(t, x.shape[0]))
+
+    def forward_with_cfg_device(self, x, t, y, cfg_scale, guide_channels=3):
+        return self.model.forward_with_cfg_device(x, t, y, cfg_scale, guide_channels, branch=self.hook(t, x.shape[0]))
 
 
 def ddim_coefficients(diffusion, i):
@@ -675,47 +650,52 @@ def ddim_coefficients(diffusion, i):
     return c1, c2, np.sqrt(acp_prev), np.sqrt(np.float32(1) - acp_prev)
 
 
-def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, progress=False, callback=None, guide_channels=3,
-                gates=None, threshold=DEFAULT_THRESHOLD, decisions=None, lazy_stats=None):
-    """Respaced DDIM (eta = 0) with the latents on the device: ``sampling.ddim_sample``'s
-    loop and arguments, and ``lazy.lazy_ddim_sample``'s when gates, decisions or
-    lazy_stats are given.
-
-    model: an ``OpenCLDiT``.  Per step only the timestep goes up (and, in a lazy run,
-    the decisions come back once per module); the final latents come back at the end.
-    callback(i, info) gets host copies of ``sampling.ddim_sample``'s info (x, model_output,
-    eps, pred_xstart, x_next), which costs a download per step.
+class DeviceLatents:
+    """The sampler's latents on the device (``sampling.HostLatents``'s twin): the one DDIM loop
+    of ``sampling.ddim_sample`` runs with x_t, the model output and the update (``ddim_update``,
+    eta = 0, two buffers in turn) on the device.  Per step only the timestep goes up (and, in a
+    lazy run, the scores come back once per module); the final latents come back at the end.
+    A callback gets host copies, a download per step.
     """
-    steps, cfg_scale = check_steps(steps), check_cfg_scale(cfg_scale)
-    labels = check_labels(model, labels, cfg_scale)
-    cfg, rt, B = model.config, model.rt, len(labels)
-    shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
-    if tuple(np.shape(noise)) != shape:
-        raise ValueError(f"noise has shape {tuple(np.shape(noise))}, expected {shape} "
-                         f"({B} labels, model input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size})")
-    diffusion = create_diffusion(steps)
-    lazy = gates is not None or decisions is not None or lazy_stats is not None
-    net = OpenCLLazyDiT(model, diffusion.timestep_map, gates, threshold, decisions, lazy_stats) if lazy else model
-    guided = cfg_scale > 1
-    y = np.concatenate([labels, np.full(B, cfg.num_classes, dtype=np.int64)]) if guided else labels   # [y; null]
-    g = cfg.in_channels if guide_channels is None else min(guide_channels, cfg.out_channels)
-    x = rt.to_device(noise)
-    x_in = rt.empty((2 * B,) + shape[1:]) if guided else x
-    pred_x0, eps = rt.empty(shape), rt.empty(shape)
-    indices = range(diffusion.num_timesteps - 1, -1, -1)
-    for k, i in enumerate(Progress(indices, desc=f"DDIM {len(indices)} steps (OpenCL)") if progress else indices):
-        t = int(diffusion.timestep_map[i])                        # the model sees the original timestep
-        if guided:                                                # [x; x], copied on the device
-            rt.cl.enqueue_copy(rt.queue, x_in.data, x.data, byte_count=x.nbytes)
+
+    def __init__(self, model):
+        self.rt = model.rt
+        self.x = None
+
+    def start(self, noise):
+        rt = self.rt
+        self.x = (rt.to_device(noise), rt.empty(np.shape(noise)))        # x_t, x_{t-1}; they swap every step
+        self.pred_x0, self.eps = rt.empty(np.shape(noise)), rt.empty(np.shape(noise))
+        return self.x[0]
+
+    def denoiser(self, model, labels, cfg_scale, guide_channels):
+        """x (B, C, H, W) on the device, original timestep -> device output (B, Co, H, W)."""
+        rt, B = self.rt, len(labels)
+        if cfg_scale == 1:
+            return lambda x, t: model.forward_device(x, np.full(B, t, dtype=np.int64), labels)
+        y = np.concatenate([labels, np.full(B, model.config.num_classes, dtype=np.int64)])   # [y; null]
+        x_in = rt.empty((2 * B,) + self.x[0].shape[1:])
+
+        def denoise(x, t):
+            rt.cl.enqueue_copy(rt.queue, x_in.data, x.data, byte_count=x.nbytes)                   # [x; x]
             rt.cl.enqueue_copy(rt.queue, x_in.data, x.data, byte_count=x.nbytes, dst_offset=x.nbytes)
-        out = net.forward_device(x_in, np.full(x_in.shape[0], t, dtype=np.int64), y)
-        if guided:
-            cfg_combine(rt, out, cfg_scale, g)
-            if model.recorder is not None:
-                model.recorder("cfg/eps", out.get()[:B, :g])
-        x_before = x.get() if callback is not None else None
-        ddim_update(rt, x, out, ddim_coefficients(diffusion, i), x, pred_x0, eps)   # x_next in place of x
-        if callback is not None:
-            callback(i, {"x_next": x.get(), "pred_xstart": pred_x0.get(), "eps": eps.get(), "step": k, "t": t,
-                         "x": x_before, "model_output": out[:B].get()})
-    return x.get()
+            out = model.forward_with_cfg_device(x_in, np.full(2 * B, t, dtype=np.int64), y, cfg_scale, guide_channels)
+            return out[:B]                                                                         # the cond half
+        return denoise
+
+    def ddim_step(self, eta, clip_denoised):
+        if eta != 0 or clip_denoised:
+            raise ValueError("the OpenCL sampler runs DDIM with eta = 0 and no clipping")
+
+        def step(diffusion, out, x, i, noise):
+            x_next = self.x[1] if x is self.x[0] else self.x[0]
+            ddim_update(self.rt, x, out, ddim_coefficients(diffusion, i), x_next, self.pred_x0, self.eps)
+            return {"x_next": x_next, "pred_xstart": self.pred_x0, "eps": self.eps}
+        return step
+
+    def host(self, info):
+        return {k: v.get() if isinstance(v, self.rt.cl.array.Array) else v for k, v in info.items()}
+
+    @staticmethod
+    def finish(x):
+        return x.get()

@@ -10,6 +10,11 @@ the doubled batch ``[x; x]`` with labels ``[y; null]`` through
 ``forward_with_cfg`` and the first (conditional) half is kept; for
 ``cfg_scale == 1`` a plain forward.  Every operation after the model is
 per sample, so the loop carries only the kept half.
+
+One loop serves every model of the protocol (protocol.py); a lazy run is a lazy
+model (``lazy.LazyDiT``), and where the latents live is a ``latents`` object:
+``HostLatents`` (arrays of ``model.xp``) or a backend's twin (``opencl.DeviceLatents``).
+The choice of either is made above this module (``tinylazy.api``).
 """
 import numbers
 
@@ -88,10 +93,9 @@ def check_labels(model, labels, cfg_scale=1.0):
 def _check_noise(model, noise, batch):
     c = model.config
     want = (batch, c.in_channels, c.input_size, c.input_size)
-    if tuple(noise.shape) != want:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {want} "
+    if tuple(np.shape(noise)) != want:
+        raise ValueError(f"noise has shape {tuple(np.shape(noise))}, expected {want} "
                          f"({batch} labels, model input {c.in_channels}x{c.input_size}x{c.input_size})")
-    return model.xp.asarray(noise, dtype=model.dtype)
 
 
 def _noise_source(step_noise, shape, model, num_steps, who):
@@ -114,15 +118,39 @@ def _noise_source(step_noise, shape, model, num_steps, who):
     return lambda k: xp.asarray(arrays[k], dtype=dtype)
 
 
-def _denoiser(model, labels, cfg_scale, guide_channels):
-    """x (B, C, H, W), original timestep -> model output (B, out_channels, H, W)."""
-    xp, B = model.xp, len(labels)
-    if cfg_scale == 1:
-        return lambda x, t: model(x, np.full(B, t, dtype=np.int64), labels)
-    y = np.concatenate([labels, np.full(B, model.config.num_classes, dtype=np.int64)])   # [y; null]
-    t_batch = lambda t: np.full(2 * B, t, dtype=np.int64)
-    return lambda x, t: model.forward_with_cfg(xp.concatenate([x, x], axis=0), t_batch(t), y, cfg_scale,
-                                               guide_channels=guide_channels)[:B]   # keep the cond half
+class HostLatents:
+    """The latents as arrays of ``model.xp`` in ``model.dtype`` (NumPy or CuPy), stepped by
+    ``ddim_step``: the reference.  A backend that keeps them on its device has a twin with
+    the same methods (``opencl.DeviceLatents``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, noise):
+        return self.model.xp.asarray(noise, dtype=self.model.dtype)
+
+    def denoiser(self, model, labels, cfg_scale, guide_channels):
+        """x (B, C, H, W), original timestep -> model output (B, out_channels, H, W)."""
+        xp, B = model.xp, len(labels)
+        if cfg_scale == 1:
+            return lambda x, t: model(x, np.full(B, t, dtype=np.int64), labels)
+        y = np.concatenate([labels, np.full(B, model.config.num_classes, dtype=np.int64)])   # [y; null]
+        t_batch = lambda t: np.full(2 * B, t, dtype=np.int64)
+        return lambda x, t: model.forward_with_cfg(xp.concatenate([x, x], axis=0), t_batch(t), y, cfg_scale,
+                                                   guide_channels=guide_channels)[:B]   # keep the cond half
+
+    @staticmethod
+    def ddim_step(eta, clip_denoised):
+        return lambda d, out, x, i, z: ddim_step(d, out, x, i, eta, z, clip_denoised)
+
+    @staticmethod
+    def host(info):
+        """What a callback sees: the arrays themselves."""
+        return info
+
+    @staticmethod
+    def finish(x):
+        return x
 
 
 # ----------------------------------------------------------------------------
@@ -178,60 +206,47 @@ def ddpm_step(diffusion, model_output, x, t, noise=None, clip_denoised=False):
 # Loops
 
 def _sample_loop(name, step, model, noise, labels, steps, cfg_scale, guide_channels, draw_noise,
-                 step_noise, progress, callback):
+                 step_noise, progress, callback, latents):
     steps, cfg_scale = check_steps(steps), check_cfg_scale(cfg_scale)
     labels = check_labels(model, labels, cfg_scale)
-    x = _check_noise(model, noise, len(labels))
+    _check_noise(model, noise, len(labels))
+    x = latents.start(noise)
     diffusion = create_diffusion(steps)
     T = diffusion.num_timesteps
     draw = _noise_source(step_noise, x.shape, model, T, name) if draw_noise else None
-    denoise = _denoiser(model, labels, cfg_scale, guide_channels)
+    denoise = latents.denoiser(model, labels, cfg_scale, guide_channels)
     indices = range(T - 1, -1, -1)
     for k, i in enumerate(Progress(indices, desc=f"{name} {T} steps") if progress else indices):
         t = int(diffusion.timestep_map[i])                    # the model sees the original timestep
         model_output = denoise(x, t)
         res = step(diffusion, model_output, x, i, None if draw is None else draw(k))
         if callback is not None:
-            callback(i, dict(res, step=k, t=t, x=x, model_output=model_output))
+            callback(i, latents.host(dict(res, step=k, t=t, x=x, model_output=model_output)))
         x = res["x_next"]
-    return x
+    return latents.finish(x)
 
 
 def ddim_sample(model, noise, labels, steps=20, cfg_scale=1.0, eta=0.0, step_noise=None,
-                progress=False, callback=None, guide_channels=3, clip_denoised=False,
-                gates=None, threshold=0.5, decisions=None, lazy_stats=None):
+                progress=False, callback=None, guide_channels=3, clip_denoised=False, latents=None):
     """Respaced DDIM (ADM ``ddim_sample_loop``): noise x_T (B, C, H, W) -> final latents (B, C, H, W).
 
-    model: a DiT (or anything with its ``config``, ``xp``, ``dtype``, ``__call__`` and
-    ``forward_with_cfg``); labels: (B,) class ids; steps: 1..1000 (ADM's running-sum
-    respacing) or a respacing string such as "ddim25"; cfg_scale: 1 = plain forward,
-    > 1 = official classifier-free guidance on the first ``guide_channels`` channels
-    (None = all).  eta > 0 needs ``step_noise`` (int seed, NumPy Generator drawing
-    (B, C, H, W) float64 per step, or a list of one array per step).
+    model: the model protocol (protocol.py; the loop uses ``config``, ``xp``, ``dtype``,
+    ``__call__`` and ``forward_with_cfg``), e.g. a DiT or a ``lazy.LazyDiT``; labels: (B,)
+    class ids; steps: 1..1000 (ADM's running-sum respacing) or a respacing string such as
+    "ddim25"; cfg_scale: 1 = plain forward, > 1 = official classifier-free guidance on the
+    first ``guide_channels`` channels (None = all).  eta > 0 needs ``step_noise`` (int seed,
+    NumPy Generator drawing (B, C, H, W) float64 per step, or a list of one array per step).
     callback(i, info) runs after every step with the respaced index i and info =
     {step, t (original timestep), x (x_t), model_output, eps, pred_xstart, x_next}.
-    LazyDiT (``lazy.py``): ``gates`` (``load_gates``) skip modules whose score is below
-    ``threshold``; ``decisions`` forces them; ``lazy_stats`` (a ``LazyStats``) is filled in.
+    latents: where the latents live (default ``HostLatents(model)``).  ``tinylazy.ddim_sample``
+    (api.py) adds the lazy arguments and picks the latents for the model's backend.
     """
-    if getattr(model, "backend", None) == "opencl":                   # latents stay on the OpenCL device
-        if eta != 0 or clip_denoised:
-            raise ValueError("the OpenCL sampler runs DDIM with eta = 0 and no clipping")
-        from .opencl import ddim_sample as opencl_ddim_sample
-        return opencl_ddim_sample(model, noise, labels, steps, cfg_scale, progress=progress, callback=callback,
-                                  guide_channels=guide_channels, gates=gates, threshold=threshold,
-                                  decisions=decisions, lazy_stats=lazy_stats)
-    if gates is not None or decisions is not None or lazy_stats is not None:
-        from .lazy import lazy_ddim_sample
-        return lazy_ddim_sample(model, noise, labels, steps, cfg_scale, gates=gates, threshold=threshold,
-                                decisions=decisions, lazy_stats=lazy_stats, eta=eta, step_noise=step_noise,
-                                progress=progress, callback=callback, guide_channels=guide_channels,
-                                clip_denoised=clip_denoised)
     eta = float(eta)
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    step = lambda d, out, x, i, z: ddim_step(d, out, x, i, eta, z, clip_denoised)
-    return _sample_loop("DDIM", step, model, noise, labels, steps, cfg_scale, guide_channels,
-                        eta > 0, step_noise, progress, callback)
+    latents = HostLatents(model) if latents is None else latents
+    return _sample_loop("DDIM", latents.ddim_step(eta, clip_denoised), model, noise, labels, steps, cfg_scale,
+                        guide_channels, eta > 0, step_noise, progress, callback, latents)
 
 
 def ddpm_sample(model, noise, labels, steps=250, cfg_scale=1.0, step_noise=None,
@@ -244,4 +259,4 @@ def ddpm_sample(model, noise, labels, steps=250, cfg_scale=1.0, step_noise=None,
     """
     step = lambda d, out, x, i, z: ddpm_step(d, out, x, i, z, clip_denoised)
     return _sample_loop("DDPM", step, model, noise, labels, steps, cfg_scale, guide_channels,
-                        True, step_noise, progress, callback)
+                        True, step_noise, progress, callback, HostLatents(model))
