@@ -1,4 +1,4 @@
-"""diffusers' DiTTransformer2DModel, with the two patches of reference.md, as a second PyTorch stand-in.
+"""diffusers' DiTTransformer2DModel, with the two patches of docs/numerics.md, as a second PyTorch stand-in.
 
 This checks tinylazy (and tests/torch_dit.py) against independently written code: diffusers'
 port of DiT, weights mapped from the official names in the test.
@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def official_to_diffusers(params, depth):
-    """Official state dict -> diffusers DiTTransformer2DModel state dict (reference.md's mapping)."""
+    """Official state dict -> diffusers DiTTransformer2DModel state dict (tinylazy/io.py's mapping)."""
     T = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
     sd = {"pos_embed.proj.weight": T(params["x_embedder.proj.weight"]),
           "pos_embed.proj.bias": T(params["x_embedder.proj.bias"]),

@@ -363,7 +363,7 @@ def _diffusers_model(cfg, torch, diffusers, share_embedders=True, seed=0):
 
 
 def _official_numerics(m, torch):
-    """reference.md's two patches, plus tinylazy's correctly rounded timestep features."""
+    """docs/numerics.md's two patches, plus tinylazy's correctly rounded timestep features."""
     from tinylazy.embeddings import timestep_features
     for mod in m.modules():
         if isinstance(mod, torch.nn.LayerNorm):

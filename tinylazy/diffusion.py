@@ -6,7 +6,7 @@ facebookresearch/DiT (which copy openai/guided-diffusion): a linear schedule of
 keeps a subset of the timesteps.  Every coefficient is an array over the
 (respaced) timesteps in float64 and is cast to float32 when it is looked up, as
 ``_extract_into_tensor(...).float()`` does; the products with the latents then
-run in the latents' dtype (reference.md).  The samplers live in ``sampling.py``.
+run in the latents' dtype (docs/numerics.md).  The samplers live in ``sampling.py``.
 
 Index conventions: ``t`` is always the respaced index 0..num_timesteps-1 (what
 the coefficient arrays are indexed by); the model is called with

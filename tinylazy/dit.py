@@ -499,7 +499,7 @@ class DiT(DiTSchema):
 
         cache keys: "embed", "cond", "blocks.{l}" (l = 0..depth-1), "final"; the
         contents are listed in each piece's docstring.  Per block that is 18 (B, T, D)
-        arrays (xhat, z twice; qkv three; o, a, m; h and the GELU gate s four each; PyTorch
+        arrays (xhat, z twice; qkv three; o and the two branch outputs; h and the GELU gate s four each; PyTorch
         keeps h and the GELU output) and no (T, T) attention matrix."""
         cache = {}
         out = self.forward(x, t, y, cache)

@@ -15,7 +15,7 @@ def timestep_features(t, dim=256, max_period=10000):
     and ``args = t.float() * freqs``; the output is ``[cos(args), sin(args)]`` (cos first).
     PyTorch's float32 exp/cos/sin are not correctly rounded (and differ between CPU
     and GPU), so tinylazy pins the features down: the same float32 arithmetic, with
-    exp, cos and sin evaluated in float64 and rounded once to float32 (reference.md).
+    exp, cos and sin evaluated in float64 and rounded once to float32 (docs/numerics.md).
 
     t: (B,) timesteps (int or float).  Returns float32 (B, dim).
     """

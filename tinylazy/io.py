@@ -11,7 +11,7 @@ that names the file and the key before any model is built.
 
 ``load_dit`` accepts the official layout (the keys of facebookresearch/DiT's state
 dict) or diffusers' ``DiTTransformer2DModel`` layout, mapped back to the official
-names (reference.md), and infers the configuration from the tensor shapes.
+names (docs/numerics.md), and infers the configuration from the tensor shapes.
 """
 import dataclasses
 import hashlib
@@ -276,7 +276,7 @@ def write_safetensors(path, tensors, metadata=None, progress=None):
 # ----------------------------------------------------------------------------
 # Weight layouts: official names -> the file tensors that hold them
 
-# diffusers DiTTransformer2DModel names per official name (reference.md); several
+# diffusers DiTTransformer2DModel names per official name (docs/numerics.md); several
 # names are concatenated along axis 0 (q, k, v -> qkv).  The timestep and label
 # embedders sit in block 0 and are copied into every other block.
 _DIFFUSERS = [
