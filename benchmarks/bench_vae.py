@@ -35,7 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="timed decodes per peer (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads and tinylazy's pool")
-    ap.add_argument("--blas-threads", type=int, default=1, help="NumPy BLAS threads outside tinylazy's pool (default 1)")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="NumPy BLAS threads outside tinylazy's pool (default 1)")
     ap.add_argument("--latent", type=int, default=32, help="latent side h = w (image side = 8 h)")
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()

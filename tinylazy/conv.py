@@ -24,9 +24,9 @@ import math
 
 import numpy as np
 
-from .backend import array_module_of
 from . import parallel
-from .parallel import gemm_parts, parts, splits_gemms
+from .backend import array_module_of
+from .parallel import gemm_parts, parts
 
 GN_EPS = 1e-6              # every GroupNorm of diffusers' AutoencoderKL (resnet_eps and conv_norm_out)
 BAND_BYTES = 8 << 20       # im2col / Winograd band buffers: a few MB stays in the last-level cache
@@ -275,11 +275,7 @@ def pixel_attention_forward(x, gn_w, gn_b, groups, wq, bq, wk, bk, wv, bv, wo, b
         p /= p.sum(axis=1, keepdims=True)
         xp.matmul(v, p.T, out=o[:, r[0]:r[1]])                      # (C, T) @ (T, rows) -> (C, rows)
     blocks = [(t, min(T, t + ATTN_ROWS)) for t in range(0, T, ATTN_ROWS)]
-    if splits_gemms():
-        _parallel(xp, block, blocks, T * T)
-    else:
-        for r in blocks:                                            # BLAS's own threads share each block
-            block(r)
+    _parallel(xp, block, blocks, T * T if parallel.SPLIT_GEMMS else 0)    # else BLAS's threads share each block
     y = linear_cols_forward(wo, o, bo, residual=x.reshape(C, T))
     return y.reshape(C, H, W)
 
