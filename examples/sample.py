@@ -109,9 +109,8 @@ def load_model(args):
     C = model.config.in_channels
     vae = None
     if args.vae is not None:
-        from tinylazy.vae import load_vae
         try:
-            vae = load_vae(args.vae, dtype=args.dtype, backend="numpy" if args.backend == "opencl" else args.backend)
+            vae = tl.load_vae(args.vae, dtype=args.dtype, backend=args.backend)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UsageError(f"cannot load the VAE from {args.vae}: {e}") from e
         if vae.config.latent_channels != C:
