@@ -23,7 +23,7 @@ LAYERS = [
     {"lazy", "vae", "trace", "convert"},                          # module reuse, the VAE, trace files
     {"opencl", "lazy_train", "train", "metrics"},                 # a backend's twins; training; metrics
     {"api"},                                                      # the user's choices: backend, lazy or not
-    {"golden"},                                                   # whole runs recorded and compared
+    {"golden", "analysis"},                                       # whole runs recorded and compared, or measured
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 PACKAGE_FACE = {"__version__"}                                    # what a module may take from tinylazy itself

@@ -283,13 +283,22 @@ class DecisionRule:
         return np.broadcast_to(np.asarray(to_numpy(keep), dtype=bool), (rows,))
 
 
-def gate_score(z, w):
-    """sigmoid(sum over tokens of Z @ w) (paper eq. 4): z (B, T, D), w (D,) -> (B,), in z's array module.
+def gate_logit(z, w):
+    """sum over tokens of Z @ w, the gate's logit before the sigmoid: z (B, T, D), w (D,) -> (B,).
 
     The official order: the per-token products, then their sum over tokens."""
-    u = (z @ w).sum(axis=1)                                              # (B, T, D) @ (D,) -> (B, T) -> (B,)
+    return (z @ w).sum(axis=1)                                           # (B, T, D) @ (D,) -> (B, T) -> (B,)
+
+
+def score_of_logit(u):
+    """sigmoid(u), in u's array module: the score (probability to compute) of a gate logit."""
     with np.errstate(over="ignore"):                                     # exp(-u) = inf gives the right 0
         return 1.0 / (1.0 + array_module_of(u).exp(-u))
+
+
+def gate_score(z, w):
+    """sigmoid(sum over tokens of Z @ w) (paper eq. 4): z (B, T, D), w (D,) -> (B,), in z's array module."""
+    return score_of_logit(gate_logit(z, w))
 
 
 # ----------------------------------------------------------------------------

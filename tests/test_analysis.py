@@ -1,0 +1,272 @@
+"""tinylazy.analysis: the recorded similarities are the paper's f between two plain forward passes
+(float64, to float64 precision), the probe changes no bit of a plain or lazy run, the oracle takes
+the most similar evaluations within its budget, and the command keeps the CLI convention."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinylazy as tl
+from tinylazy import analysis
+from tinylazy.analysis import Probe, oracle_decisions
+from tinylazy.lazy import LazyGates, module_macs
+from tinylazy.protocol import KINDS
+from tinylazy.trace import Recorder
+
+CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One random DiT in float64 (the precision checks) and float32 (the bits of ordinary runs)."""
+    return {dt: tl.DiT.from_config(CFG, seed=3, scheme="random", dtype=dt) for dt in ("float64", "float32")}
+
+
+def mixed_gates(model, scale=0.05, seed=0):
+    """Random gate vectors whose scores straddle 0.5: some rows compute, some reuse."""
+    rng = np.random.default_rng(seed)
+    shape = (STEPS, CFG.depth, CFG.hidden_size)
+    return LazyGates(rng.normal(0, scale, shape), rng.normal(0, scale, shape),
+                     tl.create_diffusion(STEPS).timestep_map, tl.io.weights_hash(model))
+
+
+def plain_outputs(model, x, t, y, cfg_scale):
+    """One plain forward pass -> {(l, kind): (Z, Y)} of every module (the model's own rows)."""
+    seen = {}
+
+    def keep(l, kind, z, cache=None):
+        seen[(l, kind)] = (z, model.branch(l, kind, z, cache))
+        return seen[(l, kind)][1]
+
+    if cfg_scale == 1:
+        model(x, np.full(len(x), t), y, branch=keep)
+    else:
+        null = np.full(len(y), CFG.num_classes)
+        model.forward_with_cfg(np.concatenate([x, x]), np.full(2 * len(x), t), np.concatenate([y, null]),
+                               cfg_scale, branch=keep)
+    return seen
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_similarities_are_those_of_two_plain_forward_passes(models, cfg_scale):
+    model = models["float64"]
+    noise, y = tl.make_noise(model, 3, seed=1), np.array([0, 4, 9])
+    xs = {}
+    probe = Probe(model, STEPS)
+    tl.ddim_sample(probe, noise, y, STEPS, cfg_scale, callback=lambda i, info: xs.__setitem__(info["step"], info))
+    sim = probe.result()
+    rows = 3 if cfg_scale == 1 else 6
+    assert sim.sim.shape == (STEPS, CFG.depth, 2, rows) and sim.guided == (cfg_scale > 1)
+    assert np.isnan(sim.sim[0]).all() and np.isfinite(sim.sim[1:]).all() and sim.computed.all() and sim.fresh[1:].all()
+    np.testing.assert_array_equal(sim.uncond, np.arange(rows) >= 3 if cfg_scale > 1 else np.zeros(rows, bool))
+    for k in range(1, STEPS):
+        before = plain_outputs(model, xs[k - 1]["x"], xs[k - 1]["t"], y, cfg_scale)
+        now = plain_outputs(model, xs[k]["x"], xs[k]["t"], y, cfg_scale)
+        for (l, kind), (z, out) in now.items():
+            z0, out0 = before[(l, kind)]
+            j = KINDS.index(kind)
+            for r in range(rows):
+                a, b = out0[r], out[r]
+                f = np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))          # tr(A^T B) / (|A|_F |B|_F)
+                dy, dz = np.linalg.norm(b - a), np.linalg.norm(z[r] - z0[r])
+                got = [sim.sim[k, l, j, r], sim.dy[k, l, j, r], sim.dist[k, l, j, r], sim.dz[k, l, j, r],
+                       sim.zdist[k, l, j, r]]
+                want = [f, dy, dy / np.linalg.norm(b), dz, dz / np.linalg.norm(z[r])]
+                np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+
+
+def trace_of(model, run):
+    """The LazyDiT decisions and scores (and the samples) of ``run(callback)`` with a trace recorder on the DiT."""
+    rec = Recorder(include=["*/compute", "*/score"])
+    rec.prefix = "step.00/"
+    model.recorder = rec
+    try:
+        out = run(lambda i, info: setattr(rec, "prefix", f"step.{info['step'] + 1:02d}/"))
+    finally:
+        model.recorder = None
+    return out, rec.arrays
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_the_probe_changes_no_bit_of_a_plain_or_lazy_run(models, cfg_scale):
+    model = models["float32"]
+    noise, y = tl.make_noise(model, 4, seed=2), np.array([1, 3, 5, 7])
+    gates = mixed_gates(model)
+    plain = tl.ddim_sample(model, noise, y, STEPS, cfg_scale)
+    probe = Probe(model, STEPS, gates)
+    np.testing.assert_array_equal(tl.ddim_sample(probe, noise, y, STEPS, cfg_scale), plain)
+    stats = [tl.LazyStats(), tl.LazyStats()]
+    lazy, want = trace_of(model, lambda cb: tl.ddim_sample(model, noise, y, STEPS, cfg_scale, gates=gates,
+                                                             lazy_stats=stats[0], callback=cb))
+    probe = Probe(model, STEPS, gates)
+    got_x, got = trace_of(model, lambda cb: tl.ddim_sample(probe, noise, y, STEPS, cfg_scale, gates=gates,
+                                                             lazy_stats=stats[1], callback=cb))
+    np.testing.assert_array_equal(got_x, lazy)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    np.testing.assert_array_equal(stats[0].skips, stats[1].skips)
+    assert 0.1 < stats[0].lazy_ratio < 0.9
+    sim = probe.result()
+    rows = len(y) * (2 if cfg_scale > 1 else 1)
+    mixed = 0
+    for k in range(STEPS):
+        for l in range(CFG.depth):
+            for j, kind in enumerate(KINDS):
+                compute = want[f"step.{k:02d}/block.{l:02d}/{kind}/compute"]
+                np.testing.assert_array_equal(sim.computed[k, l, j], compute)
+                mixed += 0 < compute.sum() < rows
+                if k:                                                   # LazyDiT's score, the same bits
+                    np.testing.assert_array_equal(sim.score[k, l, j],
+                                                  want[f"step.{k:02d}/block.{l:02d}/{kind}/score"])
+                    np.testing.assert_array_equal(sim.fresh[k, l, j], sim.computed[k - 1, l, j])
+    assert mixed > 0, "the gates should make some batches split between computing and reusing rows"
+    reused = ~sim.computed[1:]
+    assert (sim.dy[1:][reused] > 0).all(), "a reused row is compared with its full computation, not itself"
+
+
+def test_a_lazy_run_that_computes_everything_records_the_plain_run(models):
+    model = models["float64"]
+    noise, y = tl.make_noise(model, 2, seed=4), np.array([2, 8])
+    records = []
+    for kw in ({}, {"decisions": np.ones((STEPS, CFG.depth, 2), bool)}):
+        probe = Probe(model, STEPS)
+        tl.ddim_sample(probe, noise, y, STEPS, 3.0, **kw)
+        records.append(probe.result())
+    for name in analysis.VALUES + analysis.FLAGS:
+        np.testing.assert_array_equal(getattr(records[0], name), getattr(records[1], name))
+
+
+def test_batches_add_rows_and_a_run_must_be_seen_from_its_start(models):
+    model = models["float32"]
+    noise, y = tl.make_noise(model, 3, seed=5), np.array([0, 1, 2])
+    _, sim = analysis.analyse(model, noise, y, STEPS, 1.0, batch=2)
+    _, whole = analysis.analyse(model, noise, y, STEPS, 1.0)
+    assert sim.rows == 3
+    np.testing.assert_allclose(sim.sim, whole.sim, rtol=1e-5)
+    probe = Probe(model, STEPS)
+    t = tl.create_diffusion(STEPS).timestep_map[2]
+    with pytest.raises(ValueError, match="did not see start"):
+        probe(noise, np.full(3, t), y)
+    with pytest.raises(ValueError, match="no complete sampling run"):
+        probe.result()
+
+
+def test_lipschitz_fit_bounds_the_pairs_and_summary_says_where(models):
+    model = models["float32"]
+    noise, y = tl.make_noise(model, 4, seed=6), np.array([0, 1, 2, 3])
+    _, sim = analysis.analyse(model, noise, y, STEPS, 3.0, gates=mixed_gates(model))
+    fit = sim.lipschitz()
+    for j, kind in enumerate(KINDS):
+        for l in range(CFG.depth):
+            dy, dz = sim.dy[1:, l, j], sim.dz[1:, l, j]
+            assert (dy <= fit[kind]["C_max"][l] * dz * (1 + 1e-12)).all()
+            assert np.mean(dy <= fit[kind]["C_q"][l] * dz * (1 + 1e-12)) >= 0.95
+            assert fit[kind]["C_q"][l] <= fit[kind]["C_max"][l]
+    rep = sim.report()
+    s = rep["summary"]["attn"]
+    assert s["min"] <= s["p5"] <= s["median"] <= 1 and s["n"] == (STEPS - 1) * CFG.depth * 8
+    assert s["min"] == pytest.approx(np.nanmin(sim.sim[:, :, 0]))
+    assert rep["gates"]["overall"]["n"] == (STEPS - 1) * CFG.depth * 2 * 8
+    assert -1 <= rep["gates"]["overall"]["spearman"] <= 1
+    json.dumps(analysis._json_ready(rep), allow_nan=False)
+    assert analysis.analyse(model, noise, y, STEPS)[1].gate_correlation() is None
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_oracle_reuses_the_most_similar_evaluations_within_the_budget(models, per_sample):
+    model = models["float32"]
+    noise, y = tl.make_noise(model, 3, seed=7), np.array([4, 5, 6])
+    _, sim = analysis.analyse(model, noise, y, STEPS, 3.0)
+    macs = module_macs(CFG)
+    cost = np.array([macs["attn"], macs["mlp"]])
+    for ratio in (0.3, 0.5, 0.7):
+        keep = oracle_decisions(sim, ratio, per_sample)
+        assert keep.shape == ((STEPS, CFG.depth, 2, 6) if per_sample else (STEPS, CFG.depth, 2))
+        assert keep[0].all()
+        k4 = keep if per_sample else keep[..., None]
+        s = sim.sim if per_sample else np.concatenate([sim.sim[:1, ..., :1], sim.sim[1:].mean(-1, keepdims=True)])
+        budget = ratio * STEPS * CFG.depth * cost.sum()
+        for r in range(k4.shape[-1]):
+            reused = ~k4[1:, ..., r]
+            saved = (reused * cost).sum()
+            assert budget - cost.max() < saved <= budget
+            assert s[1:, ..., r][reused].min() >= s[1:, ..., r][~reused].max()
+        stats = tl.LazyStats()
+        tl.ddim_sample(model, noise, y, STEPS, 3.0, decisions=keep, lazy_stats=stats)
+        assert stats.skips.sum() == (~k4).sum() * (1 if per_sample else 6)
+    with pytest.raises(ValueError, match="first step always computes"):
+        oracle_decisions(sim, 0.9)
+    probe = Probe(model, STEPS)
+    tl.ddim_sample(probe, noise, y, STEPS, 3.0, decisions=keep)
+    with pytest.raises(ValueError, match="full"):
+        oracle_decisions(probe.result(), 0.5)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    tl.save_dit(tl.DiT.from_config(CFG, seed=3, scheme="random", dtype="float32"), str(path))
+    return str(path)
+
+
+def run_main(argv, capsys):
+    code = analysis.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1"], "--steps must be >= 2"),
+    (["--num", "0"], "--num must be >= 1"),
+    (["--cfg-scale", "0.5"], "--cfg-scale must be"),
+    (["--threshold", "2"], "--threshold"),
+    (["--out", "/nonexistent/dir/a"], "does not exist"),
+    (["--weights", "/nonexistent.safetensors", "--no-plots"], "no such file"),
+    (["--random", "DiT-Q/3", "--no-plots"], "unknown DiT configuration"),
+    (["--gates", "/nonexistent.safetensors", "--no-plots"], "no such file"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, weights, tmp_path, capsys):
+    if "--weights" not in argv and "--random" not in argv:
+        argv = argv + ["--weights", weights]
+    code, out, err = run_main(argv + (["--out", tmp_path / "a"] if "--out" not in argv else []), capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_matplotlib_is_exit_2_before_any_work(weights, tmp_path, capsys, monkeypatch):
+    real = analysis.importlib.util.find_spec
+    monkeypatch.setattr(analysis.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else real(name, *a))
+    code, _, err = run_main(["--weights", weights, "--out", tmp_path / "a"], capsys)
+    assert code == 2 and "needs matplotlib" in err and "tinylazy[analysis]" in err
+    code, _, err = run_main(["--weights", weights, "--out", tmp_path / "a", "--num", 2, "--steps", 3,
+                             "--no-plots"], capsys)
+    assert code == 0 and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_the_command_writes_its_report_and_figures(weights, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from tinylazy.lazy import gates_file, save_gates
+    model = tl.load_dit(weights)
+    save_gates(mixed_gates(model), gates_file(weights, STEPS))          # found beside the weights
+    code, out, err = run_main(["--weights", weights, "--steps", STEPS, "--num", 3, "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["r-gates.png", "r-heatmap.png", "r-lipschitz.png", "r.json"]
+    with open(tmp_path / "r.json") as f:
+        rep = json.load(f)
+    assert rep["run"]["gates"].endswith(f"gates-ddim{STEPS}.safetensors") and rep["rows"] == 6
+    assert "| attn |" in out and "Spearman" in out
+    for name in ("r-heatmap.png", "r-lipschitz.png", "r-gates.png"):
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_runs_as_a_script_and_refuses_bad_input():
+    r = subprocess.run([sys.executable, "-m", "tinylazy.analysis", "--steps", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --steps must") and r.stderr.count("\n") == 1
