@@ -13,6 +13,14 @@ the next DDIM latent), trained to the target ratio by rho steering
 (``GateTrainer(target_ratio=...)``).  Shipped gates in weights/ are used where they fit;
 others are trained once and kept in --gates-dir.
 
+``--oracle-steps 10 20`` adds, at N steps and each of ``--oracle-ratios`` (30%, 50%, 70%),
+the similarity oracle (``tinylazy.analysis.oracle_decisions``) beside the evenly spread rule:
+from an analysed full DDIM N run on the same batch, reuse the most similar (step, layer,
+module) evaluations within the MACs the rule saves at that ratio.  ``oracle (per sample)`` and
+``oracle (shared)`` (one choice for the batch) count a reuse of a reuse by its similarity to
+the output it really gets; ``oracle (consecutive f)`` ranks by f(Y_k-1, Y_k) alone, per sample.
+An upper baseline for learned gates, not a method.
+
 Quality: ``tinylazy.metrics`` (Frechet distance to the real digits in the judge's
 feature space, its ratio to the real-vs-real floor, class accuracy), all rows from the
 same fixed noise and labels.  Prints a markdown table and writes --json.
@@ -26,14 +34,15 @@ import time
 import numpy as np
 
 import tinylazy as tl
-from tinylazy import metrics
+from tinylazy import analysis, metrics
 from tinylazy.lazy import alternate_decisions, gates_file, random_decisions
 from tinylazy.lazy_train import GateTrainer
 from tinylazy.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
-FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "LazyDiT all-steps x-loss", "rule (spread steps)", "random")
+FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "LazyDiT all-steps x-loss", "rule (spread steps)", "random",
+        "oracle (per sample)", "oracle (shared)", "oracle (consecutive f)")
 HEAVY = ("LazyDiT all-steps", "LazyDiT all-steps x-loss")      # left out of light rows (they train gates)
 TRAIN = dict(rho_attn=1e-5, rho_mlp=1e-5, lr=1e-4, batch=16, seed=0)   # train_gates.py's, at batch 16
 ITERS = 500
@@ -88,14 +97,40 @@ def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iter
     return trainer.gates, path
 
 
-def sample(model, noise, labels, steps, cfg_scale, batch, **lazy):
-    stats = tl.LazyStats() if lazy else None
+def sample(model, noise, labels, steps, cfg_scale, batch, per_batch=None, **lazy):
+    """Samples in batches; per_batch(i) -> lazy arguments of the batch that starts at sample i (the oracle's)."""
+    stats = tl.LazyStats() if lazy or per_batch else None
     out = []
     for i in range(0, len(labels), batch):
-        kw = dict(lazy, lazy_stats=stats) if lazy else {}
+        kw = dict(lazy, **(per_batch(i) if per_batch else {}))
+        kw = dict(kw, lazy_stats=stats) if kw else {}
         x = tl.ddim_sample(model, noise[i:i + batch], labels[i:i + batch], steps, cfg_scale, **kw)
         out.append(np.asarray(x, dtype=np.float32))
     return np.concatenate(out), stats
+
+
+class Oracle:
+    """The similarity records of full DDIM runs, one per (guidance, steps, batch), made when first asked for."""
+
+    def __init__(self, model, noise, labels, batch):
+        self.model, self.noise, self.labels, self.batch = model, noise, labels, batch
+        self.records = {}
+
+    def record(self, cfg_scale, steps, i):
+        key = (cfg_scale, steps, i)
+        if key not in self.records:
+            t0 = time.perf_counter()
+            _, self.records[key] = analysis.analyse(self.model, self.noise[i:i + self.batch],
+                                                    self.labels[i:i + self.batch], steps, cfg_scale, history=True)
+            print(f"cfg {cfg_scale} | oracle: analysed full DDIM {steps}, samples {i}.."
+                  f"{min(i + self.batch, len(self.labels)) - 1} [{time.perf_counter() - t0:.1f} s]",
+                  file=sys.stderr, flush=True)
+        return self.records[key]
+
+    def how(self, steps, ratio, per_sample, chains):
+        """The plan of an oracle row: per batch, the decisions from that batch's full run."""
+        return lambda cfg_scale: ({"per_batch": lambda i: {"decisions": analysis.oracle_decisions(
+            self.record(cfg_scale, steps, i), ratio, per_sample, chains)}}, f"oracle of the full DDIM {steps} run")
 
 
 def _row_key(r):
@@ -107,7 +142,8 @@ def main():
     ap.add_argument("--num", type=int, default=2000, help="samples per row (default 2000)")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 1.0])
-    ap.add_argument("--pairs", type=int, nargs="+", default=[5, 10, 25], help="N of DDIM N vs Lazy 2N @50%%")
+    ap.add_argument("--pairs", type=int, nargs="*", default=[5, 10, 25],
+                    help="N of DDIM N vs Lazy 2N @50%% (none: --pairs alone)")
     ap.add_argument("--iters", type=int, default=ITERS, help="at most this many gate training iterations "
                     "(default 500; 10 per trained step, at least 200)")
     ap.add_argument("--weights", default=BUNDLED, help="DiT (default: the bundled digits model)")
@@ -120,6 +156,11 @@ def main():
     ap.add_argument("--light-pairs", type=int, nargs="*", default=[],
                     help="N (of --pairs or --thirty) for which the rows that train gates beyond the shipped "
                          "recipe (all-steps, x-loss) are left out")
+    ap.add_argument("--oracle-steps", type=int, nargs="*", default=[],
+                    help="N for the groups 'Lazy N @r' of the similarity oracle (per sample and shared) and the "
+                         "spread rule at each of --oracle-ratios (default: none)")
+    ap.add_argument("--oracle-ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                    help="lazy ratios (MACs budgets) of the oracle groups (default: 0.3 0.5 0.7)")
     ap.add_argument("--report-only", action="store_true", help="print the table of the rows in --json, run nothing")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the noise (and of the random rows' decisions); another seed shows the spread")
@@ -152,12 +193,21 @@ def main():
         for all_steps, loss in ((False, "official"), (True, "official"), (True, "x")):
             name = "LazyDiT " + ("all-steps" if all_steps else "official") + (" x-loss" if loss == "x" else "")
             plans.append((group, name, lazy_steps, light,
-                          lambda s=lazy_steps, r=ratio, a=all_steps, lo=loss: learned_gates(
+                          lambda c, s=lazy_steps, r=ratio, a=all_steps, lo=loss: learned_gates(
                               model, args.weights, s, r, a, args.gates_dir, data, args.iters, loss=lo)))
         plans.append((group, "rule (spread steps)", lazy_steps, light,
-                      lambda s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
+                      lambda c, s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
         plans.append((group, "random", lazy_steps, light,
-                      lambda s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=args.seed)}, "")))
+                      lambda c, s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=args.seed)}, "")))
+    oracle = Oracle(model, noise, labels, args.batch)
+    for N in args.oracle_steps:
+        for ratio in args.oracle_ratios:
+            group = f"Lazy {N} @{ratio:.0%}"
+            plans.append((group, "rule (spread steps)", N, False,
+                          lambda c, s=N, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
+            for name, per_sample, chains in (("per sample", True, True), ("shared", False, True),
+                                             ("consecutive f", True, False)):
+                plans.append((group, f"oracle ({name})", N, False, oracle.how(N, ratio, per_sample, chains)))
 
     rows = []
     if os.path.isfile(args.json):
@@ -176,7 +226,7 @@ def main():
             t0 = time.perf_counter()
             lazy, source = {}, ""
             if how is not None:
-                made = how()
+                made = how(cfg_scale)
                 lazy, source = made if isinstance(made[0], dict) else ({"gates": made[0]}, made[1])
             x, stats = sample(model, noise, labels, steps, cfg_scale, args.batch, **lazy)
             m = metrics.evaluate(x, labels, judge)
@@ -210,6 +260,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     order = {f"DDIM {n} vs Lazy {s} @{r:.0%}": i for i, (n, s, r) in enumerate(
         [(5, 10, .5), (10, 20, .5), (25, 50, .5), (14, 20, .3), (7, 10, .3)])}
+    order.update({f"Lazy {n} @{r:.0%}": 10 + i for i, (n, r) in enumerate(
+        (n, r) for n in sorted(set(args.oracle_steps) | {10, 20}) for r in sorted(args.oracle_ratios))})
     for r in sorted(rows, key=lambda r: (-r["cfg"], order.get(r["group"], 0), FULL.index(r["method"]))):
         lazy = "-" if r["method"] == "DDIM" else f"{r['lazy_ratio']:.0%} ({r['attn']:.0%} / {r['mlp']:.0%})"
         print(f"| {r['cfg']} | {r['group']} | {r['method']} | {r['steps']} | {lazy} | {r['macs_vs_ddim']:.1f} | "

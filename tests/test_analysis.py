@@ -56,27 +56,28 @@ def test_similarities_are_those_of_two_plain_forward_passes(models, cfg_scale):
     model = models["float64"]
     noise, y = tl.make_noise(model, 3, seed=1), np.array([0, 4, 9])
     xs = {}
-    probe = Probe(model, STEPS)
+    probe = Probe(model, STEPS, history=True)
     tl.ddim_sample(probe, noise, y, STEPS, cfg_scale, callback=lambda i, info: xs.__setitem__(info["step"], info))
     sim = probe.result()
     rows = 3 if cfg_scale == 1 else 6
     assert sim.sim.shape == (STEPS, CFG.depth, 2, rows) and sim.guided == (cfg_scale > 1)
     assert np.isnan(sim.sim[0]).all() and np.isfinite(sim.sim[1:]).all() and sim.computed.all() and sim.fresh[1:].all()
     np.testing.assert_array_equal(sim.uncond, np.arange(rows) >= 3 if cfg_scale > 1 else np.zeros(rows, bool))
+    plain = [plain_outputs(model, xs[k]["x"], xs[k]["t"], y, cfg_scale) for k in range(STEPS)]
+    cos = lambda a, b: np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))      # tr(A^T B) / (|A|_F |B|_F)
     for k in range(1, STEPS):
-        before = plain_outputs(model, xs[k - 1]["x"], xs[k - 1]["t"], y, cfg_scale)
-        now = plain_outputs(model, xs[k]["x"], xs[k]["t"], y, cfg_scale)
-        for (l, kind), (z, out) in now.items():
-            z0, out0 = before[(l, kind)]
+        for (l, kind), (z, out) in plain[k].items():
+            z0, out0 = plain[k - 1][(l, kind)]
             j = KINDS.index(kind)
             for r in range(rows):
                 a, b = out0[r], out[r]
-                f = np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))          # tr(A^T B) / (|A|_F |B|_F)
                 dy, dz = np.linalg.norm(b - a), np.linalg.norm(z[r] - z0[r])
                 got = [sim.sim[k, l, j, r], sim.dy[k, l, j, r], sim.dist[k, l, j, r], sim.dz[k, l, j, r],
                        sim.zdist[k, l, j, r]]
-                want = [f, dy, dy / np.linalg.norm(b), dz, dz / np.linalg.norm(z[r])]
+                want = [cos(a, b), dy, dy / np.linalg.norm(b), dz, dz / np.linalg.norm(z[r])]
                 np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+                stale = [cos(plain[i][(l, kind)][1][r], b) for i in range(k)]
+                np.testing.assert_allclose(sim.stale[:k, k, l, j, r], stale, rtol=1e-13, atol=0)
 
 
 def trace_of(model, run):
@@ -175,15 +176,19 @@ def test_lipschitz_fit_bounds_the_pairs_and_summary_says_where(models):
     assert analysis.analyse(model, noise, y, STEPS)[1].gate_correlation() is None
 
 
+@pytest.mark.parametrize("chains", [False, True])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_oracle_reuses_the_most_similar_evaluations_within_the_budget(models, per_sample):
+def test_oracle_decisions_fit_the_budget_and_run(models, per_sample, chains):
     model = models["float32"]
     noise, y = tl.make_noise(model, 3, seed=7), np.array([4, 5, 6])
-    _, sim = analysis.analyse(model, noise, y, STEPS, 3.0)
+    _, sim = analysis.analyse(model, noise, y, STEPS, 3.0, history=True)
+    for k in range(1, STEPS):
+        np.testing.assert_array_equal(sim.stale[k - 1, k], sim.sim[k])
+    assert np.isfinite(sim.stale[np.triu_indices(STEPS, 1)]).all() and np.isnan(sim.stale[np.tril_indices(STEPS)]).all()
     macs = module_macs(CFG)
     cost = np.array([macs["attn"], macs["mlp"]])
     for ratio in (0.3, 0.5, 0.7):
-        keep = oracle_decisions(sim, ratio, per_sample)
+        keep = oracle_decisions(sim, ratio, per_sample, chains)
         assert keep.shape == ((STEPS, CFG.depth, 2, 6) if per_sample else (STEPS, CFG.depth, 2))
         assert keep[0].all()
         k4 = keep if per_sample else keep[..., None]
@@ -193,7 +198,8 @@ def test_oracle_reuses_the_most_similar_evaluations_within_the_budget(models, pe
             reused = ~k4[1:, ..., r]
             saved = (reused * cost).sum()
             assert budget - cost.max() < saved <= budget
-            assert s[1:, ..., r][reused].min() >= s[1:, ..., r][~reused].max()
+            if not chains:                                  # the most similar, a prefix of the ranking
+                assert s[1:, ..., r][reused].min() >= s[1:, ..., r][~reused].max()
         stats = tl.LazyStats()
         tl.ddim_sample(model, noise, y, STEPS, 3.0, decisions=keep, lazy_stats=stats)
         assert stats.skips.sum() == (~k4).sum() * (1 if per_sample else 6)
@@ -203,6 +209,29 @@ def test_oracle_reuses_the_most_similar_evaluations_within_the_budget(models, pe
     tl.ddim_sample(probe, noise, y, STEPS, 3.0, decisions=keep)
     with pytest.raises(ValueError, match="full"):
         oracle_decisions(probe.result(), 0.5)
+
+
+def test_the_chain_aware_oracle_avoids_a_reuse_of_a_reuse():
+    """Every consecutive pair is alike (f = 0.99, steps 1 to 2 a little more), but a reuse across two
+    steps is poor (f = 0.5): ranked by consecutive similarity the oracle reuses steps 2 and 1, so
+    step 2 gets step 0's output; the chain-aware one reuses steps 2 and 4."""
+    cfg = CFG.replace(depth=1)
+    S = 5
+    stale = np.full((S, S, 1, 2, 1), 0.9)
+    stale[np.tril_indices(S)] = np.nan
+    for k in range(1, S):
+        stale[k - 1, k] = 0.99
+    stale[1, 2], stale[0, 2], stale[1, 3], stale[2, 4] = 0.995, 0.5, 0.5, 0.5
+    values = {name: np.full((S, 1, 2, 1), np.nan) for name in analysis.VALUES}
+    values["sim"][1:] = np.stack([stale[k - 1, k] for k in range(1, S)])
+    flags = {"computed": np.ones((S, 1, 2, 1), bool), "fresh": np.ones((S, 1, 2, 1), bool)}
+    rec = analysis.Similarity(values, flags, np.zeros(1, bool), np.arange(S), cfg, stale=stale)
+    ratio = 2 / S                                           # two reuses of each module
+    naive = oracle_decisions(rec, ratio, chains=False)[:, 0, :, 0]
+    aware = oracle_decisions(rec, ratio)[:, 0, :, 0]
+    np.testing.assert_array_equal(np.flatnonzero(~naive[:, 0]), [1, 2])
+    np.testing.assert_array_equal(np.flatnonzero(~aware[:, 0]), [2, 4])
+    np.testing.assert_array_equal(aware[:, 0], aware[:, 1])
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ for every sampling step k (0 = the first), block l, module kind and model-batch 
                    where the probe was given gates (a plain run can be scored too)
     computed       True where the run computed the module at step k, False where a lazy run reused it
     fresh          True where Y_{k-1} was computed at step k - 1, so that Y_{k-1} = F(Z_{k-1})
+    stale          with ``history=True`` only: f(Y_j, Y_k) for every earlier step j, (steps, steps, depth,
+                   2, rows), NaN where j >= k: the similarity of a reuse of step j's output at step k
+                   (``stale[k - 1, k] == sim[k]``; the others' products are summed in the model dtype,
+                   about 1e-6 relative in float32); it keeps every step's outputs while the run lasts
 
 Y_k is always the module's full output F(Z_k) on the run's own trajectory; Y_{k-1} is the output
 the run used at step k - 1, which is what a reuse at step k returns.  In a plain run that is the
@@ -52,7 +56,7 @@ import warnings
 import numpy as np
 
 from .api import ddim_sample
-from .backend import to_numpy
+from .backend import array_module_of, to_numpy
 from .diffusion import create_diffusion
 from .lazy import DEFAULT_THRESHOLD, gate_logit, module_macs, score_of_logit
 from .protocol import KINDS
@@ -85,10 +89,12 @@ class _DecisionListener:
 class _Run:
     """The record of one sampling run of ``rows`` model rows."""
 
-    def __init__(self, num_steps, depth, rows, guided):
+    def __init__(self, num_steps, depth, rows, guided, history):
         shape = (num_steps, depth, len(KINDS), rows)
         self.values = {name: np.full(shape, np.nan) for name in VALUES}
         self.flags = {name: np.zeros(shape, dtype=bool) for name in FLAGS}
+        self.stale = np.full((num_steps,) + shape, np.nan) if history else None
+        self.history = {}                                    # (l, j) -> (Y used (rows, steps, n), their norms)
         self.uncond = np.arange(rows) >= rows // 2 if guided else np.zeros(rows, dtype=bool)
         self.rows, self.guided, self.step = rows, guided, 0
         self.left = num_steps * depth * len(KINDS)           # module records still to come
@@ -104,13 +110,14 @@ class Probe:
     samplers drive it; the quantities are listed in the module docstring.
 
     model: a ``DiT`` (NumPy or CuPy); steps: the sampling run's step count (or respacing string);
-    gates: ``LazyGates`` whose scores to record (None: no scores).  Drive it like the model:
+    gates: ``LazyGates`` whose scores to record (None: no scores); history: also record ``stale``
+    (every earlier step's output against this one; memory: all outputs of a run).  Drive it like the model:
     ``tinylazy.ddim_sample(probe, noise, labels, steps, cfg_scale)`` for a plain run, with
     ``gates=`` / ``decisions=`` for a lazy one; runs of several batches add rows.  ``result()``
     gives the ``Similarity`` of the complete runs so far.
     """
 
-    def __init__(self, model, steps, gates=None):
+    def __init__(self, model, steps, gates=None, history=False):
         if model.backend == "opencl":
             raise ValueError("the similarity probe runs on the NumPy or CuPy backend (its statistics are "
                              "host/xp reductions); load the model with backend='numpy'")
@@ -125,6 +132,7 @@ class Probe:
         self.gates = gates
         self.gate_w = None if gates is None else \
             {kind: self.xp.asarray(gates.of(kind), dtype=self.dtype) for kind in KINDS}   # as LazyDiT's
+        self.history = bool(history)
         self.runs = []
         self.decided = None                                  # the latest lazy decision (_DecisionListener)
         self.listener = _DecisionListener(self)
@@ -169,7 +177,7 @@ class Probe:
         if k == 0:
             if run is not None and not run.complete:
                 self.runs.pop()                              # an unfinished run (interrupted): dropped
-            run = _Run(self.num_steps, self.config.depth, rows, guided)
+            run = _Run(self.num_steps, self.config.depth, rows, guided, self.history)
             self.runs.append(run)
         elif run is None or run.complete or k != run.step + 1 or rows != run.rows:
             raise ValueError(f"the probe saw step {k} of a run it did not see start (or a batch of {rows} "
@@ -193,36 +201,55 @@ class Probe:
         computed = np.ones(rows, dtype=bool) if keep is None else keep
         full = out
         if not computed.all():
-            idx = np.flatnonzero(~computed)
+            idx = xp.asarray(np.flatnonzero(~computed))
             full = out.copy()
-            full[xp.asarray(idx)] = self._silent_branch(l, kind, z[xp.asarray(idx)])
+            full[idx] = self._silent_branch(l, kind, z[idx])
         v, f = run.values, run.flags
         f["computed"][k, l, j] = computed
         if self.gate_w is not None:
             u = gate_logit(z, self.gate_w[kind][self.num_steps - 1 - k, l])     # respaced index s
             v["logit"][k, l, j] = to_numpy(u)
             v["score"][k, l, j] = to_numpy(score_of_logit(u))                  # LazyDiT's score, same bits
+        b = full.reshape(rows, -1).astype(np.float64)
+        nb = xp.sqrt(_rowdot(b, b))
         prev = run.prev.get((l, j))
         if prev is not None:
             y_prev, z_prev, fresh = prev
             a = y_prev.reshape(rows, -1).astype(np.float64)
-            b = full.reshape(rows, -1).astype(np.float64)
-            na, nb = xp.sqrt(_rowdot(a, a)), xp.sqrt(_rowdot(b, b))
             d = b - a
-            dy = xp.sqrt(_rowdot(d, d))
             zb = z.reshape(rows, -1).astype(np.float64)
             dzz = zb - z_prev.reshape(rows, -1).astype(np.float64)
-            dz = xp.sqrt(_rowdot(dzz, dzz))
+            dy, dz = xp.sqrt(_rowdot(d, d)), xp.sqrt(_rowdot(dzz, dzz))
             with np.errstate(invalid="ignore", divide="ignore"):
-                v["sim"][k, l, j] = to_numpy(_rowdot(a, b) / (na * nb))
+                v["sim"][k, l, j] = to_numpy(_rowdot(a, b) / (xp.sqrt(_rowdot(a, a)) * nb))
                 v["dist"][k, l, j] = to_numpy(dy / nb)
                 v["zdist"][k, l, j] = to_numpy(dz / xp.sqrt(_rowdot(zb, zb)))
             v["dy"][k, l, j], v["dz"][k, l, j] = to_numpy(dy), to_numpy(dz)
             f["fresh"][k, l, j] = fresh
+        if run.stale is not None:
+            self._record_stale(run, k, l, j, out, full, nb)
         run.prev[(l, j)] = (out.copy(), z.copy(), computed)  # copies: a lazy cache is updated in place
         run.left -= 1
         if run.complete:
-            run.prev = {}
+            run.prev, run.history = {}, {}
+
+    def _record_stale(self, run, k, l, j, out, full, nb):
+        """f(Y_i, F(Z_k)) for every step i < k - 1 from the run's stacked outputs (the products in the
+        model dtype, on the BLAS; k - 1 is ``sim``), then this step's used output joins them."""
+        xp, rows = self.xp, out.shape[0]
+        if k == 0:
+            run.history[(l, j)] = (xp.empty((rows, self.num_steps, full[0].size), dtype=self.dtype),
+                                   xp.empty((rows, self.num_steps), dtype=np.float64))
+        ys, norms = run.history[(l, j)]
+        if k > 1:
+            dots = xp.matmul(ys[:, :k - 1], full.reshape(rows, -1, 1))[..., 0].astype(np.float64)   # (rows, k-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                run.stale[:k - 1, k, l, j] = to_numpy(dots / (norms[:, :k - 1] * nb[:, None])).T
+        if k > 0:
+            run.stale[k - 1, k, l, j] = run.values["sim"][k, l, j]
+        ys[:, k] = out.reshape(rows, -1)
+        y = ys[:, k].astype(np.float64)
+        norms[:, k] = xp.sqrt(_rowdot(y, y))
 
     def _silent_branch(self, l, kind, z):
         """The module on z with the wrapped model's trace recorder detached (its names are unique per step)."""
@@ -241,18 +268,19 @@ class Probe:
         values = {name: cat(lambda r: r.values[name]) for name in VALUES}
         flags = {name: cat(lambda r: r.flags[name]) for name in FLAGS}
         uncond = np.concatenate([r.uncond for r in runs])
+        stale = np.concatenate([r.stale for r in runs], axis=-1) if self.history else None
         trained = None if self.gates is None else np.stack(
             [np.any(self.gates.of(kind)[::-1] != 0, axis=-1) for kind in KINDS], axis=-1)     # (S, L, 2)
         return Similarity(values, flags, uncond, self.timestep_map, self.config, trained,
-                          guided=any(r.guided for r in runs))
+                          guided=any(r.guided for r in runs), stale=stale)
 
     def __repr__(self):
         return f"Probe({self.model!r}, steps={self.num_steps}, gates={self.gates!r})"
 
 
 def _rowdot(a, b):
-    """Per-row sums of a * b: (rows, n) x (rows, n) -> (rows,)."""
-    return (a * b).sum(axis=1)
+    """Per-row sums of a * b: (rows, n) x (rows, n) -> (rows,), one pass, no temporary."""
+    return array_module_of(a).einsum("ij,ij->i", a, b)
 
 
 # ----------------------------------------------------------------------------
@@ -260,17 +288,17 @@ def _rowdot(a, b):
 
 class Similarity:
     """The record of one or more runs: arrays (steps, depth, 2, rows) in sampling order (module
-    docstring), ``uncond`` (rows,), the run's ``timestep_map``, the model ``config`` and, where
-    gates were scored, ``trained`` (steps, depth, 2): the gates with a non-zero vector (the
-    official recipe leaves every other step's at zero, score exactly 0.5)."""
+    docstring), ``uncond`` (rows,), the run's ``timestep_map``, the model ``config``, where
+    gates were scored ``trained`` (steps, depth, 2): the gates with a non-zero vector (the
+    official recipe leaves every other step's at zero, score exactly 0.5), and ``stale`` (or None)."""
 
-    def __init__(self, values, flags, uncond, timestep_map, config, trained=None, guided=False):
+    def __init__(self, values, flags, uncond, timestep_map, config, trained=None, guided=False, stale=None):
         for name in VALUES:
             setattr(self, name, values[name])
         for name in FLAGS:
             setattr(self, name, flags[name])
         self.uncond, self.timestep_map, self.config = uncond, np.asarray(timestep_map), config
-        self.trained, self.guided = trained, guided
+        self.trained, self.guided, self.stale = trained, guided, stale
         self.num_steps, self.depth, _, self.rows = self.sim.shape
 
     @property
@@ -428,12 +456,13 @@ def _corr(a, b):
 # Runs and the oracle
 
 def analyse(model, noise, labels, steps=20, cfg_scale=1.0, gates=None, lazy=False, threshold=DEFAULT_THRESHOLD,
-            decisions=None, batch=None, progress=False):
+            decisions=None, batch=None, progress=False, history=False):
     """Sample ``noise`` / ``labels`` with a ``Probe`` -> (final latents on the host, ``Similarity``).
 
     gates: scored on every step (and used to sample when ``lazy``); decisions: a lazy run with forced
-    decisions (``tinylazy.ddim_sample``'s argument); batch: samples per run (default: all at once)."""
-    probe = Probe(model, steps, gates)
+    decisions (``tinylazy.ddim_sample``'s argument); batch: samples per run (default: all at once);
+    history: record ``stale`` too (``Probe``)."""
+    probe = Probe(model, steps, gates, history)
     n = len(labels)
     batch = n if batch is None else int(batch)
     lazy_kw = {"gates": gates, "threshold": threshold} if lazy else {}
@@ -447,43 +476,102 @@ def analyse(model, noise, labels, steps=20, cfg_scale=1.0, gates=None, lazy=Fals
     return np.concatenate(out), probe.result()
 
 
-def oracle_decisions(similarity, ratio, per_sample=True):
+def oracle_decisions(similarity, ratio, per_sample=True, chains=None):
     """Decisions (True = compute) that reuse the most similar evaluations of a full run within a MACs
     budget: an upper baseline, not a method (it needs the full run it is judged against).
 
     similarity: the ``Similarity`` of a plain run on the same noise, labels and guidance as the
     lazy run to come (its rows are that run's model rows).  The budget per row is ``ratio`` of the
     module MACs of the run (ratio * steps * depth * (attn + mlp), ``lazy.module_macs``), the MACs
-    the evenly spread rule saves at that lazy ratio.  Candidates are the (step, layer, kind)
-    evaluations of steps 1.. (the first step always computes), taken in order of decreasing
-    similarity while their saved MACs stay within the budget (the first that would exceed it ends
-    the list).  per_sample: each row ranks its own similarities -> (steps, depth, 2, rows);
-    otherwise one ranking by the mean over rows, shared by the batch -> (steps, depth, 2).
-    The ranking sees consecutive steps only: two chosen neighbours make a reuse of a reuse.
+    the evenly spread rule saves at that lazy ratio.  The candidates are the (step, layer, kind)
+    evaluations of steps 1.. (the first step always computes).
+
+    chains=False: candidates in order of decreasing f(Y_{k-1}, Y_k), taken while their saved MACs
+    stay within the budget (the first that would exceed it ends the list).  This sees consecutive
+    steps only, but two chosen neighbours make a reuse of a reuse: step k + 1 then gets step
+    k - 1's output.
+    chains=True (the default where the record has ``stale``, ``Probe(history=True)``): the cost of
+    a reuse at step k is 1 - f(Y_j, Y_k), j the last step before k that computes the module, and
+    evaluations are taken greedily by the least added cost per MAC saved (reusing step k also hands
+    the reuses that followed it an older output) while one still fits in the budget.
+
+    per_sample: each row chooses by its own similarities -> (steps, depth, 2, rows); otherwise one
+    choice by the mean similarity over rows, shared by the batch -> (steps, depth, 2).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not similarity.computed.all():
         raise ValueError("the oracle ranks the similarities of a full (plain) run; this record is of a lazy run")
+    chains = similarity.stale is not None if chains is None else chains
+    if chains and similarity.stale is None:
+        raise ValueError("the chain-aware oracle needs f(Y_j, Y_k) for all j < k: record with Probe(history=True)")
     S, L = similarity.num_steps, similarity.depth
     if ratio > (S - 1) / S:
         raise ValueError(f"cannot reuse {ratio:.0%} of {S} steps: the first step always computes")
     macs = module_macs(similarity.config)
-    cost = np.array([macs["attn"], macs["mlp"]], dtype=np.float64)
-    budget = ratio * S * L * cost.sum()
-    sim = similarity.sim[1:]                                           # (S-1, L, 2, rows)
+    cost = np.tile(np.array([macs["attn"], macs["mlp"]], dtype=np.float64), L)      # (M,), M = L * 2 modules
+    budget = ratio * S * L * (macs["attn"] + macs["mlp"]) * (1 + 1e-12)
+    f = similarity.stale if chains else similarity.sim
     if not per_sample:
-        sim = np.nanmean(sim, axis=-1, keepdims=True)
-    rank = np.where(np.isfinite(sim), sim, -np.inf).reshape(-1, sim.shape[-1])
-    costs = np.broadcast_to(cost, sim.shape[:3]).reshape(-1)
-    order = np.argsort(-rank, axis=0, kind="stable")                   # most similar first, per column
-    within = (np.cumsum(costs[order], axis=0) <= budget * (1 + 1e-12)) & np.isfinite(
-        np.take_along_axis(rank, order, axis=0))
-    reuse = np.zeros_like(within)
-    np.put_along_axis(reuse, order, within, axis=0)
-    keep = np.ones((S, L, len(KINDS), sim.shape[-1]), dtype=bool)
-    keep[1:] = ~reuse.reshape(sim.shape)
+        f = _nanmean(f, axis=-1)[..., None]
+    f = f.reshape(f.shape[:-3] + (2 * L, f.shape[-1]))                            # (S[, S], M, R)
+    reused = _chain_greedy(f, cost, budget) if chains else _ranked(f, cost, budget)
+    keep = np.ones((S, L, len(KINDS), f.shape[-1]), dtype=bool)
+    keep[1:] = ~reused[1:].reshape(S - 1, L, len(KINDS), -1)
     return keep if per_sample else keep[..., 0]
+
+
+def _ranked(sim, cost, budget):
+    """sim (S, M, R) -> reused (S, M, R): the most similar of steps 1.., a prefix within the budget."""
+    S, M, R = sim.shape
+    rank = np.where(np.isfinite(sim[1:]), sim[1:], -np.inf).reshape(-1, R)
+    costs = np.broadcast_to(cost, (S - 1, M)).reshape(-1)
+    order = np.argsort(-rank, axis=0, kind="stable")                   # most similar first, per column
+    within = (np.cumsum(costs[order], axis=0) <= budget) & np.isfinite(np.take_along_axis(rank, order, axis=0))
+    reused = np.zeros_like(within)
+    np.put_along_axis(reused, order, within, axis=0)
+    return np.concatenate([np.zeros((1, M, R), bool), reused.reshape(S - 1, M, R)])
+
+
+def _added_cost(f, reused):
+    """f (S, S, M, R) with f[j, k] = f(Y_j, Y_k) for j < k; reused (S, M, R) -> (S, M, R): what reusing
+    step k adds to the sum of 1 - f over the reuses (inf where k is no candidate)."""
+    S = f.shape[0]
+    src, last = np.zeros(reused.shape, dtype=np.int64), np.zeros(reused.shape[1:], dtype=np.int64)
+    for k in range(1, S):                                              # the step each reuse takes its output from
+        src[k] = last
+        last = np.where(reused[k], last, k)
+    at = lambda k, j: np.take_along_axis(f[:, k], j[None], axis=0)[0]  # f(Y_j, Y_k), j per (M, R)
+    delta = np.full(reused.shape, np.inf)
+    for k in range(1, S):
+        j = src[k]
+        d = 1 - at(k, j)
+        run = np.ones(reused.shape[1:], dtype=bool)
+        for k2 in range(k + 1, S):                                     # the reuses that took step k's output
+            run &= reused[k2]
+            if not run.any():
+                break
+            d = d + np.where(run, f[k, k2] - at(k2, j), 0.0)
+        delta[k] = np.where(reused[k], np.inf, d)
+    return np.where(np.isfinite(delta), delta, np.inf)
+
+
+def _chain_greedy(f, cost, budget):
+    """f (S, S, M, R) -> reused (S, M, R): repeatedly the reuse of least added cost per MAC that fits."""
+    S, _, M, R = f.shape
+    f = np.where(np.isfinite(f), f, -1.0)                              # (j >= k is never read)
+    reused = np.zeros((S, M, R), dtype=bool)
+    left, cols = np.full(R, float(budget)), np.arange(R)
+    active = np.ones(R, dtype=bool)
+    while active.any():
+        per_mac = _added_cost(f, reused) / cost[None, :, None]
+        per_mac[:, cost[:, None] > left[None, :]] = np.inf             # (S, M, R): what no longer fits
+        best = per_mac.reshape(S * M, R).argmin(axis=0)
+        active &= np.isfinite(per_mac.reshape(S * M, R)[best, cols])
+        k, m = np.divmod(best, M)
+        reused[k[active], m[active], cols[active]] = True
+        left[active] -= cost[m[active]]
+    return reused
 
 
 # ----------------------------------------------------------------------------
