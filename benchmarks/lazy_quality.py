@@ -161,6 +161,8 @@ def main():
                          "spread rule at each of --oracle-ratios (default: none)")
     ap.add_argument("--oracle-ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                     help="lazy ratios (MACs budgets) of the oracle groups (default: 0.3 0.5 0.7)")
+    ap.add_argument("--consecutive-ratios", type=float, nargs="*", default=[0.5],
+                    help="the oracle groups that also get the 'oracle (consecutive f)' row (default: 0.5)")
     ap.add_argument("--report-only", action="store_true", help="print the table of the rows in --json, run nothing")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the noise (and of the random rows' decisions); another seed shows the spread")
@@ -207,7 +209,8 @@ def main():
                           lambda c, s=N, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
             for name, per_sample, chains in (("per sample", True, True), ("shared", False, True),
                                              ("consecutive f", True, False)):
-                plans.append((group, f"oracle ({name})", N, False, oracle.how(N, ratio, per_sample, chains)))
+                if chains or ratio in args.consecutive_ratios:
+                    plans.append((group, f"oracle ({name})", N, False, oracle.how(N, ratio, per_sample, chains)))
 
     rows = []
     if os.path.isfile(args.json):

@@ -41,8 +41,9 @@ Every statistic of the report pools all rows of steps 1.. (both halves as separa
 unless it says cond or uncond.  The probe is absent unless asked for: a plain run pays nothing.
 
 The oracle (``oracle_decisions``) reuses, from such a record of a full run on the same noise, the
-(step, layer, kind) evaluations of highest similarity within a MACs budget: an upper baseline for
-learned gates, not a deployable method.  Figures need matplotlib (``pip install 'tinylazy[analysis]'``).
+(step, layer, kind) evaluations of highest similarity within a MACs budget, counting a reuse of a
+reuse by the similarity of the output it really gets: an upper baseline for learned gates, not a
+deployable method.  Figures need matplotlib (``pip install 'tinylazy[analysis]'``).
 """
 import argparse
 import importlib.util
@@ -65,6 +66,7 @@ from .sampling import check_cfg_scale, check_steps
 VALUES = ("sim", "dist", "dy", "zdist", "dz", "logit", "score")     # float64 (steps, depth, 2, rows), NaN = none
 FLAGS = ("computed", "fresh")                                       # bool (steps, depth, 2, rows)
 ROBUST_QUANTILE = 0.95                                              # the robust Lipschitz fit bounds this share
+POINTS = 8000                                                       # at most this many points in a scatter panel
 
 
 # ----------------------------------------------------------------------------
@@ -591,7 +593,7 @@ def _layer_colours(depth):
     return [cmap(l / max(depth - 1, 1)) for l in range(depth)]
 
 
-def _thin(n, most=20000, seed=0):
+def _thin(n, most, seed=0):
     """Indices of at most ``most`` of n points, fixed: scatter plots stay readable and small."""
     return np.arange(n) if n <= most else np.sort(np.random.default_rng(seed).choice(n, most, replace=False))
 
@@ -637,7 +639,7 @@ def plot_lipschitz(sim, title):
         for l in range(sim.depth):
             ok = sim.fresh[:, l, j] & sim.observed[:, l, j] & (sim.dz[:, l, j] > 0)
             dz, dy = sim.dz[:, l, j][ok], sim.dy[:, l, j][ok]
-            idx = _thin(dz.size, 20000 // sim.depth)
+            idx = _thin(dz.size, POINTS // sim.depth)
             ax.scatter(dz[idx], dy[idx], s=2, color=colours[l], alpha=0.4, lw=0,
                        label=f"L{l}" if sim.depth <= 12 or l % 4 == 0 else None)
             if dz.size:
@@ -645,7 +647,7 @@ def plot_lipschitz(sim, title):
                 ax.plot(xs, fit[kind]["C_q"][l] * xs, color=colours[l], lw=0.8)
             ok_s = sim.observed[:, l, j]
             zd, s = sim.zdist[:, l, j][ok_s], sim.sim[:, l, j][ok_s]
-            idx = _thin(zd.size, 20000 // sim.depth)
+            idx = _thin(zd.size, POINTS // sim.depth)
             cx.scatter(zd[idx], s[idx], s=2, color=colours[l], alpha=0.4, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -671,7 +673,7 @@ def plot_lipschitz(sim, title):
 
 def plot_gates(sim, title, threshold=DEFAULT_THRESHOLD):
     """Per kind: the gate logit against the measured similarity at the trained steps (colour = layer),
-    and the Spearman correlation of -logit with the similarity per layer."""
+    and the Spearman correlation of -logit with the similarity per layer, pooled and within steps."""
     corr, colours = sim.gate_correlation(threshold), _layer_colours(sim.depth)
     trained = np.ones(sim.sim.shape[:3], bool) if sim.trained is None else sim.trained
     fig, axes = _figure(2, 2, (11, 8))
@@ -681,7 +683,7 @@ def plot_gates(sim, title, threshold=DEFAULT_THRESHOLD):
         for l in range(sim.depth):
             ok = sim.observed[:, l, j] & trained[:, l, j, None] & np.isfinite(sim.logit[:, l, j])
             u, s = sim.logit[:, l, j][ok], sim.sim[:, l, j][ok]
-            idx = _thin(u.size, 20000 // sim.depth)
+            idx = _thin(u.size, POINTS // sim.depth)
             ax.scatter(u[idx], s[idx], s=2, color=colours[l], alpha=0.4, lw=0,
                        label=f"L{l}" if sim.depth <= 12 or l % 4 == 0 else None)
         logit_t = float(np.log(threshold / (1 - threshold))) if 0 < threshold < 1 else 0.0
@@ -692,15 +694,29 @@ def plot_gates(sim, title, threshold=DEFAULT_THRESHOLD):
         ax.set_xlabel("gate logit (sum over tokens of Z w); left of the line: reuse")
         ax.set_ylabel("f(Y_k-1, Y_k)")
         ax.legend(fontsize=6, markerscale=4, ncol=2)
-        rho = [r["spearman"] for r in c["by_layer"]]
-        bx.bar(np.arange(sim.depth), rho, color=colours)
+        x = np.arange(sim.depth)
+        bx.bar(x - 0.2, [r["spearman"] for r in c["by_layer"]], width=0.4, color="#777",
+               label="pooled over steps and rows")
+        bx.bar(x + 0.2, [r["spearman_within"] for r in c["by_layer"]], width=0.4, color=colours[sim.depth // 2],
+               label="within a step, across rows (mean)")
         bx.axhline(0, color="k", lw=0.6)
         bx.set_ylim(-1, 1)
         bx.set_xlabel("layer")
         bx.set_ylabel("Spearman(-logit, f)")
         bx.set_title(f"{name}: per layer ({corr['trained_steps']} trained steps)", fontsize=9)
+        bx.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def save_png(fig, file, dpi=100):
+    """The figure as a palette PNG (256 colours, Pillow): a third of matplotlib's RGBA file."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(file, format="png", optimize=True)
 
 
 # ----------------------------------------------------------------------------
@@ -800,6 +816,12 @@ def _check_args(args):
         raise UsageError("--no-gates contradicts --gates / --lazy")
     if not args.no_plots:
         _require("matplotlib", "analysis", "the figures")
+    if args.backend == "cupy":
+        from .backend import get_xp
+        try:
+            get_xp("cupy")
+        except RuntimeError as e:
+            raise UsageError(f"--backend cupy: {e}") from e
     outputs = [args.json or args.out + ".json"]
     if not args.no_plots:
         outputs += [f"{args.out}-{name}.png" for name in ("heatmap", "lipschitz", "gates")]
@@ -900,7 +922,8 @@ def run(args):
                      batch=args.batch, progress=True)
     seconds = time.perf_counter() - t0
     report = sim.report()
-    report["run"] = {"model": source, "weights_hash": model.weights_hash, "steps": args.steps,
+    report["run"] = {"model": source if args.random else os.path.basename(source),
+                     "weights_hash": model.weights_hash, "steps": args.steps,
                      "cfg_scale": args.cfg_scale, "num": n, "seed": args.seed, "labels": "i % num_classes",
                      "dtype": args.dtype, "gates": os.path.basename(gpath) if gpath else None, "lazy": args.lazy,
                      "threshold": args.threshold, "seconds": round(seconds, 1)}
@@ -916,7 +939,7 @@ def run(args):
             figs.append((outputs[3], plot_gates(sim, f"gate vs similarity ({os.path.basename(gpath)}): {what}",
                                                 args.threshold)))
         for path, fig in figs:
-            _write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
+            _write_atomic(path, lambda f, fig=fig: save_png(fig, f))
             written.append(path)
     print(markdown(report))
     print(f"{seconds:.1f} s; wrote {', '.join(written)}", file=sys.stderr)
