@@ -126,6 +126,10 @@ def test_the_probe_changes_no_bit_of_a_plain_or_lazy_run(models, cfg_scale):
     assert mixed > 0, "the gates should make some batches split between computing and reusing rows"
     reused = ~sim.computed[1:]
     assert (sim.dy[1:][reused] > 0).all(), "a reused row is compared with its full computation, not itself"
+    summary = sim.summary()
+    for j, kind in enumerate(KINDS):
+        assert summary[kind]["reused"]["n"] == reused[:, :, j].sum()
+        assert summary[kind]["reused"]["n"] + summary[kind]["computed"]["n"] == summary[kind]["n"]
 
 
 def test_a_lazy_run_that_computes_everything_records_the_plain_run(models):

@@ -84,8 +84,10 @@ class _DecisionListener:
         if name.endswith("/compute"):
             self.probe.decided = np.array(to_numpy(array), dtype=bool).reshape(-1)
         inner = self.probe.model.recorder
-        if inner is not None:
-            inner(name, array) if op is None else inner(name, array, op)
+        if inner is not None and op is None:
+            inner(name, array)
+        elif inner is not None:
+            inner(name, array, op)
 
 
 class _Run:
@@ -324,7 +326,9 @@ class Similarity:
 
     def summary(self):
         """Per kind: min, 5th percentile, median and mean similarity over all observations, those of
-        the cond and uncond rows, where the mean map is lowest, and the mean by step and by layer."""
+        the cond and uncond rows, where the mean map is lowest, the mean by step and by layer, the
+        median relative input distance by step, and in a lazy run the same four over the reused and
+        over the computed evaluations."""
         out, means = {}, self.mean_map()
         for j, kind in enumerate(KINDS):
             s = self._pooled(j)
@@ -338,12 +342,18 @@ class Similarity:
                        "median": float(np.median(s)), "mean": float(s.mean()),
                        "lowest_cell": {"step": int(k) + 1, "layer": int(l), "mean": float(m[k, l])},
                        "by_step": _floats(_nanmean(m, axis=1)), "by_layer": _floats(_nanmean(m, axis=0)),
-                       "min_by_step": _floats(_nanmean(self.sim[:, :, j], axis=(1, 2), reduce=np.nanmin))}
+                       "min_by_step": _floats(_nanmean(self.sim[:, :, j], axis=(1, 2), reduce=np.nanmin)),
+                       "zdist_by_step": _floats(_nanmean(self.zdist[:, :, j], axis=(1, 2), reduce=np.nanmedian))}
             if self.guided:
                 for half, rows in (("cond", ~self.uncond), ("uncond", self.uncond)):
                     h = self._pooled(j, rows)
                     row[f"{half}_median"] = float(np.median(h))
                     row[f"{half}_p5"] = float(np.percentile(h, 5))
+            for name, sel in (("reused", ~self.computed[:, :, j]), ("computed", self.computed[:, :, j])):
+                h = self.sim[:, :, j][sel & self.observed[:, :, j]]
+                if h.size and not self.computed.all():             # a lazy run: what it took and what it did not
+                    row[name] = {"n": int(h.size), "min": float(h.min()), "p5": float(np.percentile(h, 5)),
+                                 "median": float(np.median(h)), "mean": float(h.mean())}
             out[kind] = row
         return out
 
