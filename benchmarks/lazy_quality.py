@@ -49,11 +49,18 @@ ITERS = 500
 
 
 def spread_decisions(steps, depth, ratio):
-    """Reuse every module on round(ratio * steps) steps spread evenly over steps 1..steps-1
-    (ratio 0.5 on an even count: the alternate-step rule)."""
+    """Reuse every module on round(ratio * steps) steps spread evenly: up to half of the steps, the
+    reused ones spread over steps 1..steps-1 (ratio 0.5 on an even count: the alternate-step rule);
+    beyond half, the computed ones spread evenly from step 0 (step i * steps / computed), so that
+    the runs of reuse between them are as short as the ratio allows (spreading the reused steps
+    there bunched the computed ones at the ends: 70% of 10 steps computed steps 1, 2 and 10 only)."""
     n = int(round(ratio * steps))
     if n * 2 == steps:
         return alternate_decisions(steps, depth)
+    if n * 2 > steps:
+        keep = np.zeros((steps, depth, 2), dtype=bool)
+        keep[np.arange(steps - n) * steps // (steps - n)] = True
+        return keep
     keep = np.ones((steps, depth, 2), dtype=bool)
     skip = np.unique(np.round(np.linspace(1, steps - 1, n + 2)[1:-1] if n else []).astype(int))
     keep[skip] = False

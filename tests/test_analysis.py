@@ -238,6 +238,18 @@ def test_the_chain_aware_oracle_avoids_a_reuse_of_a_reuse():
     np.testing.assert_array_equal(aware[:, 0], aware[:, 1])
 
 
+def test_reuse_damage_is_the_distance_of_the_final_latents(models):
+    model = models["float64"]
+    noise, y = tl.make_noise(model, 2, seed=8), np.array([3, 7])
+    damage = analysis.reuse_damage(model, noise, y, STEPS, 3.0, batch=1)
+    full = tl.ddim_sample(model, noise, y, STEPS, 3.0)
+    keep = np.ones((STEPS, CFG.depth, 2), bool)
+    keep[2] = False
+    lazy = tl.ddim_sample(model, noise, y, STEPS, 3.0, decisions=keep)
+    assert np.isnan(damage[0]) and (damage[1:] > 0).all()
+    assert damage[2] == pytest.approx(np.linalg.norm(lazy - full) / np.linalg.norm(full), rel=1e-12)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -288,14 +300,16 @@ def test_the_command_writes_its_report_and_figures(weights, tmp_path, capsys):
     from tinylazy.lazy import gates_file, save_gates
     model = tl.load_dit(weights)
     save_gates(mixed_gates(model), gates_file(weights, STEPS))          # found beside the weights
-    code, out, err = run_main(["--weights", weights, "--steps", STEPS, "--num", 3, "--out", tmp_path / "r"], capsys)
+    code, out, err = run_main(["--weights", weights, "--steps", STEPS, "--num", 3, "--out", tmp_path / "r",
+                               "--damage"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path)) == ["r-gates.png", "r-heatmap.png", "r-lipschitz.png", "r.json"]
+    assert sorted(os.listdir(tmp_path)) == ["r-damage.png", "r-gates.png", "r-heatmap.png", "r-lipschitz.png", "r.json"]
     with open(tmp_path / "r.json") as f:
         rep = json.load(f)
     assert rep["run"]["gates"].endswith(f"gates-ddim{STEPS}.safetensors") and rep["rows"] == 6
     assert "| attn |" in out and "Spearman" in out
-    for name in ("r-heatmap.png", "r-lipschitz.png", "r-gates.png"):
+    assert rep["damage"]["by_step"][0] is None and all(d > 0 for d in rep["damage"]["by_step"][1:])
+    for name in ("r-heatmap.png", "r-lipschitz.png", "r-gates.png", "r-damage.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

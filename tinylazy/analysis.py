@@ -488,6 +488,31 @@ def analyse(model, noise, labels, steps=20, cfg_scale=1.0, gates=None, lazy=Fals
     return np.concatenate(out), probe.result()
 
 
+def reuse_damage(model, noise, labels, steps=20, cfg_scale=1.0, batch=None, progress=False):
+    """What one step of reuse costs the final sample, step by step: for each step k >= 1, every module
+    reuses its step k - 1 output at step k and computes everywhere else; the result is the relative
+    distance ||x_0 - x_0 full|| / ||x_0 full|| of the final latents to the full run's on the same noise
+    (pooled over the samples) -> (steps,) float64, NaN at step 0.  steps - 1 lazy runs and one full."""
+    n = len(labels)
+    batch = n if batch is None else int(batch)
+    S, L = len(create_diffusion(check_steps(steps)).timestep_map), model.config.depth
+
+    def run(**lazy):
+        return np.concatenate([np.asarray(to_numpy(ddim_sample(model, noise[i:i + batch], labels[i:i + batch], steps,
+                                                               cfg_scale, **lazy)), dtype=np.float64)
+                               for i in range(0, n, batch)])
+
+    full = run()
+    damage = np.full(S, np.nan)
+    for k in range(1, S):
+        keep = np.ones((S, L, len(KINDS)), dtype=bool)
+        keep[k] = False
+        damage[k] = np.linalg.norm(run(decisions=keep) - full) / np.linalg.norm(full)
+        if progress:
+            print(f"reuse at step {k + 1} only: final latents moved {damage[k]:.4g} (relative)", file=sys.stderr)
+    return damage
+
+
 def oracle_decisions(similarity, ratio, per_sample=True, chains=None):
     """Decisions (True = compute) that reuse the most similar evaluations of a full run within a MACs
     budget: an upper baseline, not a method (it needs the full run it is judged against).
@@ -681,6 +706,22 @@ def plot_lipschitz(sim, title):
     return fig
 
 
+def plot_damage(damage, title):
+    """Per step: what reusing every module there costs the final latents, beside 1 - mean f."""
+    d, f = np.array(damage["by_step"], dtype=float), np.array(damage["mean_f_by_step"], dtype=float)
+    fig, axes = _figure(1, 1, (7, 3.6))
+    ax = axes[0, 0]
+    steps = np.arange(1, len(d) + 1)
+    ax.semilogy(steps[1:], d[1:], "o-", color="#b2182b", label="||x_0 - x_0 full|| / ||x_0 full||")
+    ax.semilogy(steps[1:], 1 - f[1:], "s--", color="#2166ac", label="1 - mean f(Y_k-1, Y_k)")
+    ax.set_xticks(range(2, len(d) + 1, max(1, len(d) // 10)))
+    ax.set_xlabel("the one step k at which every module reuses (1 = first)")
+    ax.set_title(f"Spearman(damage, 1 - f) over steps: {damage['spearman_damage_vs_1_minus_f']:.2f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_gates(sim, title, threshold=DEFAULT_THRESHOLD):
     """Per kind: the gate logit against the measured similarity at the trained steps (colour = layer),
     and the Spearman correlation of -logit with the similarity per layer, pooled and within steps."""
@@ -804,6 +845,8 @@ def add_arguments(p):
                    "PREFIX-lipschitz.png, PREFIX-gates.png (with gates) and PREFIX.json (default: analysis)")
     p.add_argument("--json", help="the report (default: PREFIX.json)")
     p.add_argument("--no-plots", action="store_true", help="write the JSON report only (no matplotlib needed)")
+    p.add_argument("--damage", action="store_true", help="also measure what reusing every module at one step "
+                   "costs the final latents, step by step (steps - 1 more lazy runs; PREFIX-damage.png)")
 
 
 def _check_args(args):
@@ -834,7 +877,7 @@ def _check_args(args):
             raise UsageError(f"--backend cupy: {e}") from e
     outputs = [args.json or args.out + ".json"]
     if not args.no_plots:
-        outputs += [f"{args.out}-{name}.png" for name in ("heatmap", "lipschitz", "gates")]
+        outputs += [f"{args.out}-{name}.png" for name in ("heatmap", "lipschitz", "gates", "damage")]
     for path in outputs:
         _check_output(path, "--json" if path == args.json else "--out")
     return outputs
@@ -930,8 +973,16 @@ def run(args):
     t0 = time.perf_counter()
     _, sim = analyse(model, noise, labels, args.steps, args.cfg_scale, gates, args.lazy, args.threshold,
                      batch=args.batch, progress=True)
-    seconds = time.perf_counter() - t0
     report = sim.report()
+    if args.damage:
+        damage = reuse_damage(model, noise, labels, args.steps, args.cfg_scale, args.batch, progress=True)
+        f = _nanmean(sim.mean_map(), axis=(1, 2))
+        ok = np.isfinite(damage)
+        report["damage"] = {"by_step": _floats(damage), "mean_f_by_step": _floats(f),
+                            "spearman_damage_vs_1_minus_f": _corr(*_ranks(damage[ok], 1 - f[ok])),
+                            "note": "relative L2 distance of the final latents to the full run's when every "
+                                    "module reuses at that step only"}
+    seconds = time.perf_counter() - t0
     report["run"] = {"model": source if args.random else os.path.basename(source),
                      "weights_hash": model.weights_hash, "steps": args.steps,
                      "cfg_scale": args.cfg_scale, "num": n, "seed": args.seed, "labels": "i % num_classes",
@@ -948,6 +999,8 @@ def run(args):
         if sim.scored:
             figs.append((outputs[3], plot_gates(sim, f"gate vs similarity ({os.path.basename(gpath)}): {what}",
                                                 args.threshold)))
+        if args.damage:
+            figs.append((outputs[4], plot_damage(report["damage"], f"one step of reuse: {what}")))
         for path, fig in figs:
             _write_atomic(path, lambda f, fig=fig: save_png(fig, f))
             written.append(path)
