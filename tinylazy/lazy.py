@@ -17,7 +17,8 @@ official ``DiTBlock.forward(accelerate=True)`` does.
 
 Gates live in ``LazyGates`` ((steps, depth, D) arrays per kind) and are stored in
 safetensors under the official names ``blocks.{l}.attn_lazy_learning.{s}.weight``
-and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D)), with metadata that
+and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D); ``layers.{l}...`` for
+Large-DiT, whose block list has that name), with metadata that
 ties them to one DiT (its weights hash), one step count and one timestep map.
 Training the gates is ``lazy_train.py``.
 """
@@ -40,12 +41,18 @@ class GatesError(ValueError):
     """Gates that do not fit a model or a sampling run; the message names the file and the reason."""
 
 
-def gate_key(kind, layer, step):
-    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``."""
-    return f"blocks.{layer}.{kind}_lazy_learning.{step}.weight"
+def gate_key(kind, layer, step, blocks="blocks"):
+    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``
+    (``blocks``: the model's block list, "layers" for Large-DiT)."""
+    return f"{blocks}.{layer}.{kind}_lazy_learning.{step}.weight"
 
 
-_OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.weight")
+def block_prefix(config):
+    """The official name of a model's block list: "blocks" (DiT) or "layers" (Large-DiT)."""
+    return getattr(config, "block_prefix", "blocks")
+
+
+_OFFICIAL_KEY = re.compile(r"(blocks|layers)\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.weight")
 # The official LazyDiT checkpoint dict ("model" entry of its .pt files, as tinylazy.convert writes it).
 _CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
 
@@ -74,10 +81,11 @@ class LazyGates:
     ``create_lazy_learning`` indexes its ModuleLists through ``timestep_map``.
     timestep_map: (num_steps,) original timesteps of the schedule.  weights_hash:
     the DiT they were trained for (None when unknown, e.g. a converted official
-    checkpoint).  training: a dict of facts about how they were made.
+    checkpoint).  training: a dict of facts about how they were made.  blocks: the official
+    name of the model's block list, the prefix of the gates' names ("layers" for Large-DiT).
     """
 
-    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None):
+    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None, blocks="blocks"):
         attn, mlp = np.asarray(attn), np.asarray(mlp)
         if attn.ndim != 3 or attn.shape != mlp.shape:
             raise GatesError(f"gate arrays must both be (num_steps, depth, D), got {attn.shape} and {mlp.shape}")
@@ -88,6 +96,7 @@ class LazyGates:
         self.timestep_map = timestep_map
         self.weights_hash = weights_hash
         self.training = dict(training or {})
+        self.blocks = blocks
 
     @classmethod
     def zeros(cls, model, steps, dtype=None):
@@ -96,7 +105,8 @@ class LazyGates:
         tmap = create_diffusion(steps).timestep_map
         shape = (len(tmap), cfg.depth, cfg.hidden_size)
         dt = model.dtype if dtype is None else np.dtype(dtype)
-        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model))
+        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model),
+                   blocks=block_prefix(cfg))
 
     @property
     def num_steps(self):
@@ -115,7 +125,7 @@ class LazyGates:
 
     def state_dict(self):
         """Official names -> (1, D) arrays (views)."""
-        return {gate_key(kind, l, s): self.of(kind)[s, l][None]
+        return {gate_key(kind, l, s, self.blocks): self.of(kind)[s, l][None]
                 for s in range(self.num_steps) for l in range(self.depth) for kind in KINDS}
 
     def metadata(self):
@@ -158,15 +168,23 @@ def save_gates(gates, path, training=None):
     write_safetensors(path, tensors, gates.metadata())
 
 
-def _parse_keys(path, tensors):
-    """-> {(kind, l, s): (1, D) array} from official names or the official checkpoint's names."""
+def _parse_keys(path, tensors, blocks="blocks"):
+    """-> {(kind, l, s): (1, D) array} from official names (of a model whose block list is
+    ``blocks``) or the official checkpoint's names (the same for both families)."""
     found = {}
     for name, a in tensors.items():
-        m = _OFFICIAL_KEY.fullmatch(name) or _CHECKPOINT_KEY.fullmatch(name)
-        if m is None:
-            raise GatesError(f"{path}: {name!r} is not a LazyDiT gate "
-                             f"(expected blocks.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
-        l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
+        m = _OFFICIAL_KEY.fullmatch(name)
+        if m is not None:
+            if m.group(1) != blocks:
+                raise GatesError(f"{path}: {name!r} is a gate of a model whose blocks are {m.group(1)}.*, "
+                                 f"this model's are {blocks}.* (gates of another model family)")
+            l, kind, s = int(m.group(2)), m.group(3), int(m.group(4))
+        else:
+            m = _CHECKPOINT_KEY.fullmatch(name)
+            if m is None:
+                raise GatesError(f"{path}: {name!r} is not a LazyDiT gate "
+                                 f"(expected {blocks}.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
+            l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
         if a.ndim != 2 or a.shape[0] != 1:
             raise GatesError(f"{path}: {name!r} has shape {tuple(a.shape)}, expected (1, D)")
         if (kind, l, s) in found:
@@ -188,10 +206,10 @@ def load_gates(path, model, steps=None):
     """
     path = str(path)
     tensors, meta = read_safetensors(path)
-    found = _parse_keys(path, tensors)
     cfg = model.config
+    found = _parse_keys(path, tensors, block_prefix(cfg))
     S = 1 + max(s for _, _, s in found)
-    missing = [gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
+    missing = [gate_key(kind, l, s, block_prefix(cfg)) for s in range(S) for l in range(cfg.depth) for kind in KINDS
                if (kind, l, s) not in found]
     if missing:
         raise GatesError(f"{path}: missing {len(missing)} gates for a depth-{cfg.depth} model with {S} steps, "
@@ -216,7 +234,7 @@ def load_gates(path, model, steps=None):
     stack = lambda kind: np.stack([np.stack([found[(kind, l, s)][0] for l in range(cfg.depth)])
                                    for s in range(S)]).astype(np.float32)       # (S, L, D)
     training = json.loads(meta["training"]) if "training" in meta else {"source": meta.get("source", "unknown")}
-    return LazyGates(stack("attn"), stack("mlp"), tmap, file_hash, training)
+    return LazyGates(stack("attn"), stack("mlp"), tmap, file_hash, training, block_prefix(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -296,7 +314,11 @@ def gate_score(z, w):
 # Cost model and statistics
 
 def module_macs(cfg):
-    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention)."""
+    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention).
+
+    A config of another family (large_dit.LargeDiTConfig) counts its own (``cfg.module_macs()``)."""
+    if hasattr(cfg, "module_macs"):
+        return cfg.module_macs()
     T, D, F, C = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels
     p = cfg.patch_size
     return {
