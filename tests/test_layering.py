@@ -17,10 +17,13 @@ PACKAGE = os.path.dirname(tinylazy.__file__)
 LAYERS = [
     {"protocol", "config", "backend", "memory", "progress", "embeddings", "data"},
     {"parallel", "diffusion", "image"},
+    {"storage"},                                                  # weights as stored, converted per block
     {"ops", "conv", "losses", "optim", "sampling"},              # the math and the one sampler loop
+    {"llama_ops"},                                                # Large-DiT's LLaMA ops, on ops
     {"dit"},                                                      # the model: one block schema
+    {"large_dit"},                                                # the second family: DiT's schema, LLaMA pieces
     {"io"},                                                       # files: loads a DiT
-    {"lazy", "vae", "trace", "convert"},                          # module reuse, the VAE, trace files
+    {"lazy", "vae", "trace", "convert", "large_dit_io"},          # module reuse, the VAE, trace files, Large-DiT files
     {"opencl", "lazy_train", "train", "metrics"},                 # a backend's twins; training; metrics
     {"api"},                                                      # the user's choices: backend, lazy or not
     {"golden"},                                                   # whole runs recorded and compared
