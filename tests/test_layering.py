@@ -24,7 +24,7 @@ LAYERS = [
     {"large_dit"},                                                # the second family: DiT's schema, LLaMA pieces
     {"io"},                                                       # files: loads a DiT
     {"lazy", "vae", "trace", "convert", "large_dit_io"},          # module reuse, the VAE, trace files, Large-DiT files
-    {"opencl", "lazy_train", "train", "metrics"},                 # a backend's twins; training; metrics
+    {"opencl", "lazy_train", "train", "metrics", "convert_large_dit"},   # device twins; training; metrics; shards
     {"api"},                                                      # the user's choices: backend, lazy or not
     {"golden"},                                                   # whole runs recorded and compared
 ]

@@ -98,18 +98,24 @@ class TensorRef(_Inert):
 
 
 class _Placeholder(_Inert):
-    """Stands in for an allowed non-tensor global (argparse.Namespace): takes anything, keeps nothing."""
+    """Stands in for an allowed non-tensor global (argparse.Namespace): takes anything and keeps
+    only the plain values of its state (str, int, float, bool, None) in ``fields``; the
+    Large-DiT converter reads the official model_args.pth (model name, image size) from them."""
 
     qualname = "argparse.Namespace"
 
     def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
+        obj = object.__new__(cls)
+        obj.fields = {}
+        return obj
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        plain = (str, int, float, bool, type(None))
+        self.fields = {k: v for k, v in state.items() if type(k) is str and type(v) in plain} \
+            if isinstance(state, dict) else {}
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):

@@ -97,6 +97,8 @@ def _meta_config(f):
         raise WeightsError(f"{f.path}: metadata 'config' is not valid JSON") from None
     if not isinstance(cfg, dict):
         raise WeightsError(f"{f.path}: metadata 'config' is not a JSON object")
+    if "num_heads" not in cfg and "num_heads" in f.metadata:
+        cfg["num_heads"] = f.metadata["num_heads"]
     return cfg
 
 
@@ -106,9 +108,11 @@ def _int_setting(label, source, value):
     return value
 
 
-def infer_config(f, num_heads=None, input_size=None, patch_size=None):
-    """LargeDiTConfig of an open ``SafetensorsFile`` with Large-DiT keys (see the module docstring)."""
-    label, shapes, meta = f.path, {k: e.shape for k, e in f.entries.items()}, _meta_config(f)
+def infer_config(label, shapes, meta, num_heads=None, input_size=None, patch_size=None):
+    """LargeDiTConfig from the tensor shapes (name -> shape) of Large-DiT weights and ``meta``
+    (what their file records: num_heads, input_size, patch_size, qk_norm_groups, norm_eps),
+    the arguments winning over ``meta`` (see the module docstring).  ``label`` names the
+    weights in errors."""
 
     def need(name, ndim):
         if name not in shapes:
@@ -158,20 +162,19 @@ def infer_config(f, num_heads=None, input_size=None, patch_size=None):
     return cfg
 
 
-def _validate(f, cfg):
-    """Every key present, none left over, every shape right: one error listing all problems."""
+def validate(label, shapes, dtypes, cfg):
+    """Every key present, none left over, every shape right, float dtypes only (name -> shape,
+    name -> safetensors dtype): one error listing all problems."""
     expected = param_shapes(cfg)
-    missing = [k for k in expected if k not in f.entries]
-    unexpected = sorted(set(f.entries) - set(expected))
-    misshaped = [f"{k}: {f.entries[k].shape}, expected {s}" for k, s in expected.items()
-                 if k in f.entries and f.entries[k].shape != s]
-    nonfloat = [f"{k} ({f.entries[k].dtype})" for k in expected if k in f.entries
-                and f.entries[k].dtype not in FLOAT_DTYPES]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = [f"{k}: {shapes[k]}, expected {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
+    nonfloat = [f"{k} ({dtypes[k]})" for k in expected if k in dtypes and dtypes[k] not in FLOAT_DTYPES]
     problems = [f"{title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("wrong shapes", misshaped), ("non-float tensors", nonfloat)) if items]
     if problems:
-        raise WeightsError(f"{f.path}: does not match a Large-DiT with depth {cfg.depth}, hidden {cfg.hidden_size}: "
+        raise WeightsError(f"{label}: does not match a Large-DiT with depth {cfg.depth}, hidden {cfg.hidden_size}: "
                            + "; ".join(problems))
 
 
@@ -190,8 +193,9 @@ def load_large_dit(path, dtype="float32", backend="numpy", num_heads=None, input
     if fpath is None:
         raise WeightsError(f"{path}: no such file, or not a folder with exactly one .safetensors file")
     with SafetensorsFile(fpath) as f:
-        cfg = infer_config(f, num_heads, input_size, patch_size)
-        _validate(f, cfg)
+        shapes = {k: e.shape for k, e in f.entries.items()}
+        cfg = infer_config(fpath, shapes, _meta_config(f), num_heads, input_size, patch_size)
+        validate(fpath, shapes, {k: e.dtype for k, e in f.entries.items()}, cfg)
         stored = map_tensors(f)
         recorded = f.metadata.get("weights_hash")
     model = LargeDiT(cfg, stored, dtype=dtype, backend=backend)
@@ -217,6 +221,8 @@ class _Rounded:
         a = self.value() if callable(self.value) else self.value
         if self.storage == "bfloat16":
             return a if isinstance(a, Bfloat16Array) else to_bfloat16(a)
+        if isinstance(a, Bfloat16Array):
+            a = a.astype(np.float32)                                # exact
         if self.storage == "float16":
             return to_float16(a)
         return np.asarray(a, dtype=self.storage)
