@@ -154,7 +154,9 @@ class TorchLargeDiT(nn.Module):
     def from_params(cls, cfg, params, dtype=torch.float64, share=False, **kw):
         """The stand-in with ``params`` (official names); share=True wraps same-dtype NumPy arrays
         without a copy (full-width blocks)."""
-        m = cls(cfg, **kw)
+        with torch.device("meta"):                                   # no default initialisation: assigned below
+            m = cls(cfg, **kw)
+        m.freqs_cis = (patched_freqs_cis if kw.get("patched_tables", True) else official_freqs_cis)(cfg.head_dim, 4096)
         sd = {}
         for k, v in params.items():
             a = np.asarray(v)
