@@ -30,11 +30,13 @@ import sys
 
 import numpy as np
 
-from . import __version__
+from . import __version__, large_dit
 from .backend import to_numpy
 from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates, model_weights_hash
+from .large_dit_io import save_large_dit
+from .lazy import (DEFAULT_THRESHOLD, LazyGates, LazyStats, gates_file, load_gates, model_weights_hash,
+                   save_gates)
 from .sampling import check_cfg_scale, check_labels, check_steps, make_noise, sample_labels
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
 
@@ -154,13 +156,16 @@ GOLDENS = {
 }
 
 
-def golden_path(name, directory=GOLDEN_DIR):
-    return os.path.join(directory, f"tiny-dit-digits.{name}.safetensors")
+def golden_path(name, directory=GOLDEN_DIR, stem="tiny-dit-digits"):
+    """tests/golden/<stem>.<name>.safetensors: the golden ``name`` of the weights file <stem>.safetensors."""
+    return os.path.join(directory, f"{stem}.{name}.safetensors")
 
 
 def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
-    """(Re)write the checked-in goldens of the bundled model: seed 0, batch 2, cfg 4 (``GOLDENS``)."""
-    from .lazy import gates_file
+    """(Re)write the checked-in goldens of a weights file (default: the bundled model): seed 0,
+    batch 2, cfg 4 (``GOLDENS``), named after the weights file (``golden_path``)."""
+    stem = os.path.basename(os.path.normpath(os.fspath(weights)))
+    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
     names = list(names or GOLDENS)
     for name in names:
         gpath = gates_file(weights, GOLDENS[name]["steps"]) if GOLDENS[name].get("lazy") else None
@@ -177,8 +182,25 @@ def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
         trace = trace_sampling(model, steps=spec["steps"], seed=0, batch=2, cfg_scale=4.0, gates=gates, recorder=rec,
                                weights_file=weights, gates_file=gpath)
         os.makedirs(directory, exist_ok=True)
-        written.append(trace.save(golden_path(name, directory)))
+        written.append(trace.save(golden_path(name, directory, stem)))
     return written
+
+
+def write_tiny_large_dit(folder=GOLDEN_DIR, steps=LAZY_GOLDEN_STEPS):
+    """Write the tiny random Large-DiT of the Large-DiT goldens (``large_dit.TINY``, seed 0,
+    float32) and random gates for ``steps`` DDIM steps beside it -> (weights, gates) paths.
+    The same bytes on every machine; its goldens are then ``write_goldens(weights)``."""
+    weights = os.path.join(os.fspath(folder), "tiny-large-dit.safetensors")
+    save_large_dit(large_dit.init_params(large_dit.TINY, seed=0, scheme="random", dtype=np.float32),
+                   large_dit.TINY, weights, metadata={"about": "random weights of the Large-DiT goldens"})
+    gates = LazyGates.zeros(load_dit(weights), steps, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    scale = 1.0 / np.sqrt(large_dit.TINY.num_tokens * large_dit.TINY.hidden_size)   # scores spread around 0.5
+    gates.attn[:] = rng.normal(0.0, scale, gates.attn.shape)
+    gates.mlp[:] = rng.normal(0.0, scale, gates.mlp.shape)
+    path = gates_file(weights, steps)
+    save_gates(gates, path, training={"source": "random (tinylazy.golden.write_tiny_large_dit)"})
+    return weights, path
 
 
 def rerun(trace, weights, gates=None, backend="numpy", dtype=None):

@@ -157,6 +157,11 @@ LARGE_DIT_CONFIGS = {
 }
 HEADS_BY_WIDTH = {c.hidden_size: c.num_heads for c in LARGE_DIT_CONFIGS.values()}
 
+# The tiny random model of the Large-DiT goldens (tests/golden/tiny-large-dit.*; large_dit_io.write_tiny):
+# two blocks with q/k norm in two groups and the adaLN width below D, as the 3B and 7B have it.
+TINY = LargeDiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=4, ffn_hidden=64, cond_size=16,
+                      qk_norm=True, qk_norm_groups=2, num_classes=10)
+
 
 def get_large_config(name, **overrides):
     """A registered Large-DiT configuration by its official name ("DiT_Llama_3B_patch2"; "3B" also works)."""
