@@ -153,3 +153,31 @@ def test_save_from_callables_matches_arrays(tmp_path, params):
         save_large_dit(params, QKNORM, a, storage="int8")
     with pytest.raises(ValueError, match="do not match"):
         save_large_dit(params, SMALL, a)
+
+
+def test_block_conversions_reuse_arrays_nobody_holds():
+    stored = {f"layers.{l}.{n}": Bfloat16Array(np.full(4, 0x3F80 + l, np.uint16)) for l in range(3) for n in "ab"}
+    w = BlockWeights(stored, np.float32)
+    a0 = w["layers.0.a"]
+    first = a0.__array_interface__["data"][0]
+    del a0
+    w["layers.0.b"]
+    kept = w["layers.0.b"]                                            # a cache holds block 0's b
+    a1 = w["layers.1.a"]
+    assert a1.__array_interface__["data"][0] == first                 # block 0's a, reused
+    b1 = w["layers.1.b"]
+    assert not np.shares_memory(b1, kept) and kept[0] == 1.0           # the held one is left alone
+    np.testing.assert_array_equal(a1, stored["layers.1.a"].astype(np.float32))
+    np.testing.assert_array_equal(w["layers.2.b"], stored["layers.2.b"].astype(np.float32))
+
+
+def test_backward_through_half_storage(files):
+    """A training cache holds converted weights across blocks: the spares must leave them alone."""
+    model = tl.load_dit(files["bfloat16"], dtype="float64")
+    rounded = LargeDiT(QKNORM, {k: np.asarray(model.params.stored[k].astype(np.float32)) for k in model.params.stored},
+                       dtype="float64")
+    x, t, y = inputs(cfg=QKNORM)
+    dout = np.random.default_rng(2).standard_normal((3, 8, 8, 8))
+    (ga, dxa), (gb, dxb) = (m.backward(dout, m.forward_train(x, t, y)[1]) for m in (model, rounded))
+    np.testing.assert_array_equal(dxa, dxb)
+    assert all(np.array_equal(ga[k], gb[k]) for k in gb)
