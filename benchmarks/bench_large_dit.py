@@ -256,7 +256,7 @@ def main():
           f"CPU time (> 1: tinylazy faster)")
     steps = 20
     print(f"  FID-50K, tinylazy, guided DDIM-{steps} (one batch-2 forward per image and step): "
-          f"{med['tinylazy']:.1f} s/image/step, {50000 * steps * med['tinylazy'] / 86400:.0f} CPU-days on this machine")
+          f"{med['tinylazy']:.1f} s/image/step, {50000 * steps * med['tinylazy'] / 86400:.0f} days of this machine")
 
 
 if __name__ == "__main__":
