@@ -42,7 +42,7 @@ def test_one_step_matches_torch_adamw():
     trainable = {k: v for k, v in model.params.items() if k != "pos_embed"}
     terms = T.train_step(model, diffusion, AdamW(trainable, **settings), x0, y, t, noise)
 
-    tm = TorchDiT.from_params(cfg, params, torch.float64)
+    tm = TorchDiT.from_params(cfg, params, torch.float64, pinned_features=True)   # compared at 1e-12: pinned
     opt = torch.optim.AdamW([p for n, p in tm.named_parameters() if n != "pos_embed"], **settings)
     x_t = diffusion.q_sample(x0, t, noise)
     out = tm(torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(y))
@@ -85,7 +85,7 @@ def test_trainer_run_matches_torch_adamw_and_ema(monkeypatch, ema_warmup, snr_ga
         tr.step()
     assert any((y == 10).any() for _, y, _, _, _ in batches)           # some labels were dropped
 
-    tm = TorchDiT.from_params(tr.config, params0, torch.float64)
+    tm = TorchDiT.from_params(tr.config, params0, torch.float64, pinned_features=True)   # compared at 1e-10: pinned
     named = {n: p for n, p in tm.named_parameters() if n != "pos_embed"}
     opt = torch.optim.AdamW(list(named.values()), lr=1e-3, weight_decay=0.0)
     ema = {n: p.detach().clone() for n, p in named.items()}
