@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy.backend import to_numpy
+from tinylazy.backend import cupy_available, to_numpy
 from tinylazy.diffusion import GaussianDiffusion, create_diffusion, linear_betas, space_timesteps
 from tinylazy.sampling import ddim_step
 
-from conftest import BACKENDS, rel_err
+from conftest import rel_err
 
 CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                    num_classes=10)
@@ -313,9 +313,9 @@ def test_float32_run_tracks_float64(params):
     assert a.dtype == np.float32 and rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_replay_the_same_run(params, backend):
-    m = tl.DiT(CFG, params, dtype="float64", backend=backend)
+@pytest.mark.skipif(not cupy_available(), reason="no CuPy GPU (on NumPy this would compare NumPy with itself)")
+def test_cupy_replays_the_numpy_run(params):
+    m = tl.DiT(CFG, params, dtype="float64", backend="cupy")
     ref = tl.DiT(CFG, params, dtype="float64")
     noise = tl.make_noise(ref, 3, 0)
     a = tl.ddpm_sample(m, noise, LABELS, steps=12, cfg_scale=4.0, step_noise=3)
