@@ -363,14 +363,15 @@ def _diffusers_model(cfg, torch, diffusers, share_embedders=True, seed=0):
 
 
 def _official_numerics(m, torch):
-    """docs/numerics.md's two patches, plus tinylazy's correctly rounded timestep features."""
-    from tinylazy.embeddings import timestep_features
+    """docs/numerics.md's two patches, plus the correctly rounded timestep features written out in
+    tests/official_features.py (the comparison is at 1e-12)."""
+    from official_features import official_timestep_features
     for mod in m.modules():
         if isinstance(mod, torch.nn.LayerNorm):
             mod.eps = 1e-6
     for blk in m.transformer_blocks:
         blk.norm1.emb.time_proj.downscale_freq_shift = 0
-        blk.norm1.emb.time_proj.forward = lambda t: torch.from_numpy(timestep_features(t.numpy()))
+        blk.norm1.emb.time_proj.forward = lambda t: torch.from_numpy(official_timestep_features(t.numpy()))
     return m
 
 
