@@ -402,6 +402,7 @@ class LazyStats:
         lazy ratio over all steps; white = always computed, dark = always reused.
         """
         from PIL import Image, ImageDraw, ImageFont
+        from .image import save_png
         ratios = self.ratio_map()                                  # (S, L, 2)
         S, L, _ = ratios.shape
         cell, gap, left, top, label_h = 16, 24, 44, 34, 18
@@ -430,8 +431,7 @@ class LazyStats:
                     draw.text((4, y + 2), f"L{l}", fill="black", font=font)
             draw.rectangle([x0 - 1, top - 1, x0 + S * cell, top + L * cell], outline=(120, 120, 120))
             draw.text((x0, top + L * cell + 4), f"step 1..{S}  | all", fill="black", font=font)
-        img.save(path)
-        return path
+        return save_png(img, path)
 
 
 # ----------------------------------------------------------------------------
