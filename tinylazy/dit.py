@@ -11,6 +11,8 @@ that the lazy sampler and the backward pass call one by one:
 Each piece ``foo`` fills an optional ``cache`` dict and has a ``foo_backward``
 that reads it, written in the same order reversed with the same names.
 """
+import numbers
+
 import numpy as np
 
 from . import ops
@@ -98,6 +100,23 @@ def _official_init(name, shape, rng):
 # ----------------------------------------------------------------------------
 # Model
 
+def check_cfg_scale(cfg_scale):
+    """Guidance scale: a finite number >= 1 (1 = no guidance); the samplers and ``forward_with_cfg`` use it.
+    Not a number: TypeError; NaN, inf or below 1: ValueError."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real):
+        raise TypeError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {type(cfg_scale).__name__} "
+                        f"{cfg_scale!r}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
+    return float(cfg_scale)
+
+
+def _check_array(name, a):
+    """Model inputs are arrays (NumPy, or CuPy on that backend); lists and scalars are a TypeError."""
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array of shape (B, C, H, W), got {type(a).__name__}")
+
+
 def _sub(cache, name):
     """The part of ``cache`` that the piece ``name`` fills, or None when nothing is kept."""
     if cache is None:
@@ -152,6 +171,7 @@ class DiT:
     # -- input checks ---------------------------------------------------------
     def _check_inputs(self, x, t, y):
         cfg, xp = self.config, self.xp
+        _check_array("x", x)
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {cfg.in_channels}, "
                              f"{cfg.input_size}, {cfg.input_size})")
@@ -501,6 +521,8 @@ class DiT:
         kept for FID reproducibility); ``guide_channels=None`` guides all eps channels.
         """
         xp = self.xp
+        cfg_scale = check_cfg_scale(cfg_scale)
+        _check_array("x", x)
         x = xp.asarray(x, dtype=self.dtype)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")

@@ -565,6 +565,7 @@ class OpenCLDiT:
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
         """Official ``forward_with_cfg`` (see ``DiT.forward_with_cfg``), guidance on the device."""
+        cfg_scale = check_cfg_scale(cfg_scale)
         x = np.asarray(x, dtype=np.float32)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
