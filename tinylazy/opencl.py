@@ -18,8 +18,6 @@ Layers, bottom up:
 import math
 import numbers
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -28,15 +26,10 @@ from .dit import DiT, FREQ_DIM, MODULATION_NAMES
 from .embeddings import timestep_features
 from .lazy import DEFAULT_THRESHOLD, KINDS, _Decider
 from .progress import Progress
+from .resources import kernel_dir
 from .sampling import check_cfg_scale, check_labels, check_steps
 
-def _kernel_dir():
-    """kernels_cl/ of the checkout (editable install), else the copy a wheel installs under <prefix>/share."""
-    here = Path(__file__).resolve().parent.parent / "kernels_cl"
-    return here if here.is_dir() else Path(sys.prefix) / "share" / "tinylazy" / "kernels_cl"
-
-
-KERNEL_DIR = _kernel_dir()
+KERNEL_DIR = kernel_dir()                 # the bundled kernels_cl/ (tinylazy.resources)
 DEVICE_ENV = "TINYLAZY_CL_DEVICE"
 INSTALL_HINT = "pip install pyopencl pocl-binary-distribution (PoCL runs OpenCL on the CPU)"
 
