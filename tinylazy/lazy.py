@@ -145,7 +145,7 @@ class LazyGates:
         tmap = np.asarray(timestep_map)
         if len(tmap) != self.num_steps:
             raise GatesError(f"gates were made for {self.num_steps} sampling steps; this run uses {len(tmap)} "
-                             f"(train gates for {len(tmap)} steps: examples/train_gates.py --steps {len(tmap)})")
+                             f"(train gates for {len(tmap)} steps: tinylazy train-gates --steps {len(tmap)})")
         if not np.array_equal(tmap, self.timestep_map):
             raise GatesError(f"gates were made for another respacing of {self.num_steps} steps "
                              f"(timestep map {self.timestep_map.tolist()[:4]}..., run {tmap.tolist()[:4]}...)")
