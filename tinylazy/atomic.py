@@ -32,8 +32,12 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:              # it exists, owned by someone else
+        pass
+    try:                                 # a killed process can linger as a zombie until it is reaped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def remove_orphans(path):

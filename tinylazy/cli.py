@@ -28,6 +28,7 @@ Its ``main(argv=None)`` is ``run_command(name, argv)``, which ``python -m tinyla
 """
 import argparse
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -195,12 +196,17 @@ def number(kind=float, low=None, high=None, low_open=False):
 
 
 def require(module, purpose):
-    """Import an optional dependency or raise a UsageError naming the extra that installs it."""
+    """Raise a UsageError naming the extra that installs ``module`` unless it is installed.
+
+    Only looks the module up (importing scikit-learn alone takes seconds), so the other checks
+    may come after it and still answer at once."""
     try:
-        return importlib.import_module(module)
+        found = importlib.util.find_spec(module) is not None
     except ImportError:
+        found = False
+    if not found:
         package, extra = EXTRAS[module]
-        raise UsageError(f"{purpose} needs {package}: pip install 'tinylazy[{extra}]'") from None
+        raise UsageError(f"{purpose} needs {package}: pip install 'tinylazy[{extra}]'")
 
 
 def check_backend(backend, option="--backend"):

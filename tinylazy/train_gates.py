@@ -87,6 +87,8 @@ def load_data(spec, model):
     if spec == "digits":
         from .data import load_digits_dataset
         return load_digits_dataset()
+    if spec.endswith(".npz") and not zipfile.is_zipfile(spec):
+        raise cli.UsageError(f"--data {spec}: not an .npz archive (numpy.savez writes a zip of .npy files)")
     try:
         if spec.endswith(".npz"):
             with np.load(spec, allow_pickle=False) as f:
