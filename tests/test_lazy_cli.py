@@ -60,6 +60,22 @@ def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
     assert gates.training["iterations"] == 7 and "measured_ratio" in gates.training
 
 
+def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
+    real_step = GateTrainer.step
+
+    def nan_gates_at_5(self):
+        res = real_step(self)
+        if self.iteration == 5:
+            self.gates.mlp[0, 0, 0] = np.nan           # the update broke the gates; the loss was still finite
+        return res
+
+    monkeypatch.setattr(GateTrainer, "step", nan_gates_at_5)
+    assert main(_argv(files, files / "nan.safetensors")) == 1
+    assert "error: gate training diverged at iteration 5" in capsys.readouterr().err.splitlines()[-1]
+    state = files / "nan.train-state.safetensors"
+    assert read_safetensors(state)[1]["iteration"] == "4" and not os.path.exists(files / "nan.safetensors")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
     (["--target-ratio", "1.5"], "--target-ratio must lie in"),

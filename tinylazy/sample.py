@@ -15,6 +15,7 @@ writes them), then beside the weights (the bundled gates of the bundled model).
 """
 import glob
 import os
+import re
 import sys
 import time
 
@@ -54,21 +55,22 @@ def add_arguments(p):
     p.add_argument("--gates", help="LazyDiT gates file to use instead (implies --lazy)")
 
 
-def find_gates(weights, steps):
-    """The gates --lazy uses: the current folder's (what train-gates writes), else those beside the weights."""
+def _gate_places(weights, steps):
+    """Where --lazy looks, in order: the current folder (what train-gates writes), then beside the weights."""
     from .lazy import gates_file
-    for path in dict.fromkeys([os.path.basename(gates_file(weights, steps)), gates_file(weights, steps)]):
-        if os.path.isfile(path):
-            return path
-    return None
+    beside = gates_file(weights, steps)
+    return list(dict.fromkeys([os.path.basename(beside), beside]))
+
+
+def find_gates(weights, steps):
+    """The gates file --lazy uses for ``steps`` sampling steps, or None."""
+    return next((p for p in _gate_places(weights, steps) if os.path.isfile(p)), None)
 
 
 def _gate_step_counts(weights):
-    from .lazy import gates_file
-    pattern = gates_file(weights, 0).replace("ddim0", "ddim*")
-    found = glob.glob(pattern) + glob.glob(os.path.basename(pattern))
-    return sorted({int(f.rsplit("ddim", 1)[1].split(".")[0]) for f in found if
-                   f.rsplit("ddim", 1)[1].split(".")[0].isdigit()})
+    """The step counts that gates exist for in those places (for the error message)."""
+    found = [f for p in _gate_places(weights, 0) for f in glob.glob(glob.escape(p[: -len("0.safetensors")]) + "*")]
+    return sorted({int(m.group(1)) for f in found if (m := re.search(r"ddim(\d+)\.safetensors$", f))})
 
 
 def load_lazy_gates(args, path, model, steps):

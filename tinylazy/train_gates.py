@@ -159,7 +159,8 @@ def run(args):
     bar = Progress(range(trainer.iteration, args.iters), desc="gates")
     for _ in bar:
         res = trainer.step()
-        if not np.isfinite(res["loss"]):
+        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
+                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
             kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
             raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
                                f"{kept}; lower --lr (now {args.lr:g})")
