@@ -200,7 +200,7 @@ def test_train_diverges_to_exit_1_keeps_the_checkpoint_and_resumes_with_one_log_
     assert read_safetensors("runs/train/checkpoint.safetensors")[1]["step"] == "2"
     monkeypatch.setattr(T.Trainer, "step", real_step)
     with open("runs/train/log.jsonl", "a") as f:                      # a run killed after logging step 3
-        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + '\n{"step": 4, "lo')      # and while writing step 4
     assert cli.main(argv) == 2 and "add --resume to continue" in capsys.readouterr().err
     assert cli.main(argv + ["--resume"]) == 0
     steps = [json.loads(s)["step"] for s in open("runs/train/log.jsonl")]

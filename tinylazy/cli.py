@@ -115,7 +115,7 @@ def _input_errors():
 def run_command(name, argv=None, prog=None):
     """Parse ``argv`` for command ``name`` and run it under the convention; returns the exit status."""
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
-    module = None
+    module = args = None
     try:
         module = importlib.import_module(COMMANDS[name][0])
         parser = ArgumentParser(prog=prog or f"tinylazy {name}", description=module.__doc__,
@@ -131,8 +131,7 @@ def run_command(name, argv=None, prog=None):
         _say(e)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = getattr(module, "resume_hint", None)
-        hint = hint(args) if hint is not None and "args" in locals() else None
+        hint = module.resume_hint(args) if args is not None and hasattr(module, "resume_hint") else None
         _say("interrupted" + (f"; {hint}" if hint else ""), prefix="")
         return EXIT_INTERRUPTED
     except RunError as e:
@@ -170,10 +169,7 @@ def resume_hint(args, checkpoint, interval):
 
 def number(kind=float, low=None, high=None, low_open=False):
     """An argparse ``type``: an int, or a finite float, within [low, high] ((low, high] when low_open)."""
-    if kind is int:
-        what = "an integer"
-    else:
-        what = "a finite number"
+    what = "an integer" if kind is int else "a finite number"
     if low is not None and high is not None:
         what += f" in {low}..{high}" if kind is int else f" in {'(' if low_open else '['}{low:g}, {high:g}]"
     elif low is not None:

@@ -263,14 +263,22 @@ def _finite(arrays):
     return all(bool(np.isfinite(a).all()) for a in arrays.values())
 
 
+def _logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):        # a line cut short by a killed run
+        return None
+
+
 def _trim_log(path, step):
     """Keep the log lines of steps <= ``step``: a resumed (or restarted) run logs each step once."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = f.read().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+        text = f.read()
+    lines = text.splitlines()
+    kept = [line for line in lines if (n := _logged_step(line)) is not None and n <= step]
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
         with atomic.writing(path) as f:
             f.write("".join(line + "\n" for line in kept).encode())
 
