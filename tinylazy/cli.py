@@ -257,13 +257,13 @@ def output_file(path, option, exts, inputs=(), force=None, replace=True, create_
     Also removes the temp files that killed runs left for it.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a folder; give a file name in it, e.g. "
+                         f"{os.path.join(path, 'out' + exts[0])}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in exts:
         raise UsageError(f"{option} {path}: unknown extension {ext or '(none)'!r}; give a "
                          f"{' or '.join(exts)} file")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a folder; give a file name in it, e.g. "
-                         f"{os.path.join(path, 'out' + exts[0])}")
     folder = os.path.dirname(os.path.abspath(path))
     if create_folder:
         output_folder(folder, option)
