@@ -124,7 +124,7 @@ def test_not_a_zip(tmp_path):
     p.write_bytes(pickle.dumps({"w": 1}))
     with pytest.raises(ConvertError, match="not a zip checkpoint"):
         convert(p, tmp_path / "o.safetensors")
-    assert main([str(p), str(tmp_path / "o.safetensors")]) == 1
+    assert main([str(p), str(tmp_path / "o.safetensors")]) == 2                 # a bad input file
 
 
 # ----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, kind, where):
     src = write_archive(tmp_path / "evil.pt", payload)
     with pytest.raises(ConvertError, match=f"refused global '{qualname}'"):
         convert(src, tmp_path / "out.safetensors", progress=False)
-    assert main([str(src), str(tmp_path / "out.safetensors")]) == 1
+    assert main([str(src), str(tmp_path / "out.safetensors")]) == 2
     # The payload is live: a plain unpickler, in a child process, does run it.
     live = tmp_path / "live"
     (tmp_path / "live.pkl").write_bytes(_hostile(kind, where, live)[0])
@@ -351,9 +351,9 @@ def test_cli(tmp_path, torch):
     assert load_dit(tmp_path / "c.safetensors", num_heads=4).config == SMALL
     r = subprocess.run([sys.executable, "-m", "tinylazy.convert", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--key" in r.stdout and "--dtype" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "tinylazy.convert", str(tmp_path / "c.pt"), str(tmp_path / "x"),
-                        "--key", "model"], capture_output=True, text=True)
-    assert r.returncode == 1 and "no dict under key 'model'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tinylazy.convert", str(tmp_path / "c.pt"),
+                        str(tmp_path / "x.safetensors"), "--key", "model"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no dict under key 'model'" in r.stderr
 
 
 # ----------------------------------------------------------------------------

@@ -392,8 +392,10 @@ def test_vae_image_is_recorded(model):
 # ----------------------------------------------------------------------------
 # The bundled model and the checked-in goldens
 
-BUNDLED_GATES = gates_file(golden.BUNDLED, golden.LAZY_GOLDEN_STEPS)
-HAVE_WEIGHTS = os.path.exists(golden.BUNDLED)
+BUNDLED = tl.resources.weights_path(tl.resources.DEFAULT_MODEL)
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+BUNDLED_GATES = gates_file(BUNDLED, golden.LAZY_GOLDEN_STEPS)
+HAVE_WEIGHTS = os.path.exists(BUNDLED)
 HAVE_GATES = HAVE_WEIGHTS and os.path.exists(BUNDLED_GATES)
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="the bundled weights/tiny-dit-digits is not there")
 
@@ -408,11 +410,11 @@ def _needs(mode):
 def test_checked_in_golden_regenerates(name):
     """Run each golden's run again and compare: float64 to 1e-9 of each tensor's scale (BLAS
     summation order may differ between machines), float32 at the defaults."""
-    path = golden.golden_path(name)
+    path = golden.golden_path(name, GOLDEN_DIR)
     if not os.path.exists(path):
         pytest.fail(f"{path} is missing: write the goldens with `python -m tinylazy.golden goldens` and commit them")
     ref = load_trace(path)
-    other = golden.rerun(ref, golden.BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
+    other = golden.rerun(ref, BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
     tight = ref.meta["dtype"] == "float64"
     tol = dict(rtol=1e-9, max_rtol=1e-9, atol=0.0) if tight else {}
     result = compare(ref, other, require_all=True, **tol)
@@ -421,15 +423,15 @@ def test_checked_in_golden_regenerates(name):
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=_needs(m)) for m in ("full", "lazy")])
 def test_checked_in_float32_golden_matches_float64_at_the_defaults(mode):
-    if not os.path.exists(golden.golden_path(f"{mode}.float32")):
+    if not os.path.exists(golden.golden_path(f"{mode}.float32", GOLDEN_DIR)):
         pytest.fail("the goldens are missing: write them with `python -m tinylazy.golden goldens` and commit them")
-    result = compare(golden.golden_path(f"{mode}.float32"), golden.golden_path(f"{mode}.float64"))
+    result = compare(*(golden.golden_path(f"{mode}.{dtype}", GOLDEN_DIR) for dtype in ("float32", "float64")))
     assert result.passed, result.format()
 
 
 @needs_weights
 def test_bundled_float32_vs_float64_defaults_pass_and_catch_a_perturbed_layer():
-    load = lambda dtype: tl.load_dit(golden.BUNDLED, dtype=dtype)
+    load = lambda dtype: tl.load_dit(BUNDLED, dtype=dtype)
     kw = dict(cfg_scale=4.0)
     f32 = trace_sampling(load("float32"), steps=4, **kw)
     result = compare(f32, trace_sampling(load("float64"), steps=4, **kw))

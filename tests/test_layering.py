@@ -15,15 +15,16 @@ PACKAGE = os.path.dirname(tinylazy.__file__)
 
 # Bottom to top.  A module may import the modules of lower layers only.
 LAYERS = [
-    {"protocol", "config", "backend", "memory", "progress", "embeddings", "data"},
-    {"parallel", "diffusion", "image"},
+    {"protocol", "config", "backend", "memory", "progress", "embeddings", "data", "atomic", "resources", "errors"},
+    {"parallel", "diffusion", "image", "cli"},                   # cli: the convention every command follows
     {"ops", "conv", "losses", "optim", "sampling"},              # the math and the one sampler loop
     {"dit"},                                                      # the model: one block schema
     {"io"},                                                       # files: loads a DiT
     {"lazy", "vae", "trace", "convert"},                          # module reuse, the VAE, trace files
     {"opencl", "lazy_train", "train", "metrics"},                 # a backend's twins; training; metrics
     {"api"},                                                      # the user's choices: backend, lazy or not
-    {"golden"},                                                   # whole runs recorded and compared
+    {"golden", "sample", "train_gates"},                          # whole runs: goldens, sampling, gate training
+    {"__main__"},                                                 # python -m tinylazy: the console command
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 PACKAGE_FACE = {"__version__"}                                    # what a module may take from tinylazy itself

@@ -1,6 +1,5 @@
-"""examples/sample.py end to end in a subprocess, on tiny random models written here."""
+"""tinylazy sample (examples/sample.py) end to end in a subprocess, on tiny random models written here."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -99,7 +98,8 @@ def test_bad_input(pixel_model, tmp_path, args, phrases):
 
 
 def test_missing_and_bad_weights(tmp_path):
-    assert_usage_error(run("--weights", tmp_path / "none.safetensors"), "no such file or folder", "tinylazy.convert")
+    assert_usage_error(run("--weights", tmp_path / "none.safetensors"), "no such file or folder",
+                       "nor a bundled model (tiny-dit-digits)", "tinylazy convert")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     assert_usage_error(run("--weights", tmp_path / "junk.safetensors"), "cannot load the DiT", "junk.safetensors")
 
@@ -131,14 +131,6 @@ def test_vae_latent_channels_must_match(pixel_model, tmp_path):
     vae = write_vae(tmp_path / "vae.safetensors", 4)
     assert_usage_error(run("--weights", pixel_model, "--vae", vae, "--steps", 2),
                        "has 4 latent channels but the DiT", "takes 1")
-
-
-def test_no_bundled_weights_says_what_to_pass(tmp_path):
-    """A copy of the script in a checkout without weights/ tells which files to pass and how to convert."""
-    os.makedirs(tmp_path / "examples")
-    script = shutil.copy(SCRIPT, tmp_path / "examples" / "sample.py")
-    assert_usage_error(run(script=script), "--weights DiT-XL-2-256x256.safetensors", "--vae",
-                       "python -m tinylazy.convert", "weights/README.md")
 
 
 def test_grid_matches_torchvision_conventions():

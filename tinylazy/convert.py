@@ -1,6 +1,6 @@
 """Convert a PyTorch checkpoint to safetensors, without PyTorch and without running its code.
 
-    python -m tinylazy.convert DiT-XL-2-256x256.pt weights/DiT-XL-2-256x256.safetensors
+    tinylazy convert DiT-XL-2-256x256.pt DiT-XL-2-256x256.safetensors      # or python -m tinylazy.convert
 
 ``torch.save`` writes a zip archive: ``<name>/data.pkl`` (a pickle of the object,
 with each tensor storage replaced by a persistent id ``('storage', <Type>Storage,
@@ -14,7 +14,6 @@ becomes an inert placeholder, its class never imported, its contents discarded,
 and it never reaches the output.  Tensors are read lazily, one storage at a time,
 while the output is written.
 """
-import argparse
 import collections
 import math
 import os
@@ -24,6 +23,7 @@ import zipfile
 
 import numpy as np
 
+from . import cli
 from .io import FLOAT_DTYPES, WeightsError, write_safetensors
 
 
@@ -296,31 +296,34 @@ def convert(src, dst, key="auto", dtype="float32", progress=True):
     return used, names, skipped
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m tinylazy.convert",
-        description="Convert a PyTorch checkpoint (torch.save zip format) to safetensors, keeping float tensors "
-                    "by name. No PyTorch needed; the pickle is read with a restricted unpickler that runs no code.")
-    ap.add_argument("src", help="checkpoint written by torch.save, e.g. DiT-XL-2-256x256.pt")
-    ap.add_argument("dst", help="output .safetensors file (written atomically)")
-    ap.add_argument("--key", default="auto",
-                    help="top-level entry holding the weights: ema, model, any other key, or auto "
-                         "(default: ema if present, else model, else the whole dict)")
-    ap.add_argument("--dtype", choices=("float32", "keep"), default="float32",
-                    help="float32 (default): store float32 (f16/bf16 widened exactly); keep: store as in the checkpoint")
-    args = ap.parse_args(argv)
-    try:
-        used, names, skipped = convert(args.src, args.dst, args.key, args.dtype)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+# ----------------------------------------------------------------------------
+# Command line
+
+def add_arguments(p):
+    p.add_argument("src", help="checkpoint written by torch.save, e.g. DiT-XL-2-256x256.pt")
+    p.add_argument("dst", help="output .safetensors file (written atomically; never the input)")
+    p.add_argument("--key", default="auto",
+                   help="top-level entry holding the weights: ema, model, any other key, or auto "
+                        "(default: ema if present, else model, else the whole dict)")
+    p.add_argument("--dtype", choices=("float32", "keep"), default="float32",
+                   help="float32 (default): store float32 (f16/bf16 widened exactly); keep: store as in the checkpoint")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+
+def run(args):
+    cli.input_file(args.src, "SRC")
+    cli.output_file(args.dst, "DST", (".safetensors",), inputs={"SRC": args.src}, force=args.force, replace=False)
+    used, names, skipped = convert(args.src, args.dst, args.key, args.dtype)
     if skipped:
         print(f"skipped {len(skipped)} non-float entries: " +
               ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:10]) + (" ..." if len(skipped) > 10 else ""),
               file=sys.stderr)
     print(f"wrote {args.dst}: {len(names)} tensors from {args.src}" + (f" [{used}]" if used else ""))
-    return 0
+
+
+def main(argv=None, prog=None):
+    return cli.run_command("convert", argv, prog)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m tinylazy.convert"))

@@ -19,19 +19,20 @@ import json
 import math
 import os
 import re
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .backend import resolve_dtype, to_numpy
+from . import atomic, resources
+from .backend import check_backend, resolve_dtype, to_numpy
 from .config import HEADS_BY_WIDTH, DiTConfig
 from .dit import DiT, param_shapes
 from .embeddings import pos_embed_2d
+from .errors import FileError
 from .progress import Progress
 
 
-class WeightsError(ValueError):
+class WeightsError(FileError):
     """A weight file that cannot be used; the message names the file and the key."""
 
 
@@ -228,7 +229,7 @@ def _st_dtype(name, v):
 
 
 def write_safetensors(path, tensors, metadata=None, progress=None):
-    """Write ``tensors`` (name -> array) to ``path`` atomically (temp file + os.replace).
+    """Write ``tensors`` (name -> array) to ``path`` atomically (``tinylazy.atomic``: temp file + rename).
 
     Values may be NumPy or CuPy arrays, or lazy objects with ``shape``, ``dtype``
     (or ``st_dtype``) and ``__array__``: each is materialised only while it is
@@ -253,24 +254,15 @@ def write_safetensors(path, tensors, metadata=None, progress=None):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)                       # data starts 8-byte aligned, as safetensors does
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for name, v, st, nbytes in Progress(layout, desc=progress or "", disable=progress is None):
-                a = np.ascontiguousarray(to_numpy(v))
-                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-                if a.nbytes != nbytes:
-                    raise WeightsError(f"{path}: tensor {name!r} produced {a.nbytes} bytes, its header says {nbytes}")
-                f.write(a.reshape(-1).view(np.uint8))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.writing(path) as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, v, st, nbytes in Progress(layout, desc=progress or "", disable=progress is None):
+            a = np.ascontiguousarray(to_numpy(v))
+            a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+            if a.nbytes != nbytes:
+                raise WeightsError(f"{path}: tensor {name!r} produced {a.nbytes} bytes, its header says {nbytes}")
+            f.write(a.reshape(-1).view(np.uint8))
 
 
 # ----------------------------------------------------------------------------
@@ -392,10 +384,12 @@ class _Layout:
 
 
 def _open_layout(path):
-    """A file (official or diffusers keys), a diffusers model/pipeline folder, or a folder with one file."""
-    path = os.fspath(path)
+    """A file (official or diffusers keys), a diffusers model/pipeline folder, a folder with one file,
+    or a bundled model's name (``resources.weights_path``)."""
+    path = resources.weights_path(path)
     if not os.path.exists(path):
-        raise WeightsError(f"{path}: no such file or folder")
+        raise WeightsError(f"{path}: no such file or folder, nor a bundled model "
+                           f"({', '.join(resources.bundled_models()) or 'none installed'})")
     config_json = None
     if os.path.isdir(path):
         root = path
@@ -613,7 +607,12 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None):
     Every key, shape and dtype is checked before any data is read; tensors are
     read one by one straight into arrays of the model dtype, so no second copy of
     the weights is made.  The model is built with the weights hash computed while reading.
+    ``path`` may be a bundled model's name; backend "numpy" or "cupy" (``tl.load_dit`` also
+    takes "opencl").
     """
+    check_backend(backend)
+    if backend == "opencl":
+        raise ValueError("io.load_dit builds NumPy/CuPy models; load an OpenCL model with tinylazy.load_dit")
     dt = resolve_dtype(dtype)
     layout = _open_layout(path)
     try:

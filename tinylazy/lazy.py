@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import array_module_of, to_numpy
 from .diffusion import create_diffusion
+from .errors import FileError
 from .io import read_safetensors, weights_hash, write_safetensors
 from .protocol import KINDS
 
@@ -36,7 +37,7 @@ FORMAT = "tinylazy-lazydit-gates-v1"
 DEFAULT_THRESHOLD = 0.5                      # official attn_threshold / mlp_threshold
 
 
-class GatesError(ValueError):
+class GatesError(FileError):
     """Gates that do not fit a model or a sampling run; the message names the file and the reason."""
 
 
@@ -136,7 +137,7 @@ class LazyGates:
         tmap = np.asarray(timestep_map)
         if len(tmap) != self.num_steps:
             raise GatesError(f"gates were made for {self.num_steps} sampling steps; this run uses {len(tmap)} "
-                             f"(train gates for {len(tmap)} steps: examples/train_gates.py --steps {len(tmap)})")
+                             f"(train gates for {len(tmap)} steps: tinylazy train-gates --steps {len(tmap)})")
         if not np.array_equal(tmap, self.timestep_map):
             raise GatesError(f"gates were made for another respacing of {self.num_steps} steps "
                              f"(timestep map {self.timestep_map.tolist()[:4]}..., run {tmap.tolist()[:4]}...)")
@@ -406,6 +407,7 @@ class LazyStats:
         lazy ratio over all steps; white = always computed, dark = always reused.
         """
         from PIL import Image, ImageDraw, ImageFont
+        from .image import save_png
         ratios = self.ratio_map()                                  # (S, L, 2)
         S, L, _ = ratios.shape
         cell, gap, left, top, label_h = 16, 24, 44, 34, 18
@@ -434,8 +436,7 @@ class LazyStats:
                     draw.text((4, y + 2), f"L{l}", fill="black", font=font)
             draw.rectangle([x0 - 1, top - 1, x0 + S * cell, top + L * cell], outline=(120, 120, 120))
             draw.text((x0, top + L * cell + 4), f"step 1..{S}  | all", fill="black", font=font)
-        img.save(path)
-        return path
+        return save_png(img, path)
 
 
 # ----------------------------------------------------------------------------

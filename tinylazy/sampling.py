@@ -22,6 +22,7 @@ import numpy as np
 
 from .backend import array_module_of, to_numpy
 from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion, extract
+from .protocol import check_cfg_scale
 from .progress import Progress
 
 
@@ -63,14 +64,6 @@ def check_steps(steps):
             or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
     return int(steps)
-
-
-def check_cfg_scale(cfg_scale):
-    """Guidance scale: a finite number >= 1 (1 = no guidance)."""
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) \
-            or not np.isfinite(cfg_scale) or cfg_scale < 1:
-        raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
-    return float(cfg_scale)
 
 
 def check_labels(model, labels, cfg_scale=1.0):

@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from .backend import to_numpy
+from .errors import FileError
 from .io import SafetensorsFile, WeightsError, write_safetensors
 
 FORMAT = "tinylazy-trace"
@@ -87,7 +88,7 @@ OPS = {
 _SCOPES = re.compile(r"(step|block)\.(\d+)/")
 
 
-class TraceError(ValueError):
+class TraceError(FileError):
     """A trace that cannot be written, read or compared; the message names the file and the reason."""
 
 
