@@ -30,6 +30,7 @@ import numpy as np
 
 from .data import load_digits_dataset
 from .optim import AdamW
+from .samplefile import SampleFileError, read_samples, saved_uint8
 
 RECIPE = {
     "name": "digits-mlp", "version": 1, "data": "load_digits, 1x16x16 nearest, [-1, 1]",
@@ -271,9 +272,18 @@ def max_abs_diff(a, b):
 
 def as_saved_image(x):
     """The image a user gets, as the official ``sample_ddp.py`` saves it for FID:
-    ``clamp(127.5 x + 128, 0, 255).to(uint8)``, mapped back to [-1, 1] as u / 127.5 - 1."""
-    u = np.trunc(np.clip(127.5 * np.asarray(x, dtype=np.float64) + 128.0, 0.0, 255.0))
-    return u / 127.5 - 1.0
+    ``clamp(127.5 x + 128, 0, 255).to(uint8)`` (``samplefile.saved_uint8``), mapped back to
+    [-1, 1] as u / 127.5 - 1."""
+    return saved_uint8(x) / 127.5 - 1.0
+
+
+def load_npz_samples(path):
+    """A sample file of a digits model in ADM's format (``tinylazy.sample_many``):
+    (samples (N, 1, 16, 16) in [-1, 1], labels (N,)).  Raises SampleFileError."""
+    images, labels = read_samples(path, size=(16, 16))
+    if not (np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])):
+        raise SampleFileError(f"{path}: colour images; the digits judge takes grey ones (three equal channels)")
+    return images[:, None, :, :, 0] / 127.5 - 1.0, labels           # (N, H, W, 3) -> (N, 1, H, W)
 
 
 def evaluate(samples, labels, classifier=None, splits=10, seed=0):
@@ -325,6 +335,29 @@ def _table(rows):
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def _score_rows(res, splits):
+    return [("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {splits} splits)"),
+            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
+            ("FD ratio", f"{res['fd_ratio']:.3f}"),
+            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
+            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
+
+
+def score_npz(p, args):
+    """``--npz``: the numbers for a sample file of a digits model."""
+    try:
+        samples, labels = load_npz_samples(args.npz)
+    except SampleFileError as e:
+        p.error(str(e))
+    if len(samples) < 4:
+        p.error(f"{args.npz}: {len(samples)} samples, the Frechet distance needs at least 4")
+    res = evaluate(samples, labels, load_classifier(args.cache_dir, verbose=True), splits=args.splits)
+    print(_table([("samples", f"{args.npz} ({len(samples)})")] + _score_rows(res, args.splits)))
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m tinylazy.metrics",
@@ -346,7 +379,11 @@ def main(argv=None):
     p.add_argument("--compare", default=None,
                    help="a --save file from the same --seed/--num: print PSNR and max |diff| against it")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON line too")
+    p.add_argument("--npz", default=None, help="score this sample file (ADM format, arr_0 images and arr_1 "
+                   "labels, as `python -m tinylazy.sample_many` writes it) instead of sampling")
     args = p.parse_args(argv)
+    if args.npz:
+        return score_npz(p, args)
     if args.num < 4:
         p.error("--num must be at least 4")
 
@@ -366,12 +403,7 @@ def main(argv=None):
     res = evaluate(samples, labels, clf, splits=args.splits)
     rows = [("weights", weights), ("sampler", f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, "
                                               f"seed {args.seed}, {args.dtype}"),
-            ("samples", f"{args.num} ({seconds:.1f} s)"),
-            ("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {args.splits} splits)"),
-            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
-            ("FD ratio", f"{res['fd_ratio']:.3f}"),
-            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
-            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
+            ("samples", f"{args.num} ({seconds:.1f} s)")] + _score_rows(res, args.splits)
     if args.compare:
         ref, meta = read_safetensors(args.compare)
         if ref["samples"].shape != samples.shape or not np.array_equal(ref["labels"], labels) \
