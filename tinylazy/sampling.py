@@ -248,7 +248,8 @@ def ddpm_sample(model, noise, labels, steps=250, cfg_scale=1.0, step_noise=None,
 
     Arguments as ``ddim_sample``; ``step_noise`` is required (int seed, NumPy Generator, a
     list of one (B, C, H, W) array per step or a function of the step k; one is drawn at
-    every step, the last one unused as in ADM, which draws noise at t == 0 and masks it).  callback info also has log_variance.
+    every step, the last one unused as in ADM, which draws noise at t == 0 and masks it).
+    callback info also has log_variance.
     """
     step = lambda d, out, x, i, z: ddpm_step(d, out, x, i, z, clip_denoised)
     return _sample_loop("DDPM", step, model, noise, labels, steps, cfg_scale, guide_channels,
