@@ -554,13 +554,21 @@ def _settings(spec, batch):
     return dict(s, batch=batch, noise=NOISE_FORMAT, pixels="trunc(clamp(127.5 x + 128, 0, 255)) uint8, NHWC RGB")
 
 
-def run(args):
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+def prepare(args):
+    """Check the parsed arguments and load what the workers will load: (spec, manifest settings, info lines).
+
+    Bad input is a UsageError, found before any sampling."""
     steps = _check_args(args)
     require_distributed()
     spec, info = _load_client_side(args, steps)
+    return spec, _settings(spec, args.batch), info
+
+
+def run(args):
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    spec, settings, info = prepare(args)
     out = os.path.abspath(args.out)
-    store = ShardStore(out + ".shards", _settings(spec, args.batch))
+    store = ShardStore(out + ".shards", settings)
     plan = shard_ranges(args.num, args.batch)
     try:
         store.open()
@@ -574,7 +582,7 @@ def run(args):
                 log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already in {store.folder}")
             t0 = time.perf_counter()
             if todo:
-                _compute(client, spec, store, todo, log)
+                compute_shards(client, spec, store, todo, log)
             wall = time.perf_counter() - t0
         _assemble(out, store, plan)
     except UsageError:
@@ -590,7 +598,9 @@ def run(args):
           + (f"; {sum(b - a for a, b in todo)} sampled in {wall:.1f} s" if todo else ""))
 
 
-def _compute(client, spec, store, todo, log):
+def compute_shards(client, spec, store, todo, log):
+    """Sample the shards ``todo`` [(start, stop)] on ``client``'s cluster, writing each into ``store``
+    as it arrives; returns (images, seconds of worker compute)."""
     from .progress import Progress
     images, busy, lazy = 0, 0.0, 0
     key = store.digest.hex()[:12]
@@ -608,6 +618,7 @@ def _compute(client, spec, store, todo, log):
         skips, evals = lazy
         log(f"LazyDiT: lazy ratio {skips.sum() / evals.sum():.1%} (attention {skips[0] / evals[0]:.1%}, "
             f"MLP {skips[1] / evals[1]:.1%}) over the sampled shards")
+    return images, busy
 
 
 def _assemble(out, store, plan):
