@@ -20,6 +20,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 import tinylazy as tl  # noqa: E402
+from tinylazy.backend import cupy_available  # noqa: E402
 from tinylazy import noise, sample_many  # noqa: E402
 from tinylazy.samplefile import read_samples  # noqa: E402
 
@@ -203,6 +204,17 @@ def test_mixed_settings_are_refused(clean, tmp_path, capsys, change, said):
     assert sorted(os.listdir(f"{out}.shards")) == before and not out.exists()
 
 
+def test_a_second_run_on_the_same_out_is_refused(clean, tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "busy.npz"
+    shutil.copytree(clean[1], f"{out}.shards")
+    with open(f"{out}.shards/lock", "a") as lock:                  # as the first run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = run_main(capsys, "--workers", 1, "--out", out)
+    assert code == 2 and len(err) == 1 and "another sample-many run is writing" in err[0], err
+    assert len(shard_files(out)) == SHARDS
+
+
 # ----------------------------------------------------------------------------
 # An existing cluster: `dask scheduler` and `dask worker` processes
 
@@ -266,6 +278,8 @@ def test_existing_cluster_writes_the_same_bytes_even_when_a_worker_dies(clean, d
     (("--lazy", "--steps", 7), "no gates for 7 steps"),
     (("--classes", 3, 10), "unknown class id 10"),
     (("--workers", 2, "--scheduler", "tcp://127.0.0.1:1"), "not allowed with argument"),
+    pytest.param(("--backend", "cupy"), "--backend cupy: no CuPy GPU",
+                 marks=pytest.mark.skipif(cupy_available(), reason="this machine has a CuPy GPU")),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, said):
     code, err = run_main(capsys, "--out", tmp_path / "x.npz", *args)

@@ -449,7 +449,8 @@ def add_arguments(p):
     p.add_argument("--gates", help="LazyDiT gates file to use instead (implies --lazy)")
     p.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy",
                    help="numpy (CPU), cupy (GPU) or opencl (DDIM, float32) on every worker (default: numpy)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="float32 (default) or float64, the audit mode")
     p.add_argument("--vae", help="sd-vae-ft-ema/-mse folder or safetensors file; required for latent models")
     p.add_argument("--out", default="samples.npz", help="output .npz in ADM's format (default: samples.npz); "
                    "the run is kept in <out>.shards/ until it is assembled")
@@ -482,6 +483,11 @@ def _check_args(args):
         raise UsageError("--lazy works with --sampler ddim (the gates are trained for DDIM steps)")
     if args.backend == "opencl" and (args.sampler != "ddim" or args.dtype != "float32"):
         raise UsageError("--backend opencl runs --sampler ddim in --dtype float32")
+    if args.backend == "cupy" and args.scheduler is None:
+        from .backend import cupy_available
+        if not cupy_available():
+            raise UsageError("--backend cupy: no CuPy GPU on this machine, where the workers run: "
+                             "pip install 'tinylazy[gpu]' on a machine with a CUDA GPU, or use --backend numpy")
     out = os.path.abspath(args.out)
     folder = os.path.dirname(out)
     if os.path.isdir(out):
@@ -606,13 +612,15 @@ def compute_shards(client, spec, store, todo, log):
     key = store.digest.hex()[:12]
     futures = [client.submit(sample_shard, spec, a, b, key=f"tinylazy-shard-{key}-{a}-{b}") for a, b in todo]
     what = {f: f"shard {a}..{b - 1}" for f, (a, b) in zip(futures, todo)}
-    bar = Progress(as_results(client, futures, what), total=len(todo), desc=f"{len(todo)} shards")
-    for res in bar:
-        store.write(res)
-        images += len(res["labels"])
-        busy += res["seconds"]
-        lazy = lazy + res["lazy"] if res["lazy"] is not None else lazy
-        bar.set_postfix(img_s=f"{images / bar.elapsed:.3g}")
+    results = contextlib.closing(as_results(client, futures, what))     # cancels what is left on any exit
+    with results as it:
+        bar = Progress(it, total=len(todo), desc=f"{len(todo)} shards")
+        for res in bar:
+            store.write(res)
+            images += len(res["labels"])
+            busy += res["seconds"]
+            lazy = lazy + res["lazy"] if res["lazy"] is not None else lazy
+            bar.set_postfix(img_s=f"{images / bar.elapsed:.3g}")
     log(f"{images} images; {busy / images:.3g} s of worker time per image")
     if spec["gates"]:
         skips, evals = lazy
