@@ -172,6 +172,24 @@ def test_kill_9_of_the_client_then_rerun_gives_the_clean_file(clean, tmp_path, c
     assert file_bytes(out) == file_bytes(clean[0])
 
 
+def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path):
+    out = tmp_path / "interrupted.npz"
+    with open(tmp_path / "client.log", "w") as log:
+        client = spawn("-m", "tinylazy.sample_many", *ARGS, "--workers", 1, "--out", out, log=log)
+        try:
+            wait_for(lambda: shard_files(out) or client.poll() is not None, what="a first shard")
+            os.killpg(client.pid, signal.SIGINT)                     # a terminal's Ctrl-C: the whole group
+            client.wait(timeout=60)
+        finally:
+            end(client)
+    err = open(tmp_path / "client.log").read()
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert client.returncode == 130 and "Traceback" not in err and len(said) == 1, err
+    assert said[0].endswith("resume with: python -m tinylazy.sample_many " + " ".join(map(str, ARGS))
+                            + f" --workers 1 --out {out}")
+    assert shard_files(out) and not out.exists()
+
+
 def test_damaged_shards_are_redone(clean, tmp_path, capsys):
     out = tmp_path / "damaged.npz"
     folder = shutil.copytree(clean[1], f"{out}.shards")
