@@ -209,6 +209,17 @@ def test_damaged_shards_are_redone(clean, tmp_path, capsys):
     assert file_bytes(out) == file_bytes(clean[0])
 
 
+def test_a_smaller_num_reuses_the_shards_and_keeps_the_rest(clean, tmp_path, capsys):
+    out = tmp_path / "first8.npz"
+    shutil.copytree(clean[1], f"{out}.shards")
+    code, err = run_main(capsys, "--num", 8, "--out", out)           # shards 0..3 and 4..7 are there: no cluster
+    assert code == 0, err
+    assert not any("Dask" in line for line in err) and "resuming: 2 of 2 shards" in " ".join(err)
+    np.testing.assert_array_equal(read_samples(out)[0], read_samples(clean[0])[0][:8])
+    assert shard_files(out) == ["shard-000000008-000000012.npz", "shard-000000012-000000014.npz"]
+    assert any(line.startswith(f"kept {out}.shards: it holds 2 more shards") for line in err)
+
+
 @pytest.mark.parametrize("change,said", [(("--seed", 6), f"seed {SEED} there, 6 here"),
                                          (("--batch", 3), "batch 4 there, 3 here"),
                                          (("--lazy",), "gates_hash None there, ")])

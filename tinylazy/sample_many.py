@@ -358,6 +358,8 @@ class ShardStore:
         try:
             with open(manifest, "rb") as f:
                 found = json.loads(f.read(1 << 20))["settings"]
+            if not isinstance(found, dict):
+                raise TypeError("settings is not a mapping")
             diff = [k for k in sorted(set(found) | set(self.settings)) if found.get(k) != self.settings.get(k)]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"{manifest} is damaged ({type(e).__name__}): delete {self.folder} "
@@ -417,14 +419,21 @@ class ShardStore:
         with atomic_write(self.path(res["start"], res["stop"])) as f:
             write_npz(f, {"arr_0": res["images"], "arr_1": res["labels"], "run": np.frombuffer(self.digest, np.uint8)})
 
-    def remove(self):
-        """Delete the folder's own files, and the folder when nothing else is left in it."""
+    def remove(self, plan):
+        """Delete the shards of ``plan``; then, if no other shard is left (a longer --num run's), the
+        manifest, the lock and the folder (when nothing else is in it).  Returns the shards left."""
         self.close()
-        for name in os.listdir(self.folder):
-            if _SHARD.fullmatch(name) or name in ("manifest.json", "lock"):
-                os.unlink(os.path.join(self.folder, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(self.folder)
+        for start, stop in plan:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(start, stop))
+        left = self.shards()
+        if not left:
+            for name in ("manifest.json", "lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.folder, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)
+        return left
 
 
 # ----------------------------------------------------------------------------
@@ -593,12 +602,13 @@ def run(args):
         _assemble(out, store, plan)
     except UsageError:
         if store.created and not store.shards():                   # leave no empty folder behind
-            store.remove()
+            store.remove([])
         raise
     finally:
         store.close()
-    if not args.keep_shards:
-        store.remove()
+    left = [] if args.keep_shards else store.remove(plan)
+    if left:
+        log(f"kept {store.folder}: it holds {len(left)} more shards (of a run with a larger --num)")
     H, W, _ = store.image_shape
     print(f"wrote {args.out}: {args.num} images {H}x{W}x3 uint8 (arr_0) and their labels (arr_1)"
           + (f"; {sum(b - a for a, b in todo)} sampled in {wall:.1f} s" if todo else ""))
