@@ -87,9 +87,9 @@ def clean(tmp_path_factory):
 
 
 def adm_pixels(z):
-    """(B, 1, H, W) samples -> (B, H, W, 3) uint8, as DiT's sample_ddp.py quantises, written out here."""
-    u = np.clip(127.5 * z.astype(np.float64) + 128.0, 0, 255).astype(np.uint8)
-    return np.repeat(u.transpose(0, 2, 3, 1), 3, axis=3)
+    """(B, 1 or 3, H, W) samples -> (B, H, W, 3) uint8, as DiT's sample_ddp.py quantises, written out here."""
+    u = np.clip(127.5 * z.astype(np.float64) + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(u, 3, axis=3) if u.shape[3] == 1 else u
 
 
 # ----------------------------------------------------------------------------
@@ -130,6 +130,32 @@ def test_lazy_and_ddpm_runs_sample_the_documented_images(model, tmp_path, capsys
         step_noise = [noise.image_noise(SEED, idx, (1, 16, 16), k + 1) for k in range(STEPS)]
         z = tl.ddpm_sample(model, x_T, idx % 10, STEPS, CFG, step_noise=step_noise)
     np.testing.assert_array_equal(read_samples(out)[0], adm_pixels(z))
+
+
+def test_a_latent_model_is_decoded_by_its_vae(tmp_path, capsys):
+    """A random 4x8x8 latent DiT and a two-block VAE (16x16 RGB), written here in diffusers' layout."""
+    from safetensors.numpy import save_file
+    from tinylazy.vae import VAEConfig, init_params
+    cfg = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                       num_classes=10)
+    save_file({k: v.astype(np.float32) for k, v in tl.init_params(cfg, seed=0, scheme="random").items()},
+              str(tmp_path / "latent.safetensors"), metadata={"num_heads": "2"})
+    vc = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+    (tmp_path / "vae").mkdir()
+    save_file({k: np.asarray(v, np.float32) for k, v in init_params(vc, seed=0).items()},
+              str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(
+        {"latent_channels": 4, "block_out_channels": [32, 32], "layers_per_block": 1, "norm_num_groups": 8}))
+    out = tmp_path / "latent.npz"
+    code, err = run_main(capsys, "--weights", tmp_path / "latent.safetensors", "--vae", tmp_path / "vae",
+                         "--num", BATCH, "--workers", 1, "--out", out)
+    assert code == 0, err
+    model, vae = tl.load_dit(tmp_path / "latent.safetensors"), tl.load_vae(tmp_path / "vae")
+    idx = np.arange(BATCH)
+    z = tl.ddim_sample(model, noise.image_noise(SEED, idx, (4, 8, 8)), idx % 10, STEPS, CFG)
+    images, labels = read_samples(out)
+    assert images.shape == (BATCH, 16, 16, 3)
+    np.testing.assert_array_equal(images, adm_pixels(vae.decode(z / vae.config.scaling_factor)))
 
 
 def test_two_workers_write_the_same_bytes(clean, tmp_path, capsys):

@@ -512,7 +512,7 @@ def _check_args(args):
 
 
 def _load_client_side(args, steps):
-    """Load and check what the workers will load; returns (spec, model config, info lines)."""
+    """Load and check what the workers will load; returns (spec, info lines)."""
     from .io import load_dit, weights_hash
     from .lazy import GatesError, gates_file, load_gates
     from .sampling import check_labels
