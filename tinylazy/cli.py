@@ -46,6 +46,8 @@ COMMANDS = {
     "convert": ("tinylazy.convert", "convert a PyTorch checkpoint to safetensors (no PyTorch, no code from the file)"),
     "golden": ("tinylazy.golden", "golden traces: dump a sampling run, compare two, rewrite the checked-in ones"),
     "metrics": ("tinylazy.metrics", "sample a digits model and score it (Frechet distance, class accuracy)"),
+    "sample-many": ("tinylazy.sample_many", "sample N images on a Dask cluster into ADM's .npz (resumable, "
+                                            "the same file for any number of workers)"),
 }
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

@@ -24,7 +24,6 @@ the defaults were chosen and describes the file format for other languages.
 """
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from . import __version__, cli
 from .backend import to_numpy
 from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates, model_weights_hash
+from .lazy import DEFAULT_THRESHOLD, LazyStats, gates_hash, load_gates, model_weights_hash
 from .resources import DEFAULT_MODEL, weights_path
 from .sampling import check_cfg_scale, check_labels, check_steps, make_noise, sample_labels
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
@@ -48,14 +47,6 @@ DEFAULT_ATOL = 1e-7
 
 # ----------------------------------------------------------------------------
 # Recording a run
-
-def gates_hash(gates):
-    """sha256 of a LazyGates' timestep map and float32 gate vectors: which gates a lazy run used."""
-    h = hashlib.sha256(b"tinylazy-gates-v1\0")
-    for a in (gates.timestep_map.astype("<i8"), gates.attn.astype("<f4"), gates.mlp.astype("<f4")):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
 
 def model_meta(model, weights_file=None):
     return {"weights_hash": model_weights_hash(model), "file": os.path.basename(weights_file) if weights_file else None,

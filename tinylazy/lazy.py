@@ -21,8 +21,11 @@ and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D)), with metadata th
 ties them to one DiT (its weights hash), one step count and one timestep map.
 Training the gates is ``lazy_train.py``.
 """
+import glob
+import hashlib
 import json
 import numbers
+import os
 import re
 
 import numpy as np
@@ -51,12 +54,37 @@ _OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.wei
 _CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
 
 
+def gates_hash(gates):
+    """sha256 of a LazyGates' timestep map and float32 gate vectors: which gates a lazy run used."""
+    h = hashlib.sha256(b"tinylazy-gates-v1\0")
+    for a in (gates.timestep_map.astype("<i8"), gates.attn.astype("<f4"), gates.mlp.astype("<f4")):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def gates_file(weights_path, steps):
     """Where the gates of a weights file live: ``<weights stem>.gates-ddim<steps>.safetensors`` beside it."""
     stem = str(weights_path)
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     return f"{stem.rstrip('/')}.gates-ddim{int(steps)}.safetensors"
+
+
+def _gate_places(weights, steps):
+    """Where --lazy looks, in order: the current folder (what train-gates writes), then beside the weights."""
+    beside = gates_file(weights, steps)
+    return list(dict.fromkeys([os.path.basename(beside), beside]))
+
+
+def find_gates(weights, steps):
+    """The gates file --lazy uses for ``steps`` sampling steps, or None."""
+    return next((p for p in _gate_places(weights, steps) if os.path.isfile(p)), None)
+
+
+def gate_step_counts(weights):
+    """The step counts that gates exist for in those places (for error messages)."""
+    found = [f for p in _gate_places(weights, 0) for f in glob.glob(glob.escape(p[: -len("0.safetensors")]) + "*")]
+    return sorted({int(m.group(1)) for f in found if (m := re.search(r"ddim(\d+)\.safetensors$", f))})
 
 
 def model_weights_hash(model):

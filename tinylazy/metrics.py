@@ -32,6 +32,7 @@ from .data import load_digits_dataset
 from .optim import AdamW
 from .parallel import serial_blas
 from .resources import DEFAULT_MODEL
+from .samplefile import SampleFileError, read_samples, saved_uint8
 
 RECIPE = {
     "name": "digits-mlp", "version": 1, "data": "load_digits, 1x16x16 nearest, [-1, 1]",
@@ -266,9 +267,18 @@ def max_abs_diff(a, b):
 
 def as_saved_image(x):
     """The image a user gets, as the official ``sample_ddp.py`` saves it for FID:
-    ``clamp(127.5 x + 128, 0, 255).to(uint8)``, mapped back to [-1, 1] as u / 127.5 - 1."""
-    u = np.trunc(np.clip(127.5 * np.asarray(x, dtype=np.float64) + 128.0, 0.0, 255.0))
-    return u / 127.5 - 1.0
+    ``clamp(127.5 x + 128, 0, 255).to(uint8)`` (``samplefile.saved_uint8``), mapped back to
+    [-1, 1] as u / 127.5 - 1."""
+    return saved_uint8(x) / 127.5 - 1.0
+
+
+def load_npz_samples(path):
+    """A sample file of a digits model in ADM's format (``tinylazy.sample_many``):
+    (samples (N, 1, 16, 16) in [-1, 1], labels (N,)).  Raises SampleFileError."""
+    images, labels = read_samples(path, size=(16, 16))
+    if not (np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])):
+        raise SampleFileError(f"{path}: colour images; the digits judge takes grey ones (three equal channels)")
+    return images[:, None, :, :, 0] / 127.5 - 1.0, labels           # (N, H, W, 3) -> (N, 1, H, W)
 
 
 def evaluate(samples, labels, classifier=None, splits=10, seed=0):
@@ -315,6 +325,14 @@ def _table(rows):
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def _score_rows(res, splits):
+    return [("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {splits} splits)"),
+            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
+            ("FD ratio", f"{res['fd_ratio']:.3f}"),
+            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
+            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
+
+
 def add_arguments(p):
     n = cli.number
     p.add_argument("--weights", default=DEFAULT_MODEL,
@@ -334,6 +352,8 @@ def add_arguments(p):
     p.add_argument("--compare", default=None,
                    help="a --save file from the same --seed/--num: print PSNR and max |diff| against it")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON line too")
+    p.add_argument("--npz", default=None, help="score this sample file (ADM format: arr_0 images, arr_1 "
+                   "labels, as `tinylazy sample-many` writes it) instead of sampling")
 
 
 def _read_compare(args):
@@ -347,9 +367,27 @@ def _read_compare(args):
     return ref
 
 
+def score_npz(args):
+    """``--npz``: the numbers for a sample file of a digits model (ADM format)."""
+    cli.input_file(args.npz, "--npz")
+    try:
+        samples, labels = load_npz_samples(args.npz)
+    except SampleFileError as e:
+        raise cli.UsageError(str(e)) from None
+    if len(samples) < 4:
+        raise cli.UsageError(f"--npz {args.npz}: {len(samples)} samples, the Frechet distance needs at least 4")
+    res = evaluate(samples, labels, load_classifier(args.cache_dir, verbose=True), splits=args.splits)
+    print(_table([("samples", f"{args.npz} ({len(samples)})")] + _score_rows(res, args.splits)))
+    if args.json:
+        print(json.dumps(res))
+
+
 def run(args):
     from .io import load_dit, write_safetensors
     cli.require("sklearn", "tinylazy metrics (the real digits)")
+    if args.npz:
+        cli.output_folder(default_cache_dir() if args.cache_dir is None else args.cache_dir, "--cache-dir")
+        return score_npz(args)
     weights = cli.weights_input(args.weights)
     cli.input_file(args.compare, "--compare")
     if args.save:
@@ -368,12 +406,7 @@ def run(args):
     res = evaluate(samples, labels, clf, splits=args.splits)
     rows = [("weights", weights), ("sampler", f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, "
                                               f"seed {args.seed}, {args.dtype}"),
-            ("samples", f"{args.num} ({seconds:.1f} s)"),
-            ("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {args.splits} splits)"),
-            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
-            ("FD ratio", f"{res['fd_ratio']:.3f}"),
-            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
-            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
+            ("samples", f"{args.num} ({seconds:.1f} s)")] + _score_rows(res, args.splits)
     if ref is not None:
         if not np.array_equal(ref["labels"], labels):
             raise cli.UsageError(f"--compare {args.compare}: its labels are not this run's (labels 0..9 in turn)")

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import cli
 from .backend import MODEL_BACKENDS
+from .lazy import find_gates, gate_step_counts
 from .resources import DEFAULT_MODEL
 
 OFFICIAL_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]      # the official sample.py's labels
@@ -55,24 +56,6 @@ def add_arguments(p):
     p.add_argument("--gates", help="LazyDiT gates file to use instead (implies --lazy)")
 
 
-def _gate_places(weights, steps):
-    """Where --lazy looks, in order: the current folder (what train-gates writes), then beside the weights."""
-    from .lazy import gates_file
-    beside = gates_file(weights, steps)
-    return list(dict.fromkeys([os.path.basename(beside), beside]))
-
-
-def find_gates(weights, steps):
-    """The gates file --lazy uses for ``steps`` sampling steps, or None."""
-    return next((p for p in _gate_places(weights, steps) if os.path.isfile(p)), None)
-
-
-def _gate_step_counts(weights):
-    """The step counts that gates exist for in those places (for the error message)."""
-    found = [f for p in _gate_places(weights, 0) for f in glob.glob(glob.escape(p[: -len("0.safetensors")]) + "*")]
-    return sorted({int(m.group(1)) for f in found if (m := re.search(r"ddim(\d+)\.safetensors$", f))})
-
-
 def load_lazy_gates(args, path, model, steps):
     """The gates for --lazy / --gates, or None; a missing or unfitting file is a UsageError."""
     if not (args.lazy or args.gates):
@@ -80,7 +63,7 @@ def load_lazy_gates(args, path, model, steps):
     import tinylazy as tl
     gpath = args.gates or find_gates(path, steps)
     if gpath is None:
-        have = ", ".join(map(str, _gate_step_counts(path)))
+        have = ", ".join(map(str, gate_step_counts(path)))
         raise cli.UsageError(
             f"no LazyDiT gates for {steps} steps of {args.weights} in the current folder or beside the weights "
             f"({'gates exist for --steps ' + have if have else 'no gates for these weights'}); train them: "

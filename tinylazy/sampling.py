@@ -92,23 +92,31 @@ def _check_noise(model, noise, batch):
 
 
 def _noise_source(step_noise, shape, model, num_steps, who):
-    """Per-step noise draw(k) from an int seed, a NumPy Generator or a list of num_steps arrays."""
+    """Per-step noise draw(k) from an int seed, a NumPy Generator, a list of num_steps arrays or a
+    function k -> array (k = 0 the first step)."""
     xp, dtype = model.xp, model.dtype
     if step_noise is None:
         raise ValueError(f"{who} draws fresh noise every step: pass step_noise=<int seed | "
-                         f"numpy Generator | list of {num_steps} arrays of shape {shape}>")
+                         f"numpy Generator | list of {num_steps} arrays of shape {shape} | function of the step>")
     if isinstance(step_noise, numbers.Integral):
         step_noise = np.random.default_rng(step_noise)
     if isinstance(step_noise, np.random.Generator):
         rng = step_noise
         return lambda k: xp.asarray(rng.standard_normal(shape).astype(dtype))
+    if callable(step_noise):
+        return lambda k: xp.asarray(_check_shape(step_noise(k), shape, f"step_noise({k})"), dtype=dtype)
     arrays = list(step_noise)
     if len(arrays) != num_steps:
         raise ValueError(f"step_noise has {len(arrays)} arrays, expected one per step ({num_steps})")
     for k, a in enumerate(arrays):
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"step_noise[{k}] has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        _check_shape(a, shape, f"step_noise[{k}]")
     return lambda k: xp.asarray(arrays[k], dtype=dtype)
+
+
+def _check_shape(a, shape, name):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
 
 
 class HostLatents:
@@ -246,9 +254,10 @@ def ddpm_sample(model, noise, labels, steps=250, cfg_scale=1.0, step_noise=None,
                 progress=False, callback=None, guide_channels=3, clip_denoised=False):
     """Ancestral sampling (ADM ``p_sample_loop``, the official sampler, 250 steps by default).
 
-    Arguments as ``ddim_sample``; ``step_noise`` is required (int seed, NumPy Generator or a
-    list of one (B, C, H, W) array per step; one is drawn at every step, the last one unused
-    as in ADM, which draws noise at t == 0 and masks it).  callback info also has log_variance.
+    Arguments as ``ddim_sample``; ``step_noise`` is required (int seed, NumPy Generator, a
+    list of one (B, C, H, W) array per step or a function of the step k; one is drawn at
+    every step, the last one unused as in ADM, which draws noise at t == 0 and masks it).
+    callback info also has log_variance.
     """
     step = lambda d, out, x, i, z: ddpm_step(d, out, x, i, z, clip_denoised)
     return _sample_loop("DDPM", step, model, noise, labels, steps, cfg_scale, guide_channels,
