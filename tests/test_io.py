@@ -150,13 +150,71 @@ F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), None, "tensor 'a': bad shape"),
     ({"a": {"dtype": "F32"}}, b"", None, "tensor 'a': header entry needs"),
     ({"__metadata__": {"n": 1}}, b"", None, "__metadata__ must map strings to strings"),
+    ({"__metadata__": []}, b"", None, "__metadata__ must map strings to strings"),
     ([1, 2], b"", None, "not a JSON object"),
+    ({"a": dict(F32_4, extra=1)}, bytes(16), None, "tensor 'a': header entry needs exactly dtype, shape"),
+    ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, bytes(16), None, "tensor 'a': unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [1] * 33, "data_offsets": [0, 4]}}, bytes(4), None, "tensor 'a': bad shape"),
+    (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, NaN]}}', bytes(16), None, "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, b"", None, "nested too deeply"),
+    (b'{"a": 1' + b"1" * 5000 + b"}", b"", None, "not valid JSON"),
+    (b'{"\xff": 1}', b"", None, "not valid JSON"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16), None,
+     "8 bytes after the last tensor belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), None,
+     "8 bytes at the start of the data belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, bytes(16), None,
+     "4 bytes after tensor 'a' belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, bytes(16), None, "tensors 'a' and 'e' overlap"),
 ])
 def test_malformed_headers(tmp_path, header, data, header_len, match):
     p = craft(tmp_path / "bad.safetensors", header, data, header_len)
     with pytest.raises(WeightsError, match=match) as e:
         read_safetensors(p)
     assert str(p) in str(e.value)
+
+
+def test_a_shifted_header_length_is_refused_not_read_at_the_wrong_offset(tmp_path):
+    """Lowering the length into the header's space padding still parses as JSON; the data area then starts
+    k bytes early and ends k bytes before the file does: refused, as the safetensors library refuses it."""
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, {"b": np.arange(3, dtype=np.float32)}, {"pad": "x"})   # 8-byte padded header
+    raw = bytearray(p.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 + n - 1:8 + n] == b" "
+    for k in range(1, raw[8:8 + n].count(b" ") + 1):
+        shifted = tmp_path / f"s{k}.safetensors"
+        shifted.write_bytes((n - k).to_bytes(8, "little") + raw[8:])
+        with pytest.raises(WeightsError, match=f"{k} bytes after the last tensor belong to no tensor"):
+            read_safetensors(shifted)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)                                    # no writer: opening it the usual way blocks forever
+    with pytest.raises(WeightsError, match="is a FIFO, not a regular file"):
+        read_safetensors(fifo)
+    with pytest.raises(WeightsError, match="is a folder, not a regular file"):
+        io.SafetensorsFile(tmp_path)
+    with pytest.raises(WeightsError, match="is a device, not a regular file"):
+        read_safetensors("/dev/zero")
+
+
+def test_header_size_and_entry_count_are_bounded_by_the_data(tmp_path):
+    big = tmp_path / "big.safetensors"
+    n = (8 << 20) + 8
+    with open(big, "wb") as f:
+        f.write(n.to_bytes(8, "little"))
+        f.truncate(8 + n + 100)                        # sparse: a header of zeros, 100 bytes of "data"
+    with pytest.raises(WeightsError, match="header of 8388616 bytes for only 100 bytes of tensor data"):
+        read_safetensors(big)
+    empty = {f"e{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(2000)}
+    with pytest.raises(WeightsError, match="more than 1024 header entries for 0 bytes of tensor data"):
+        read_safetensors(craft(tmp_path / "empty.safetensors", empty))
+    few = dict(list(empty.items())[:1024])
+    assert len(read_safetensors(craft(tmp_path / "few.safetensors", few))[0]) == 1024
 
 
 def test_truncated_and_tiny_files(tmp_path):

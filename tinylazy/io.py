@@ -20,6 +20,7 @@ import math
 import os
 import re
 import secrets
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +37,79 @@ class WeightsError(ValueError):
 
 
 # ----------------------------------------------------------------------------
+# Files from outside: regular files only, JSON that cannot blow up
+
+def open_regular(path, error=WeightsError):
+    """``path`` opened for unbuffered binary reading if it is a regular file, else ``error``.
+
+    Opened with O_NONBLOCK, so a FIFO (or a device) is refused at once instead of
+    blocking on a writer that never comes; for a regular file the flag changes nothing.
+    """
+    path = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular file")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(text, where, error=WeightsError):
+    """JSON from a file (str or UTF-8 bytes) -> value; every failure is one ``error`` naming ``where``.
+
+    Refused as well as malformed JSON: NaN / Infinity (not JSON), integers longer
+    than Python's 4300-digit limit, invalid UTF-8 and nesting deeper than the
+    interpreter's recursion limit (a RecursionError caught here, never a crash).
+    """
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:                                 # JSONDecodeError, UnicodeDecodeError, int limits
+        raise error(f"{where}: not valid JSON ({_short(e)})") from None
+
+
+def read_json_file(path, error=WeightsError, max_bytes=1 << 20):
+    """A small JSON file (config.json, an index, a tolerances table): regular, at most
+    ``max_bytes``, valid JSON; anything else is one ``error`` naming the file."""
+    with open_regular(path, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"{os.fspath(path)}: {size} bytes, more than the {max_bytes}-byte limit for this JSON file")
+        raw = f.read(max_bytes + 1)
+    return parse_json(raw, os.fspath(path), error)
+
+
+def _short(e, limit=200):
+    s = str(e)
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def describe_value(v, limit=200):
+    """A short, safe description of a value from a file, for error messages (never a deep repr)."""
+    if isinstance(v, (bool, int, float)) or v is None:
+        s = repr(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else f"an integer of {len(str(abs(v)))} digits"
+    elif isinstance(v, str):
+        s = repr(v[:limit]) + ("..." if len(v) > limit else "")
+    else:
+        s = f"a {type(v).__name__}" + (f" of {len(v)} items" if isinstance(v, (list, dict, tuple)) else "")
+    return s
+
+
+# ----------------------------------------------------------------------------
 # The safetensors format
 
 # safetensors dtype -> dtype of the stored bytes.  BF16 has no NumPy dtype: its
@@ -49,6 +123,12 @@ _RAW = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in _RAW.items() if k != "BF16"}
 _MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+# Parsing JSON costs up to ~14x its bytes of memory: a header over _FREE_HEADER must
+# be paid for by at least as many bytes of tensor data (a real file's header is a
+# small fraction of its data: 0.1% for the bundled DiT, ~1.4x for a strided trace).
+_FREE_HEADER = 8 << 20
+_EMPTY_ENTRIES = 1024            # header objects allowed beyond one per byte of tensor data
+_MAX_NDIM = 32
 _CHUNK = 16 << 20                # bytes per chunk when converting f16/bf16 on the fly
 
 
@@ -60,25 +140,44 @@ class TensorInfo:
     end: int
 
 
-def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise WeightsError(f"duplicate name {k!r} in the header")
-        seen[k] = v
-    return seen
+class _HeaderObjects:
+    """``object_pairs_hook`` of the header parse: refuses duplicate names, and stops the parse
+    as soon as there are more objects than the data can back (so a header of a million
+    empty entries costs microseconds, not gigabytes)."""
+
+    def __init__(self, limit, data_bytes):
+        self.count, self.limit, self.data_bytes = 0, limit, data_bytes
+
+    def __call__(self, pairs):
+        self.count += 1
+        if self.count > self.limit:
+            raise WeightsError(f"more than {self.limit - 2} header entries for {self.data_bytes} bytes of tensor "
+                               f"data (every tensor but {_EMPTY_ENTRIES} empty ones holds at least one byte)")
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise WeightsError(f"duplicate name {describe_value(k)} in the header")
+            seen[k] = v
+        return seen
 
 
 class SafetensorsFile:
     """A validated safetensors file; ``read(name)`` reads one tensor.
 
-    Opening parses and checks the whole header (length, JSON, dtypes, shapes,
-    offsets in range, no overlaps) and reads no tensor data.
+    Opening checks the whole header and reads no tensor data: a regular file; the
+    header length within the file and within 100 MiB (and, above 8 MiB, no larger
+    than the data it describes); valid JSON with no duplicate names and at most one
+    entry per data byte (plus 1024 empty tensors); known dtypes; shapes that match
+    their byte spans; and a data area covered exactly, as the safetensors library
+    requires: sorted by offset the tensors start at the end of the header, each
+    begins where the previous one ended, and the last ends at the end of the file
+    (no gap, no overlap, no trailing bytes, so a header length that is off by a
+    few bytes cannot shift every read).
     """
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self._f = open(self.path, "rb", buffering=0)
+        self._f = open_regular(self.path)
         try:
             self.metadata, self.entries = self._parse_header()
         except BaseException:
@@ -92,66 +191,92 @@ class SafetensorsFile:
         size = os.fstat(self._f.fileno()).st_size
         if size < 8:
             raise self._error(f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-        n = int.from_bytes(self._f.read(8), "little")
+        head = bytearray(8)
+        self._pread(0, head)
+        n = int.from_bytes(head, "little")
         if n > size - 8:
             raise self._error(f"header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
         if n > _MAX_HEADER:
             raise self._error(f"header length {n} exceeds the {_MAX_HEADER}-byte limit")
-        raw = self._f.read(n)
+        data_start, data_bytes = 8 + n, size - 8 - n
+        if n > _FREE_HEADER and n > data_bytes:
+            raise self._error(f"header of {n} bytes for only {data_bytes} bytes of tensor data (a header over "
+                              f"{_FREE_HEADER >> 20} MiB may not be larger than the data it describes)")
+        raw = bytearray(n)
+        self._pread(8, raw)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_HeaderObjects(data_bytes + _EMPTY_ENTRIES + 2, data_bytes),
+                                parse_constant=_no_constant)
         except WeightsError as e:
             raise self._error(str(e)) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._error(f"header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise self._error("header JSON nested too deeply") from None
+        except ValueError as e:                             # JSONDecodeError, UnicodeDecodeError, int limits
+            raise self._error(f"header is not valid JSON ({_short(e)})") from None
+        del raw
         if not isinstance(header, dict):
             raise self._error("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise self._error("__metadata__ must map strings to strings")
-        data_start = 8 + n
-        entries = {}
-        for name, e in header.items():
-            entries[name] = self._parse_entry(name, e, data_start, size)
-        spans = sorted((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin)
-        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise self._error(f"tensors {k0!r} and {k1!r} overlap "
-                                  f"(bytes {b0 - data_start}..{e0 - data_start} and {b1 - data_start}..{e1 - data_start})")
+        entries = {name: self._parse_entry(name, e, data_start, size) for name, e in header.items()}
+        self._check_coverage(entries, data_start, size)
         return metadata, entries
 
     def _parse_entry(self, name, e, data_start, size):
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
-            raise self._error(f"tensor {name!r}: header entry needs dtype, shape and data_offsets, got {e!r}")
+        what = f"tensor {describe_value(name)}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            keys = sorted(map(str, e))[:5] if isinstance(e, dict) else describe_value(e)
+            raise self._error(f"{what}: header entry needs exactly dtype, shape and data_offsets, got {keys}")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in _RAW:
-            raise self._error(f"tensor {name!r}: unknown dtype {dtype!r} (known: {', '.join(_RAW)})")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise self._error(f"tensor {name!r}: bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in _RAW:
+            raise self._error(f"{what}: unknown dtype {describe_value(dtype)} (known: {', '.join(_RAW)})")
+        if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
+                or not all(type(s) is int and s >= 0 for s in shape)):
+            raise self._error(f"{what}: bad shape {describe_value(shape)} (a list of at most {_MAX_NDIM} "
+                              f"integers >= 0)")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-            raise self._error(f"tensor {name!r}: bad data_offsets {offsets!r}")
+            raise self._error(f"{what}: bad data_offsets {describe_value(offsets)}")
         nbytes = math.prod(shape) * _RAW[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise self._error(f"tensor {name!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+            raise self._error(f"{what}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
                               f"but shape {tuple(shape)} of {dtype} needs {nbytes}")
         begin, end = data_start + offsets[0], data_start + offsets[1]
         if end > size:
-            raise self._error(f"tensor {name!r} ends at byte {end} but the file has {size} bytes: "
+            raise self._error(f"{what} ends at byte {end} but the file has {size} bytes: "
                               f"data offsets out of range (truncated file?)")
         return TensorInfo(dtype, tuple(shape), begin, end)
+
+    def _check_coverage(self, entries, data_start, size):
+        """Sorted by offset, the tensors tile the data area exactly (safetensors' own rule)."""
+        at, prev = data_start, None
+        for begin, end, name in sorted((e.begin, e.end, k) for k, e in entries.items()):
+            if begin != at:
+                where = f"after tensor {describe_value(prev)}" if prev is not None else "at the start of the data"
+                if begin < at:
+                    raise self._error(f"tensors {describe_value(prev)} and {describe_value(name)} overlap "
+                                      f"(bytes {begin - data_start}..{end - data_start} begin before byte "
+                                      f"{at - data_start})")
+                raise self._error(f"{begin - at} bytes {where} belong to no tensor (data byte "
+                                  f"{at - data_start}): the data area must be covered exactly")
+            at, prev = end, name
+        if at != size:
+            raise self._error(f"{size - at} bytes after the last tensor belong to no tensor (a header length "
+                              f"that is off, or trailing data): the data area must be covered exactly")
 
     # -- reading ----------------------------------------------------------------
     def keys(self):
         return list(self.entries)
 
-    def read(self, name, dtype=None, out=None):
+    def read(self, name, dtype=None, out=None, finite=True):
         """Read tensor ``name``.
 
         Float tensors are converted to ``dtype`` (None keeps F64/F32/F16 and widens
         BF16 to float32; the widening of F16/BF16 is exact); integer and bool tensors
         are returned as stored.  ``out``: a C-contiguous array of the tensor's shape
-        to fill instead of allocating.  NaN or Inf in a float tensor is an error.
+        to fill instead of allocating.  NaN or Inf in a float tensor is an error
+        unless ``finite`` is False (traces keep them).
         """
         if name not in self.entries:
             raise self._error(f"no tensor {name!r}")
@@ -178,7 +303,7 @@ class SafetensorsFile:
                 m = min(step, flat.size - i)
                 self._pread(e.begin + i * raw.itemsize, buf[:m].view(np.uint8))
                 flat[i:i + m] = _widen(buf[:m], e.dtype)
-        if e.dtype in FLOAT_DTYPES and not np.isfinite(flat).all():
+        if finite and e.dtype in FLOAT_DTYPES and not np.isfinite(flat).all():
             raise self._error(f"tensor {name!r} contains NaN or Inf")
         return out
 
@@ -253,6 +378,10 @@ def write_safetensors(path, tensors, metadata=None, progress=None):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)                       # data starts 8-byte aligned, as safetensors does
+    if len(head) > _MAX_HEADER or (len(head) > _FREE_HEADER and len(head) > offset) \
+            or len(layout) > offset + _EMPTY_ENTRIES:
+        raise WeightsError(f"{path}: a header of {len(head)} bytes and {len(layout)} tensors for {offset} bytes of "
+                           f"data is more than SafetensorsFile reads back (see its limits)")
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "xb") as f:
