@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -435,15 +436,18 @@ _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 class _Layout:
     """The tensors of one model, in the official or the diffusers layout, and hints for its config."""
 
-    def __init__(self, label, files, config_json=None):
+    def __init__(self, label, files, config_json=None, weight_map=None):
         self.label = label
         self.files = files
         self.where = {}
         for f in files:
             for k in f.entries:
                 if k in self.where:
-                    raise WeightsError(f"{label}: tensor {k!r} appears in both {self.where[k].path} and {f.path}")
+                    raise WeightsError(f"{label}: tensor {describe_value(k)} appears in both {self.where[k].path} "
+                                       f"and {f.path}")
                 self.where[k] = f
+        if weight_map is not None:
+            _check_weight_map(label, weight_map, self.where)
         self.diffusers = any(k.startswith("transformer_blocks.") for k in self.where)
         self.config_json = config_json or {}
         # diffusers does not store pos_embed (it is a recomputed buffer); compute it as the official code does.
@@ -483,26 +487,59 @@ class _Layout:
             return tuple(shapes)                              # parts that cannot be stacked: reported as is
         return (sum(s[0] for s in shapes),) + shapes[0][1:]
 
+    def tensor_bytes(self):
+        return sum(e.end - e.begin for f in self.files for e in f.entries.values())
+
     def depth(self):
+        """The number of transformer blocks.  Their indices must run 0..N-1 without holes, so N
+        is at most the number of tensors present, whatever numbers the names carry."""
         prefix = "transformer_blocks" if self.diffusers else "blocks"
-        idx = [int(m.group(1)) for k in self.where for m in [re.match(prefix + r"\.(\d+)\.", k)] if m]
-        return max(idx) + 1 if idx else 0
+        pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+        idx = set()
+        for k in self.where:
+            m = pattern.match(k)
+            if m:
+                if len(m.group(1)) > 6:
+                    raise WeightsError(f"{self.label}: {describe_value(k)}: block index {m.group(1)[:12]}... "
+                                       f"is not a plausible block number")
+                idx.add(int(m.group(1)))
+        holes = set(range(len(idx))) - idx
+        if holes:
+            shown = ", ".join(map(str, sorted(idx)[:6])) + (f", ... ({len(idx)} indices)" if len(idx) > 6 else "")
+            raise WeightsError(f"{self.label}: {prefix} are numbered {shown}: block indices must run 0..N-1 "
+                               f"without holes (no {prefix}.{min(holes)}.*)")
+        return len(idx)
+
+    def stated_configs(self):
+        """(where, dict) of each JSON 'config' in the files' metadata (``save_dit`` writes one)."""
+        out = []
+        for f in self.files:
+            if "config" in f.metadata:
+                where = f"{f.path}: metadata 'config'"
+                cfg = parse_json(f.metadata["config"], where)
+                if not isinstance(cfg, dict):
+                    raise WeightsError(f"{where} is {describe_value(cfg)}, not a JSON object")
+                out.append((where, cfg))
+        return out
 
     def heads_hints(self):
-        """(where it came from, value) candidates for num_heads, in order of preference."""
+        """(where it came from, value) of every num_heads the files state: metadata, the metadata
+        config, diffusers' config.json; they must agree (an edited file that contradicts itself
+        is damaged)."""
         hints = []
         for f in self.files:
             if "num_heads" in f.metadata:
-                hints.append((f"{f.path} metadata 'num_heads'", f.metadata["num_heads"]))
-            if "config" in f.metadata:
-                try:
-                    cfg = json.loads(f.metadata["config"])
-                except json.JSONDecodeError:
-                    raise WeightsError(f"{f.path}: metadata 'config' is not valid JSON") from None
-                if isinstance(cfg, dict) and "num_heads" in cfg:
-                    hints.append((f"{f.path} metadata 'config'", cfg["num_heads"]))
+                where = f"{f.path}: metadata 'num_heads'"
+                hints.append((where, _int_value(where, f.metadata["num_heads"], 1, _MAX_HEADS, text=True)))
+        for where, cfg in self.stated_configs():
+            if "num_heads" in cfg:
+                hints.append((where, _int_value(f"{where} num_heads", cfg["num_heads"], 1, _MAX_HEADS)))
         if "num_attention_heads" in self.config_json:
-            hints.append(("diffusers config.json", self.config_json["num_attention_heads"]))
+            where = f"{self.label}: diffusers config.json 'num_attention_heads'"
+            hints.append((where, _int_value(where, self.config_json["num_attention_heads"], 1, _MAX_HEADS)))
+        if len({v for _, v in hints}) > 1:
+            raise WeightsError(f"{self.label}: the file states different head counts: "
+                               + ", ".join(f"{w.rsplit(': ', 1)[-1]} = {v}" for w, v in hints))
         return hints
 
     def read(self, name, shape, dtype):
@@ -520,30 +557,62 @@ class _Layout:
         return out
 
 
+_MAX_HEADS = 1 << 16
+_MAX_INPUT_SIZE = 1024           # latent (or pixel) side of a DiT input: 128 = 1024-pixel images with the SD VAE
+
+
+def _int_value(where, value, lo, hi, text=False):
+    """An integer stated by a file, in [lo, hi]: a JSON integer (not a bool or a float), or with
+    ``text`` a metadata string of decimal digits."""
+    if text and isinstance(value, str) and re.fullmatch(r"[0-9]{1,18}", value):
+        value = int(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    if type(value) is not int or not lo <= value <= hi:
+        raise WeightsError(f"{where} is {describe_value(value)}, not an integer in {lo}..{hi}")
+    return value
+
+
+def _check_weight_map(label, weight_map, where):
+    """A sharded index must list exactly the tensors the shards hold, each in the shard that holds it."""
+    problems = []
+    for k, shard in weight_map.items():
+        if k not in where:
+            problems.append(f"{describe_value(k)} is listed in {shard} but no shard holds it")
+        elif os.path.basename(where[k].path) != shard:
+            problems.append(f"{describe_value(k)} is listed in {shard} but held by {os.path.basename(where[k].path)}")
+        if len(problems) >= 3:
+            break
+    unlisted = [k for k in where if k not in weight_map]
+    if unlisted:
+        problems.append(f"{len(unlisted)} tensors in the shards are not in the index, e.g. {describe_value(unlisted[0])}")
+    if problems:
+        raise WeightsError(f"{label}: the index does not match its shards: " + "; ".join(problems))
+
+
 def _open_layout(path):
     """A file (official or diffusers keys), a diffusers model/pipeline folder, or a folder with one file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or folder")
-    config_json = None
+    config_json, weight_map = None, None
     if os.path.isdir(path):
         root = path
         if os.path.isfile(os.path.join(path, "transformer", "config.json")):
             root = os.path.join(path, "transformer")                  # a diffusers pipeline folder
         if os.path.isfile(os.path.join(root, "config.json")):
-            with open(os.path.join(root, "config.json")) as f:
-                try:
-                    config_json = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise WeightsError(f"{root}/config.json is not valid JSON ({e})") from None
-        names = _weight_files(root)
+            config_json = read_json_file(os.path.join(root, "config.json"))
+            if not isinstance(config_json, dict):
+                raise WeightsError(f"{os.path.join(root, 'config.json')}: {describe_value(config_json)}, "
+                                   f"not a JSON object")
+        names, weight_map = _weight_files(root)
     else:
         names = [path]
     files = []
     try:
         for n in names:
             files.append(SafetensorsFile(n))
-        return _Layout(path, files, config_json)
+        return _Layout(path, files, config_json, weight_map)
     except BaseException:
         for f in files:
             f.close()
@@ -551,27 +620,49 @@ def _open_layout(path):
 
 
 def _weight_files(root):
+    """-> (paths of the weight files in ``root``, the sharded index's weight_map or None)."""
     index = os.path.join(root, _DIFFUSERS_WEIGHTS + ".index.json")
     if os.path.isfile(os.path.join(root, _DIFFUSERS_WEIGHTS)):
-        return [os.path.join(root, _DIFFUSERS_WEIGHTS)]
+        return [os.path.join(root, _DIFFUSERS_WEIGHTS)], None
     if os.path.isfile(index):                                          # sharded diffusers weights
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(root, s) for s in shards]
+        return _shards(root, index)
     found = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
     if len(found) != 1:
         bins = sorted(n for n in os.listdir(root) if n.endswith((".bin", ".pt", ".pth")))
         hint = f"; convert {bins[0]} with python -m tinylazy.convert" if bins and not found else ""
         raise WeightsError(f"{root}: expected one .safetensors file (or a diffusers {_DIFFUSERS_WEIGHTS}), "
                            f"found {found or 'none'}{hint}")
-    return [os.path.join(root, found[0])]
+    return [os.path.join(root, found[0])], None
+
+
+def _shards(root, index):
+    """The shard files a diffusers index names: plain file names inside the model folder only
+    (no absolute path, no ``..``, no folder, no symlink that leads out of it)."""
+    idx = read_json_file(index, max_bytes=16 << 20)
+    weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise WeightsError(f"{index}: needs a non-empty 'weight_map' object mapping tensor names to shard file names")
+    real_root = os.path.realpath(root)
+    paths = []
+    for shard in sorted(set(weight_map.values())):
+        if (shard in ("", ".", "..") or os.path.basename(shard) != shard or "/" in shard or "\\" in shard
+                or "\0" in shard or not shard.endswith(".safetensors")):
+            raise WeightsError(f"{index}: shard {describe_value(shard)} is not a .safetensors file name in the "
+                               f"model folder (shards may not name other folders)")
+        p = os.path.join(root, shard)
+        if os.path.dirname(os.path.realpath(p)) != real_root:
+            raise WeightsError(f"{index}: shard {describe_value(shard)} leads outside the model folder {root}")
+        paths.append(p)
+    return paths, weight_map
 
 
 # ----------------------------------------------------------------------------
 # Configuration inference and validation
 
 def _infer_config(layout, num_heads=None):
-    """DiTConfig from the tensor shapes (and, for num_heads only, metadata or the width table)."""
+    """DiTConfig from the tensor shapes (num_heads: the argument, the files or the width table);
+    what the files state about the configuration must agree with the shapes."""
     label = layout.label
 
     def need(name, ndim):
@@ -585,6 +676,7 @@ def _infer_config(layout, num_heads=None):
     D, C, p, p2 = need("x_embedder.proj.weight", 4)
     if p != p2:
         raise WeightsError(f"{label}: 'x_embedder.proj.weight' has a non-square {p}x{p2} kernel")
+    stated = layout.stated_configs()
     if layout.shape("pos_embed") is not None:
         _, N, _ = need("pos_embed", 3)
         grid = math.isqrt(N)
@@ -592,7 +684,16 @@ def _infer_config(layout, num_heads=None):
             raise WeightsError(f"{label}: 'pos_embed' has {N} tokens, not a square grid")
         input_size = grid * p
     elif "sample_size" in layout.config_json:
-        input_size = int(layout.config_json["sample_size"])
+        input_size = _int_value(f"{label}: diffusers config.json 'sample_size'", layout.config_json["sample_size"],
+                                1, _MAX_INPUT_SIZE)
+        if input_size % p:
+            raise WeightsError(f"{label}: diffusers config.json 'sample_size' {input_size} is not a multiple of "
+                               f"the patch size {p}")
+        pos_bytes = (input_size // p) ** 2 * D * 4
+        if pos_bytes > layout.tensor_bytes():
+            raise WeightsError(f"{label}: diffusers config.json 'sample_size' {input_size} would make a "
+                               f"{pos_bytes}-byte pos_embed, more than all the weights ({layout.tensor_bytes()} "
+                               f"bytes): not this model's input size")
     else:
         raise WeightsError(f"{label}: cannot infer the input size: no 'pos_embed' tensor and no config.json sample_size")
     depth = layout.depth()
@@ -605,28 +706,61 @@ def _infer_config(layout, num_heads=None):
     if rem or out_channels not in (C, 2 * C):
         raise WeightsError(f"{label}: 'final_layer.linear.weight' has {out_rows} rows; expected "
                            f"{p}*{p}*{2 * C} (learned sigma) or {p}*{p}*{C}")
+    dropout = 0.1                                     # official: > 0, so the table has a null row
+    for where, cfg in stated:
+        if "class_dropout_prob" in cfg:
+            dropout = cfg["class_dropout_prob"]
+            if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+                raise WeightsError(f"{where} class_dropout_prob is {describe_value(dropout)}, not a number in [0, 1)")
     heads = _resolve_heads(layout, D, num_heads)
     try:
         cfg = DiTConfig(input_size=input_size, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
-                        num_heads=heads, mlp_ratio=F / D, num_classes=rows - 1,
-                        learn_sigma=out_channels == 2 * C).validate()
+                        num_heads=heads, mlp_ratio=F / D, num_classes=rows - (1 if dropout > 0 else 0),
+                        learn_sigma=out_channels == 2 * C, class_dropout_prob=float(dropout)).validate()
     except ValueError as e:
         raise WeightsError(f"{label}: {e}") from None
     if cfg.mlp_hidden != F:
         raise WeightsError(f"{label}: MLP width {F} is not representable as hidden {D} x mlp_ratio")
+    _check_stated(layout, cfg, stated)
     return cfg
 
 
+def _check_stated(layout, cfg, stated):
+    """The metadata 'config' (save_dit) and diffusers' config.json must agree with the shapes."""
+    problems = []
+    for where, d in stated:
+        for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_classes"):
+            if key in d and not (type(d[key]) is int and d[key] == getattr(cfg, key)):
+                problems.append(f"{where} {key} is {describe_value(d[key])}, the tensors give {getattr(cfg, key)}")
+        if "learn_sigma" in d and d["learn_sigma"] is not cfg.learn_sigma:
+            problems.append(f"{where} learn_sigma is {describe_value(d['learn_sigma'])}, the tensors give "
+                            f"{cfg.learn_sigma}")
+        r = d.get("mlp_ratio", cfg.mlp_ratio)
+        width = cfg.hidden_size * r if type(r) in (int, float) else math.nan
+        if not math.isfinite(width) or int(width) != cfg.mlp_hidden:
+            problems.append(f"{where} mlp_ratio is {describe_value(r)}, the tensors give an MLP width "
+                            f"of {cfg.mlp_hidden} = {cfg.hidden_size} x {cfg.mlp_ratio:g}")
+    cj, where = layout.config_json, f"{layout.label}: diffusers config.json"
+    expect = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth,
+              "patch_size": cfg.patch_size, "sample_size": cfg.input_size, "num_embeds_ada_norm": cfg.num_classes}
+    for key, want in expect.items():
+        if cj.get(key) is not None and not (type(cj[key]) is int and cj[key] == want):
+            problems.append(f"{where} {key} is {describe_value(cj[key])}, the tensors give {want}")
+    if cj.get("attention_head_dim") is not None and not (
+            type(cj["attention_head_dim"]) is int and cj["attention_head_dim"] * cfg.num_heads == cfg.hidden_size):
+        problems.append(f"{where} attention_head_dim is {describe_value(cj['attention_head_dim'])}, the tensors "
+                        f"give {cfg.hidden_size} / {cfg.num_heads} heads")
+    if problems:
+        raise WeightsError(f"{layout.label}: the stated configuration contradicts the tensors: " + "; ".join(problems))
+
+
 def _resolve_heads(layout, D, num_heads):
-    """num_heads: the argument, then file metadata, then diffusers' config.json, then the official widths."""
-    candidates = [("num_heads argument", num_heads)] if num_heads is not None else []
-    candidates += layout.heads_hints()
-    for source, value in candidates:
-        try:
-            heads = int(value)
-        except (TypeError, ValueError):
-            raise WeightsError(f"{layout.label}: {source} is {value!r}, not an integer") from None
-        if heads < 1 or D % heads:
+    """num_heads: the argument, else what the files state (metadata, config.json), else the official widths."""
+    hints = layout.heads_hints()
+    candidates = [("num_heads argument", _int_value("num_heads argument", num_heads, 1, _MAX_HEADS))] \
+        if num_heads is not None else hints
+    for source, heads in candidates[:1]:
+        if D % heads:
             raise WeightsError(f"{layout.label}: {source} = {heads} does not divide hidden size {D}")
         return heads
     if D in HEADS_BY_WIDTH:
@@ -661,7 +795,7 @@ def _validate(layout, cfg):
         elif ref in layout.where and layout.where[key].entries[key].shape != layout.where[ref].entries[ref].shape:
             misshaped.append(f"{key}: {layout.where[key].entries[key].shape}, expected {ref}'s "
                              f"{layout.where[ref].entries[ref].shape}")
-    unexpected = sorted(set(layout.where) - used)
+    unexpected = sorted(k if len(k) <= 200 else k[:200] + "..." for k in set(layout.where) - used)
     nonfloat = sorted(f"{k} ({layout.where[k].entries[k].dtype})" for k in used
                       if k in layout.where and layout.where[k].entries[k].dtype not in FLOAT_DTYPES)
     problems = [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -693,11 +827,30 @@ def _iter_params(layout, cfg, dtype):
 # ----------------------------------------------------------------------------
 # Content hash
 
+def config_identity(cfg):
+    """The configuration as the weights hash covers it: every field that changes what the
+    weights compute, as canonical JSON (sorted keys, no spaces).  The MLP width stands for
+    mlp_ratio and null_class for class_dropout_prob > 0 (what they decide), so two configs
+    that build the same network have the same identity."""
+    d = {"input_size": int(cfg.input_size), "patch_size": int(cfg.patch_size), "in_channels": int(cfg.in_channels),
+         "hidden_size": int(cfg.hidden_size), "depth": int(cfg.depth), "num_heads": int(cfg.num_heads),
+         "mlp_hidden": int(cfg.mlp_hidden), "num_classes": int(cfg.num_classes),
+         "learn_sigma": bool(cfg.learn_sigma), "null_class": bool(cfg.class_dropout_prob > 0)}
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
 class _WeightsHasher:
-    """sha256 over (name, shape, float32 little-endian values) of each tensor, in name order.
+    """The weights hash, defined here only (docs/golden.md describes it for ports):
+
+        tensors = sha256("tinylazy-weights-v1\\0" + for each tensor in name order:
+                         name "\\0" shape as comma-separated decimals "\\0" float32 little-endian values)
+        weights_hash = sha256("tinylazy-weights-v2\\0" + config_identity(config) + "\\0" + tensors digest)
 
     The values are hashed at float32 precision, so a model keeps its hash across
-    formats (official / diffusers, bf16 / fp16 upcasts) and load dtypes.
+    formats (official / diffusers, bf16 / fp16 upcasts) and load dtypes; the config
+    (num_heads included, which no tensor shape shows) is part of it, so an edited
+    configuration changes the hash.  The tensors digest alone is what tinylazy
+    recorded as ``weights_hash`` before the config was covered (v1).
     """
 
     def __init__(self):
@@ -708,25 +861,31 @@ class _WeightsHasher:
         self._h.update(f"{name}\0{','.join(map(str, a.shape))}\0".encode())
         self._h.update(a.reshape(-1).view(np.uint8))
 
-    def hexdigest(self):
+    def tensors_digest(self):
         return self._h.hexdigest()
 
+    def hexdigest(self, config):
+        h = hashlib.sha256(b"tinylazy-weights-v2\0" + config_identity(config).encode() + b"\0")
+        h.update(self._h.digest())
+        return h.hexdigest()
 
-def weights_hash(model_or_path):
-    """Content hash of a DiT's weights (a model, or a path ``load_dit`` accepts); see ``_WeightsHasher``."""
+
+def weights_hash(model_or_path, num_heads=None):
+    """Content hash of a DiT: its configuration and weights (a model, or a path ``load_dit``
+    accepts, with ``num_heads`` as there); see ``_WeightsHasher``."""
     h = _WeightsHasher()
     if hasattr(model_or_path, "params"):
         for name in sorted(model_or_path.params):
             h.update(name, model_or_path.params[name])
-        return h.hexdigest()
+        return h.hexdigest(model_or_path.config)
     layout = _open_layout(model_or_path)
     try:
-        cfg = _infer_config(layout, num_heads=1)          # heads do not change the tensors
+        cfg = _infer_config(layout, num_heads)
         for name, a in _iter_params(layout, cfg, np.float32):
             h.update(name, a)
     finally:
         layout.close()
-    return h.hexdigest()
+    return h.hexdigest(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -740,10 +899,13 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None
     on ``device`` (see ``tinylazy.opencl.select_device``).
 
     The configuration is inferred from the tensor shapes (num_heads: the argument,
-    the file's metadata, diffusers' config.json, or the official width table).
-    Every key, shape and dtype is checked before any data is read; tensors are
-    read one by one straight into arrays of the model dtype, so no second copy of
-    the weights is made.  Sets ``model.weights_hash``.
+    the file's metadata, diffusers' config.json, or the official width table); what
+    the files state about it must agree with the shapes.  Every key, shape and dtype
+    is checked before any data is read (block indices 0..N-1 without holes, so
+    nothing is sized by a number in a name); tensors are read one by one straight
+    into arrays of the model dtype, so no second copy of the weights is made.
+    A ``weights_hash`` in the metadata must match (the current hash, or the
+    tensors-only hash older files record).  Sets ``model.weights_hash``.
     """
     if backend == "opencl":
         if resolve_dtype(dtype) != np.float32:
@@ -754,6 +916,11 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None
     layout = _open_layout(path)
     try:
         cfg = _infer_config(layout, num_heads)
+        recorded = [(f.path, f.metadata["weights_hash"]) for f in layout.files if "weights_hash" in f.metadata]
+        for where, value in recorded:
+            if not re.fullmatch(r"[0-9a-f]{64}", value):
+                raise WeightsError(f"{where}: metadata 'weights_hash' is {describe_value(value)}, not a sha256 "
+                                   f"hex digest")
         h = _WeightsHasher()
         params, hashed = {}, []
         with ThreadPoolExecutor(max_workers=1) as pool:     # sha256 and reads release the GIL: overlap them
@@ -762,13 +929,13 @@ def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None
                 hashed.append(pool.submit(h.update, name, a))
         for f in hashed:
             f.result()
-        recorded = next((f.metadata["weights_hash"] for f in layout.files if "weights_hash" in f.metadata), None)
     finally:
         layout.close()
-    digest = h.hexdigest()
-    if recorded is not None and recorded != digest:
-        raise WeightsError(f"{layout.label}: tensors do not match the weights_hash in the file's metadata "
-                           f"(modified or corrupted file)")
+    digest = h.hexdigest(cfg)
+    for where, value in recorded:
+        if value not in (digest, h.tensors_digest()):
+            raise WeightsError(f"{where}: tensors and configuration (num_heads {cfg.num_heads}) do not match the "
+                               f"weights_hash in the file's metadata (modified or corrupted file)")
     model = DiT(cfg, params, dtype=dt, backend=backend)
     model.weights_hash = digest
     return model
