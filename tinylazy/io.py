@@ -947,3 +947,94 @@ def save_dit(model, path, metadata=None):
     meta.update(config=json.dumps(dataclasses.asdict(model.config)), num_heads=str(model.config.num_heads),
                 weights_hash=weights_hash(model))
     write_safetensors(path, {k: model.params[k] for k in sorted(model.params)}, meta)
+
+
+# ----------------------------------------------------------------------------
+# Resume checkpoints (train.Trainer, lazy_train.GateTrainer)
+
+class CheckpointError(WeightsError):
+    """A training checkpoint that cannot be resumed; the message names the file and the field."""
+
+
+class ResumeCheckpoint(SafetensorsFile):
+    """A resume checkpoint read field by field: every metadata value is parsed and range-checked
+    before it is used, and the tensors must be exactly the expected ones (names, dtypes, shapes,
+    from the header) before any is read.  Every refusal is a CheckpointError naming the file."""
+
+    def __init__(self, path, fmt):
+        super().__init__(path)
+        if self.metadata.get("format") != fmt:
+            self.close()
+            raise CheckpointError(f"{self.path}: not a {fmt} checkpoint (format "
+                                  f"{describe_value(self.metadata.get('format'))})")
+
+    def error(self, msg):
+        return CheckpointError(f"{self.path}: {msg}")
+
+    def text(self, key):
+        if key not in self.metadata:
+            raise self.error(f"metadata has no {key!r}")
+        return self.metadata[key]
+
+    def integer(self, key, lo, hi):
+        v = self.text(key)
+        if not re.fullmatch(r"-?[0-9]{1,19}", v) or not lo <= int(v) <= hi:
+            raise self.error(f"metadata {key!r} is {describe_value(v)}, not an integer in {lo}..{hi}")
+        return int(v)
+
+    def number(self, key, lo, hi):
+        v = self.text(key)
+        try:
+            x = float(v) if len(v) <= 40 else math.nan
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and lo <= x <= hi):
+            raise self.error(f"metadata {key!r} is {describe_value(v)}, not a finite number in {lo:g}..{hi:g}")
+        return x
+
+    def json(self, key, kind):
+        v = parse_json(self.text(key), f"{self.path}: metadata {key!r}", CheckpointError)
+        if not isinstance(v, kind):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise self.error(f"metadata {key!r} is {describe_value(v)}, not a JSON {names}")
+        return v
+
+    def rng_state(self, key, rng):
+        """A bit-generator state for ``rng``: the same kind and layout as its own state, every number an
+        integer in range (numpy would take 1.5 for 1, or a has_uint32 of 7, without a word)."""
+        state, template = self.json(key, dict), rng.bit_generator.state
+
+        def same(a, t, where):
+            if isinstance(t, dict):
+                if not isinstance(a, dict) or set(a) != set(t):
+                    raise self.error(f"metadata {key!r}: {where or 'the state'} must have the fields {sorted(t)}")
+                for k in t:
+                    same(a[k], t[k], f"{where}.{k}".lstrip("."))
+            elif isinstance(t, str):
+                if a != t:
+                    raise self.error(f"metadata {key!r}: {where} is {describe_value(a)}, this run uses {t!r}")
+            else:
+                hi = 2 if where == "has_uint32" else 1 << 32 if where == "uinteger" else 1 << 128
+                if type(a) is not int or not 0 <= a < hi:
+                    raise self.error(f"metadata {key!r}: {where} is {describe_value(a)}, not an integer in 0..{hi - 1}")
+        same(state, template, "")
+        return state
+
+    def tensors(self, expected):
+        """{name: array} for ``expected`` = {name: (shape or None for any 1-D, NumPy dtype)}, exactly."""
+        entries = self.entries
+        missing = [k for k in expected if k not in entries]
+        extra = [k for k in entries if k not in expected]
+        if missing or extra:
+            raise self.error("tensors do not match this run: " + "; ".join(
+                f"{what} {len(keys)}: " + ", ".join(describe_value(k) for k in keys[:3]) + (", ..." if len(keys) > 3
+                                                                                          else "")
+                for what, keys in (("missing", missing), ("unexpected", extra)) if keys))
+        for name, (shape, dtype) in expected.items():
+            e = entries[name]
+            stored = None if e.dtype == "BF16" else _RAW[e.dtype].newbyteorder("=")
+            ok = len(e.shape) == 1 if shape is None else e.shape == tuple(shape)
+            if not ok or stored != np.dtype(dtype):
+                raise self.error(f"tensor {name} is {e.dtype} {e.shape}, this run needs {np.dtype(dtype)} "
+                                 f"{'(n,)' if shape is None else tuple(shape)}")
+        return {name: self.read(name) for name in expected}
