@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import fnmatch
 import hashlib
-import json
 import math
 import os
 import sys
@@ -283,13 +282,8 @@ _TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 def load_tolerances(path):
     """A JSON object {fnmatch pattern: {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; the first
     matching pattern (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read the tolerances file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path}: the tolerances file is not valid JSON ({e})") from None
+    from .io import describe_value, read_json_file
+    table = read_json_file(path, TraceError)             # a regular file, bounded, valid JSON
     if not isinstance(table, dict):
         raise TraceError(f"{path}: the tolerances file must be a JSON object "
                          f"{{pattern: {{rtol, max_rtol, atol}} | \"skip\"}}")
@@ -299,9 +293,11 @@ def load_tolerances(path):
             rules.append((pattern, None))
             continue
         if not isinstance(rule, dict) or not set(rule) <= _TOLERANCE_KEYS or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):
-            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"max_rtol\": m, \"atol\": a}} "
-                             f"(any of them) with numbers >= 0, or \"skip\"; got {rule!r}")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in rule.values()):
+            raise TraceError(f"{path}: pattern {pattern[:100]!r}: expected {{\"rtol\": r, \"max_rtol\": m, "
+                             f"\"atol\": a}} (any of them) with finite numbers >= 0, or \"skip\"; "
+                             f"got {describe_value(rule)}")
         rules.append((pattern, rule))
     return rules
 
