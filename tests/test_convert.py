@@ -14,6 +14,7 @@ from tinylazy.convert import ConvertError, convert, main
 from tinylazy.io import SafetensorsFile, load_dit, read_safetensors, write_safetensors
 
 from conftest import rel_err
+from fuzz_cases import _g, _i, _s, _tup, dict_op as _dict, tensor_op as _tensor
 
 SMALL = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 
@@ -23,35 +24,7 @@ def small_params(seed=0):
 
 
 # ----------------------------------------------------------------------------
-# Hand-made torch.save archives: a tiny pickle assembler (protocol 2 opcodes), no torch needed
-
-def _g(module, name):
-    return b"c" + f"{module}\n{name}\n".encode()
-
-
-def _s(text):
-    b = text.encode()
-    return b"X" + len(b).to_bytes(4, "little") + b
-
-
-def _i(n):
-    return b"J" + n.to_bytes(4, "little", signed=True)
-
-
-def _tup(*items):
-    return b"(" + b"".join(items) + b"t"
-
-
-def _tensor(key, numel, offset, size, stride, storage="FloatStorage"):
-    pid = _tup(_s("storage"), _g("torch", storage), _s(key), _s("cpu"), _i(numel)) + b"Q"        # BINPERSID
-    hooks = _g("collections", "OrderedDict") + b")R"
-    args = _tup(pid, _i(offset), _tup(*map(_i, size)), _tup(*map(_i, stride)), b"\x89", hooks)
-    return _g("torch._utils", "_rebuild_tensor_v2") + args + b"R"
-
-
-def _dict(items):
-    return b"}(" + b"".join(_s(k) + v for k, v in items) + b"u"
-
+# Hand-made torch.save archives (the pickle assembler is fuzz_cases.py's), no torch needed
 
 def _nested(depth):
     """A pickled dict nested ``depth`` deep: {"w": {"w": ... 1}}."""
