@@ -312,15 +312,23 @@ class GateTrainer:
             if diff:
                 raise ck.error("checkpoint settings differ from this run: " + ", ".join(
                     f"{k} {describe_value(a)} (checkpoint) vs {b}" for k, (a, b) in diff.items()))
+            st = self.settings
             iteration = ck.integer("iteration", 0, 10 ** 12)
             opt_steps = ck.json("opt_steps", list)
             if len(opt_steps) != len(self.opts) or not all(type(n) is int and 0 <= n <= iteration
                                                            for n in opt_steps):
                 raise ck.error(f"metadata opt_steps must list {len(self.opts)} step counts in 0..{iteration}")
+            if sum(opt_steps) != iteration:                           # each iteration steps one AdamW
+                raise ck.error(f"metadata opt_steps add up to {sum(opt_steps)}, not the {iteration} iterations")
             log_scale = ck.number("log_scale", -700.0, 700.0)         # exp() of it scales rho
+            if st["target_ratio"] is None and log_scale != 0.0:
+                raise ck.error(f"metadata log_scale is {log_scale}, but without a target ratio rho is never scaled")
             measured = ck.json("measured", (float, int, type(None)))
-            if isinstance(measured, bool) or measured is not None and not 0 <= measured <= 1:
-                raise ck.error(f"metadata measured is {describe_value(measured)}, not a lazy ratio in [0, 1]")
+            calibrated = st["calib_samples"] > 0 and iteration >= st["calib_every"]
+            if isinstance(measured, bool) or (measured is None) == calibrated or (
+                    measured is not None and not 0 <= measured <= 1):
+                raise ck.error(f"metadata measured is {describe_value(measured)}: after {iteration} iterations it "
+                               f"is " + ("a lazy ratio in [0, 1]" if calibrated else "null (no calibration yet)"))
             rng_state = ck.rng_state("rng", self.rng)
             tensors, _ = self.state()
             tensors = ck.tensors({k: (a.shape, a.dtype) for k, a in tensors.items()})

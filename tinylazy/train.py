@@ -199,7 +199,8 @@ class Trainer:
         Every field is checked before anything changes (a CheckpointError names the file and the
         field): the recipe, step == adam_step in 0..steps, the epoch permutation (empty, or a
         permutation of the dataset) and a position in it on a batch boundary, the generator
-        state, a finite training time, and exactly this model's tensors (exp_avg_sq >= 0)."""
+        state, a finite training time, and exactly this model's tensors (exp_avg_sq >= 0); the epoch
+        position must be the one the step count implies."""
         from .io import ResumeCheckpoint, describe_value
         with ResumeCheckpoint(path, CHECKPOINT_FORMAT) as ck:
             saved = ck.json("recipe", dict)
@@ -225,8 +226,10 @@ class Trainer:
                 raise ck.error(f"data/perm is not a permutation of the {n} training images")
             B = self.recipe.batch_size
             pos = ck.integer("data_pos", 0, len(perm))
-            if pos % B:
-                raise ck.error(f"metadata data_pos {pos} is not on a batch boundary (batch size {B})")
+            want = 0 if step == 0 else ((step - 1) % (n // B) + 1) * B          # next_batch: drop_last epochs
+            if pos != want or (len(perm) == 0) != (step == 0):
+                raise ck.error(f"metadata data_pos {pos} with {len(perm)} permuted images does not follow from "
+                               f"step {step} (batch {B} of {n} images: position {want})")
             negative = [k for k in self.opt.exp_avg_sq if (tensors[f"exp_avg_sq/{k}"] < 0).any()]
             if negative:
                 raise ck.error(f"exp_avg_sq/{negative[0]} has negative entries (a second moment is >= 0)")
