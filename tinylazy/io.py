@@ -124,11 +124,13 @@ _RAW = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in _RAW.items() if k != "BF16"}
 _MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
-# Parsing JSON costs up to ~14x its bytes of memory: a header over _FREE_HEADER must
-# be paid for by at least as many bytes of tensor data (a real file's header is a
-# small fraction of its data: 0.1% for the bundled DiT, ~1.4x for a strided trace).
+# Parsing JSON costs up to ~15x its bytes of memory: a header over _FREE_HEADER must be
+# paid for by _HEADER_SHARE times as many bytes of tensor data (real files: the bundled
+# DiT's header is 0.1% of its data, a 50-step DiT-XL trace's 6 MB; a trace strided to
+# 64 values per tensor has about as much header as data, so it stays under 8 MiB).
 _FREE_HEADER = 8 << 20
-_EMPTY_ENTRIES = 1024            # header objects allowed beyond one per byte of tensor data
+_HEADER_SHARE = 16
+_EMPTY_ENTRIES = 1024            # zero-byte tensors allowed (every other tensor holds at least one byte)
 _MAX_NDIM = 32
 _CHUNK = 16 << 20                # bytes per chunk when converting f16/bf16 on the fly
 
@@ -142,23 +144,29 @@ class TensorInfo:
 
 
 class _HeaderObjects:
-    """``object_pairs_hook`` of the header parse: refuses duplicate names, and stops the parse
-    as soon as there are more objects than the data can back (so a header of a million
-    empty entries costs microseconds, not gigabytes)."""
+    """``object_pairs_hook`` of the header parse: refuses duplicate names, and stops the parse as
+    soon as there are more objects than the data can back, or more than _EMPTY_ENTRIES zero-byte
+    tensors (so a header of a million empty entries costs microseconds, not gigabytes)."""
 
-    def __init__(self, limit, data_bytes):
-        self.count, self.limit, self.data_bytes = 0, limit, data_bytes
+    def __init__(self, data_bytes):
+        self.count, self.empty, self.data_bytes = 0, 0, data_bytes
 
     def __call__(self, pairs):
         self.count += 1
-        if self.count > self.limit:
-            raise WeightsError(f"more than {self.limit - 2} header entries for {self.data_bytes} bytes of tensor "
-                               f"data (every tensor but {_EMPTY_ENTRIES} empty ones holds at least one byte)")
+        if self.count > self.data_bytes + _EMPTY_ENTRIES + 2:          # + the metadata and the header itself
+            raise WeightsError(f"more than {self.data_bytes + _EMPTY_ENTRIES} header entries for "
+                               f"{self.data_bytes} bytes of tensor data (a tensor holds at least one byte, but for "
+                               f"{_EMPTY_ENTRIES} empty ones)")
         seen = {}
         for k, v in pairs:
             if k in seen:
                 raise WeightsError(f"duplicate name {describe_value(k)} in the header")
             seen[k] = v
+        offsets = seen.get("data_offsets")
+        if type(offsets) is list and len(offsets) == 2 and offsets[0] == offsets[1]:
+            self.empty += 1
+            if self.empty > _EMPTY_ENTRIES:
+                raise WeightsError(f"more than {_EMPTY_ENTRIES} zero-byte tensors in the header")
         return seen
 
 
@@ -166,9 +174,9 @@ class SafetensorsFile:
     """A validated safetensors file; ``read(name)`` reads one tensor.
 
     Opening checks the whole header and reads no tensor data: a regular file; the
-    header length within the file and within 100 MiB (and, above 8 MiB, no larger
-    than the data it describes); valid JSON with no duplicate names and at most one
-    entry per data byte (plus 1024 empty tensors); known dtypes; shapes that match
+    header length within the file and within 100 MiB (and, above 8 MiB, at most a
+    sixteenth of the data it describes); valid JSON with no duplicate names, at most
+    one entry per data byte and at most 1024 empty tensors; known dtypes; shapes that match
     their byte spans; and a data area covered exactly, as the safetensors library
     requires: sorted by offset the tensors start at the end of the header, each
     begins where the previous one ended, and the last ends at the end of the file
@@ -200,13 +208,13 @@ class SafetensorsFile:
         if n > _MAX_HEADER:
             raise self._error(f"header length {n} exceeds the {_MAX_HEADER}-byte limit")
         data_start, data_bytes = 8 + n, size - 8 - n
-        if n > _FREE_HEADER and n > data_bytes:
+        if n > _FREE_HEADER and n * _HEADER_SHARE > data_bytes:
             raise self._error(f"header of {n} bytes for only {data_bytes} bytes of tensor data (a header over "
-                              f"{_FREE_HEADER >> 20} MiB may not be larger than the data it describes)")
+                              f"{_FREE_HEADER >> 20} MiB must describe {_HEADER_SHARE} times its size)")
         raw = bytearray(n)
         self._pread(8, raw)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_HeaderObjects(data_bytes + _EMPTY_ENTRIES + 2, data_bytes),
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_HeaderObjects(data_bytes),
                                 parse_constant=_no_constant)
         except WeightsError as e:
             raise self._error(str(e)) from None
@@ -379,8 +387,8 @@ def write_safetensors(path, tensors, metadata=None, progress=None):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)                       # data starts 8-byte aligned, as safetensors does
-    if len(head) > _MAX_HEADER or (len(head) > _FREE_HEADER and len(head) > offset) \
-            or len(layout) > offset + _EMPTY_ENTRIES:
+    if len(head) > _MAX_HEADER or (len(head) > _FREE_HEADER and len(head) * _HEADER_SHARE > offset) \
+            or sum(nbytes == 0 for *_, nbytes in layout) > _EMPTY_ENTRIES:
         raise WeightsError(f"{path}: a header of {len(head)} bytes and {len(layout)} tensors for {offset} bytes of "
                            f"data is more than SafetensorsFile reads back (see its limits)")
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
