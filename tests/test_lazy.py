@@ -294,6 +294,8 @@ def test_hostile_gate_files_are_refused_from_the_header(params, tmp_path):
         (full, dict(meta, training="[1]"), "'training' is a JSON list"),
         (full, dict(meta, weights_hash="x" * 64), "not a sha256 hex digest"),
         (full, dict(meta, format="other"), "metadata format"),
+        (full, {("weights_iash" if k == "weights_hash" else k): v for k, v in meta.items()},
+         "unknown metadata 'weights_iash'"),
     ]
     for tensors, m, match in cases:
         write_safetensors(p, tensors, m)

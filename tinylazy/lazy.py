@@ -187,6 +187,9 @@ def _parse_keys(path, entries):
     return found
 
 
+_GATES_METADATA = {"format", "num_sampling_steps", "timestep_map", "depth", "hidden_size", "training", "weights_hash"}
+
+
 def _meta_int(path, meta, key):
     v = meta[key]
     if not re.fullmatch(r"[0-9]{1,9}", v):
@@ -206,6 +209,9 @@ def _check_gates_metadata(path, meta, S, cfg):
     """The metadata must describe the tensors it travels with; -> (timestep map or None, training dict)."""
     if "format" in meta and meta["format"] != FORMAT:
         raise GatesError(f"{path}: metadata format {meta['format'][:40]!r}, expected {FORMAT!r}")
+    unknown = sorted(set(meta) - _GATES_METADATA) if "format" in meta else []
+    if unknown:                                 # e.g. a damaged 'weights_hash' key would silently drop the check
+        raise GatesError(f"{path}: unknown metadata {unknown[0][:40]!r} in a {FORMAT} file")
     for key, have in (("num_sampling_steps", S), ("depth", cfg.depth), ("hidden_size", cfg.hidden_size)):
         if key in meta and _meta_int(path, meta, key) != have:
             raise GatesError(f"{path}: metadata says {key} {meta[key]}, the tensors hold {have}")

@@ -299,7 +299,7 @@ def _check_manifest(path, manifest):
         raise TraceError(f"{path}: not a tinylazy trace (manifest format {_describe_value(manifest.get('format'))}, "
                          f"expected {FORMAT!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise TraceError(f"{path}: trace format version {_describe_value(version)}; this tinylazy reads version "
                          f"{FORMAT_VERSION}")
     entries = manifest.get("tensors")
