@@ -263,21 +263,27 @@ def handmade_checkpoint(path, params):
     return archive(path, pickle_bytes(dict_op([("ema", dict_op(items))])), storages)
 
 
+def _list(*items):
+    return b"](" + b"".join(items) + b"e"
+
+
 def evil_pickles(marker):
-    """Pickles that would run code if any global they name were resolved (each writes ``marker``)."""
-    cmd = f"touch {marker}"
-    code = f"open({marker!r}, 'w').close()"
-    calls = [("os", "system", cmd), ("posix", "system", cmd), ("builtins", "eval", code), ("builtins", "exec", code),
-             ("subprocess", "check_call", cmd), ("subprocess", "getoutput", cmd), ("subprocess", "run", cmd),
-             ("pty", "spawn", cmd), ("__builtin__", "eval", code), ("nt", "system", cmd),
-             ("torch.serialization", "os.system", cmd), ("pathlib", "Path.touch", marker)]
+    """Pickles that would run code if any global they name were resolved (each writes ``marker``); the
+    first 36 do, under a plain ``pickle.loads`` (tests/test_fuzz.py checks it), the last 4 are malformed
+    uses of the allowed globals."""
+    cmd, code = f"touch {marker}", f"open({marker!r}, 'w').close()"
+    argv = _list(_s("touch"), _s(marker))
+    calls = [("os", "system", _s(cmd)), ("posix", "system", _s(cmd)), ("builtins", "eval", _s(code)),
+             ("builtins", "exec", _s(code)), ("subprocess", "check_call", argv), ("subprocess", "getoutput", _s(cmd)),
+             ("subprocess", "run", argv), ("os", "popen", _s(cmd)), ("builtins", "open", _s(marker) + _s("w")),
+             ("io", "open", _s(marker) + _s("w")), ("cProfile", "run", _s(code)),
+             ("shutil", "copyfile", _s("/dev/null") + _s(marker))]
     out = []
-    for module, name, arg in calls:
-        reduce = _g(module, name) + _tup(_s(arg)) + b"R"
-        out.append((f"REDUCE {module}.{name}", dict_op([("w", reduce)])))
-        out.append((f"INST {module}.{name}", dict_op([("w", b"(" + _s(arg) + b"i" + f"{module}\n{name}\n".encode())])))
+    for module, name, args in calls:
+        out.append((f"REDUCE {module}.{name}", dict_op([("w", _g(module, name) + _tup(args) + b"R")])))
+        out.append((f"INST {module}.{name}", dict_op([("w", b"(" + args + b"i" + f"{module}\n{name}\n".encode())])))
         out.append((f"STACK_GLOBAL {module}.{name}",
-                    dict_op([("w", _s(module) + _s(name) + b"\x93" + _tup(_s(arg)) + b"R")])))
+                    dict_op([("w", _s(module) + _s(name) + b"\x93" + _tup(args) + b"R")])))
     out.append(("BUILD on a storage type", dict_op([("w", _g("torch", "FloatStorage") + _tup(_s(code)) + b"b")])))
     out.append(("REDUCE on OrderedDict with a callable", dict_op([("w", _g("collections", "OrderedDict")
                                                                      + _tup(_g("os", "system")) + b"R")])))
@@ -334,63 +340,72 @@ def _setup(spec):
 def _op_read(job, _):
     from tinylazy.io import SafetensorsFile
     with SafetensorsFile(job["path"]) as f:
-        return _digest(dict(f.metadata), *[f.read(k, finite=False) for k in f.entries], list(f.entries))
+        meta, tensors = dict(f.metadata), {k: f.read(k, finite=False) for k in f.entries}
+    return lambda: _digest(meta, list(tensors), *tensors.values())
 
 
 def _op_load_dit(job, _):
     from tinylazy.io import load_dit
     m = load_dit(job["path"], **job.get("args", {}))
-    return _digest(m.weights_hash, str(m.config))
+    return lambda: _digest(m.weights_hash, str(m.config))
 
 
 def _op_load_vae(job, _):
     from tinylazy.vae import load_vae
     v = load_vae(job["path"])
-    return _digest(str(v.config), *[v.params[k] for k in sorted(v.params)])
+    return lambda: _digest(str(v.config), *[v.params[k] for k in sorted(v.params)])
+
+
+def _gates_fp(g):
+    return lambda: _digest(g.attn, g.mlp, g.timestep_map, g.weights_hash)
 
 
 def _op_load_gates(job, model):
     from tinylazy.lazy import load_gates
-    g = load_gates(job["path"], model, **job.get("args", {}))
-    return _digest(g.attn, g.mlp, g.timestep_map, g.weights_hash)
+    return _gates_fp(load_gates(job["path"], model, **job.get("args", {})))
 
 
 def _op_gates_for(job, _):
     """Load the (edited) weights, then the gates of the original weights for them."""
     from tinylazy.io import load_dit
     from tinylazy.lazy import load_gates
-    g = load_gates(job["args"]["gates"], load_dit(job["path"]))
-    return _digest(g.attn, g.mlp, g.timestep_map, g.weights_hash)
+    return _gates_fp(load_gates(job["args"]["gates"], load_dit(job["path"])))
 
 
 def _op_convert(job, _):
     from tinylazy.convert import convert
-    from tinylazy.io import SafetensorsFile
     convert(job["path"], job["args"]["dst"], progress=False, **job["args"].get("kw", {}))
-    with SafetensorsFile(job["args"]["dst"]) as f:
-        fp = _digest(list(f.entries), *[f.read(k, finite=False) for k in f.entries])
-    os.remove(job["args"]["dst"])                  # a successful output is expected; the folder check ignores it
+
+    def fp():
+        from tinylazy.io import SafetensorsFile
+        with SafetensorsFile(job["args"]["dst"]) as f:
+            out = _digest(list(f.entries), *[f.read(k, finite=False) for k in f.entries])
+        os.remove(job["args"]["dst"])              # the one output expected; the folder check comes after
+        return out
     return fp
 
 
 def _op_resume_train(job, trainer):
     trainer.load_checkpoint(job["path"])
-    return _digest(trainer.step_count, trainer.pos, trainer.perm, trainer.train_seconds,
-                   trainer.rng.bit_generator.state, *[trainer.trainable[k] for k in sorted(trainer.trainable)],
-                   *[trainer.ema[k] for k in sorted(trainer.ema)],
-                   *[trainer.opt.exp_avg_sq[k] for k in sorted(trainer.opt.exp_avg_sq)])
+    return lambda: _digest(trainer.step_count, trainer.pos, trainer.perm, trainer.train_seconds,
+                           trainer.rng.bit_generator.state, *[trainer.trainable[k] for k in sorted(trainer.trainable)],
+                           *[trainer.ema[k] for k in sorted(trainer.ema)],
+                           *[trainer.opt.exp_avg[k] for k in sorted(trainer.opt.exp_avg)],
+                           *[trainer.opt.exp_avg_sq[k] for k in sorted(trainer.opt.exp_avg_sq)])
 
 
 def _op_resume_gates(job, trainer):
     trainer.load(job["path"])
-    return _digest(trainer.iteration, trainer.log_scale, trainer.measured, trainer.rng.bit_generator.state,
-                   trainer.gates.attn, trainer.gates.mlp, [o.step_count for o in trainer.opts],
-                   *[o.exp_avg_sq[k] for o in trainer.opts for k in sorted(o.exp_avg_sq)])
+    return lambda: _digest(trainer.iteration, trainer.log_scale, trainer.measured, trainer.rng.bit_generator.state,
+                           trainer.gates.attn, trainer.gates.mlp, [o.step_count for o in trainer.opts],
+                           *[o.exp_avg[k] for o in trainer.opts for k in sorted(o.exp_avg)],
+                           *[o.exp_avg_sq[k] for o in trainer.opts for k in sorted(o.exp_avg_sq)])
 
 
 def _op_compare(job, _):
-    """load_trace, then ``golden compare`` on it: it must load (then compare exits 0 or 1) or be a
-    TraceError (then compare exits 2 with one line on stderr)."""
+    """``golden compare PATH OTHER``: the library's compare either refuses with a TraceError (and the command
+    then exits 2 with one line on stderr) or returns a verdict (exit 0 or 1).  The fingerprint is what decides
+    a comparison: the run's identity, the tensors, and the verdict against OTHER."""
     from tinylazy import golden
     from tinylazy.trace import TraceError, load_trace
     err = io.StringIO()
@@ -398,14 +413,17 @@ def _op_compare(job, _):
         code = golden.main(["compare", job["path"], job["args"]["other"]])
     lines = err.getvalue().splitlines()
     try:
-        t = load_trace(job["path"])
+        result = golden.compare(job["path"], job["args"]["other"])
     except TraceError:
         if code != 2 or len(lines) != 1 or not lines[0].startswith("error: "):
-            raise RuntimeError(f"golden compare exited {code} with {len(lines)} stderr lines on an unreadable trace")
+            raise RuntimeError(f"golden compare exited {code} with {len(lines)} stderr lines on a refused trace")
         raise
-    if code not in (0, 1):
-        raise RuntimeError(f"golden compare exited {code} on a trace load_trace reads: {lines[-1:]}")
-    return _digest(t.meta, t.names, *[t.arrays[n] for n in t.names])
+    if code != (0 if result.passed else 1):
+        raise RuntimeError(f"golden compare exited {code} for a comparison that {'passed' if result.passed else 'failed'}")
+    t = load_trace(job["path"])
+    identity = {k: t.meta.get(k) for k in ("kind", "model", "seed", "sampler", "lazy")}
+    return lambda: _digest(identity, t.names, *[t.arrays[n] for n in t.names], result.passed,
+                           [(r.name, r.status) for r in result.results], len(result.decisions))
 
 
 def _op_selftest(job, _):
@@ -459,8 +477,9 @@ def run_job(job):
     signal.alarm(job.get("timeout", HANG))
     t0 = time.perf_counter()
     res = {"id": job["id"]}
+    fp = None
     try:
-        res["fp"] = OPS[job["op"]](job, needed)
+        fp = OPS[job["op"]](job, needed)
         res["outcome"] = "loaded"
     except _Hang as e:
         res.update(outcome="hang", error="hang", message=str(e))
@@ -475,6 +494,8 @@ def run_job(job):
         signal.alarm(0)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     end = _status()
+    if res["outcome"] == "loaded":
+        res["fp"] = fp() if callable(fp) else fp                    # after the measurement
     res.update(seconds=seconds, peak=(end["VmHWM"] - start["VmRSS"]) if measured else None,
                written=before != _listing(job.get("dir")),
                ran=bool(job.get("marker")) and os.path.exists(job["marker"]))
@@ -564,8 +585,8 @@ def sparse(path, header_length, size):
 
 
 def empty_entries_header(n, data=b""):
-    """A header of ``n`` zero-size tensors (the 1.78 M-entry class at n = 1.78 M)."""
-    body = ",".join(f'"blocks.{i}.x":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    """A header of ``n`` zero-size tensors (the 1.78 M-entry class at n = 1.78 M: just under 100 MiB)."""
+    body = ",".join(f'"{i:x}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
     return join(("{" + body + "}").encode(), data)
 
 
@@ -730,8 +751,9 @@ def _copy_folder(src, dst, config=None, raw_config=None):
         path = os.path.join(dst, "config.json")
         conf = json.load(open(path))
         conf.update(config or {})
-        with open(path, "w") as f:
-            f.write(raw_config if raw_config is not None else json.dumps(conf))
+        text = raw_config if raw_config is not None else json.dumps(conf)
+        with open(path, "wb") as f:
+            f.write(text if isinstance(text, bytes) else text.encode())
     return dst
 
 
@@ -772,14 +794,15 @@ def _deflate_bomb(path, mib):
     return path
 
 
-def _pickle_bomb(path, mib):
-    """A checkpoint whose data.pkl inflates to ``mib`` MiB of EMPTY_DICT opcodes (~90 bytes of memory each)."""
+def _pickle_bomb(path, mib, less=0):
+    """A checkpoint whose data.pkl inflates to ``mib`` MiB (minus ``less`` bytes) of EMPTY_DICT opcodes
+    (~90 bytes of memory each)."""
     import zipfile
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         with z.open("archive/data.pkl", "w", force_zip64=True) as f:
             f.write(b"\x80\x02")
             chunk = b"}" * (1 << 20)
             for _ in range(mib):
-                f.write(chunk)
+                f.write(chunk[:len(chunk) - less] if _ == mib - 1 else chunk)
             f.write(b".")
     return path

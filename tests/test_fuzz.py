@@ -51,3 +51,28 @@ def test_the_runner_sees_memory_crashes_and_hangs(tmp_path):
     assert r[2]["outcome"] == "crash" and r[3]["outcome"] == "hang"
     assert [F.classify(j, r[j["id"]]) for j in jobs] == ["other exception", "identical load", "crash/hang",
                                                          "crash/hang"]
+
+
+def test_code_running_pickles_are_live_and_refused(tmp_path):
+    """The 36 payloads run code under a plain pickle.loads (checked in a child); convert refuses all 40
+    and no marker appears."""
+    import subprocess
+    import sys
+
+    from tinylazy.convert import ConvertError, convert
+    labels = [label for label, _ in F.evil_pickles("x")]
+    for i, label in enumerate(labels):
+        d = tmp_path / f"{i:02d}"
+        d.mkdir()
+        F.archive(d / "m.pt", F.pickle_bytes(dict(F.evil_pickles(str(d / "pwned")))[label]))
+        with pytest.raises(ConvertError, match="cannot read archive/data.pkl"):
+            convert(d / "m.pt", d / "out.safetensors", progress=False)
+        (d / "live.pkl").write_bytes(F.pickle_bytes(dict(F.evil_pickles(str(d / "live")))[label]))
+    assert not list(tmp_path.glob("*/pwned")) and not list(tmp_path.glob("*/out.safetensors"))
+    code = ("import glob, pickle, sys, time\n"
+            "for p in sorted(glob.glob(sys.argv[1] + '/*/live.pkl')):\n"
+            "    try:\n        pickle.loads(open(p, 'rb').read())\n    except Exception:\n        pass\n"
+            "time.sleep(0.5)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, timeout=60)
+    live = sorted(p.parent.name for p in tmp_path.glob("*/live"))
+    assert live == [f"{i:02d}" for i in range(36)]
