@@ -239,7 +239,9 @@ def check_compatible(ref, other):
     problems = []
     if rm.get("weights_hash") != om.get("weights_hash"):
         problems.append(f"they come from different models: REF has weights {str(rm.get('weights_hash'))[:12]} "
-                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')})")
+                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')}); a trace "
+                        f"written before the weights hash covered the configuration records the older hash "
+                        f"(the bundled model's was 397f10f1478e): regenerate it")
     elif rm.get("config") != om.get("config"):
         problems.append(f"the model configs differ: REF {rm.get('config')}, OTHER {om.get('config')}")
     if r.get("kind") != o.get("kind"):

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -135,8 +136,7 @@ _MAX_NDIM = 32
 _CHUNK = 16 << 20                # bytes per chunk when converting f16/bf16 on the fly
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(typing.NamedTuple):
     dtype: str          # safetensors dtype, e.g. "F32"
     shape: tuple
     begin: int          # absolute byte offsets in the file
@@ -157,11 +157,11 @@ class _HeaderObjects:
             raise WeightsError(f"more than {self.data_bytes + _EMPTY_ENTRIES} header entries for "
                                f"{self.data_bytes} bytes of tensor data (a tensor holds at least one byte, but for "
                                f"{_EMPTY_ENTRIES} empty ones)")
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise WeightsError(f"duplicate name {describe_value(k)} in the header")
-            seen[k] = v
+        seen = dict(pairs)
+        if len(seen) != len(pairs):
+            keys = set()
+            dup = next(k for k, _ in pairs if k in keys or keys.add(k))
+            raise WeightsError(f"duplicate name {describe_value(dup)} in the header")
         offsets = seen.get("data_offsets")
         if type(offsets) is list and len(offsets) == 2 and offsets[0] == offsets[1]:
             self.empty += 1
@@ -175,13 +175,14 @@ class SafetensorsFile:
 
     Opening checks the whole header and reads no tensor data: a regular file; the
     header length within the file and within 100 MiB (and, above 8 MiB, at most a
-    sixteenth of the data it describes); valid JSON with no duplicate names, at most
-    one entry per data byte and at most 1024 empty tensors; known dtypes; shapes that match
-    their byte spans; and a data area covered exactly, as the safetensors library
-    requires: sorted by offset the tensors start at the end of the header, each
-    begins where the previous one ended, and the last ends at the end of the file
-    (no gap, no overlap, no trailing bytes, so a header length that is off by a
-    few bytes cannot shift every read).
+    sixteenth of the data it describes); valid JSON with no duplicate names, at
+    most one entry per data byte and at most 1024 empty tensors (both counted while
+    it parses); known dtypes; shapes that match their byte spans; and a data area
+    covered exactly, as the safetensors library requires: sorted by offset the
+    tensors start at the end of the header, each begins where the previous one
+    ended, and the last ends at the end of the file (no gap, no overlap, no
+    trailing bytes, so a header length that is off by a few bytes cannot shift
+    every read).
     """
 
     def __init__(self, path):
@@ -233,27 +234,28 @@ class SafetensorsFile:
         return metadata, entries
 
     def _parse_entry(self, name, e, data_start, size):
-        what = f"tensor {describe_value(name)}"
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+        if not (type(e) is dict and len(e) == 3 and "dtype" in e and "shape" in e and "data_offsets" in e):
             keys = sorted(map(str, e))[:5] if isinstance(e, dict) else describe_value(e)
-            raise self._error(f"{what}: header entry needs exactly dtype, shape and data_offsets, got {keys}")
+            raise self._error(f"tensor {describe_value(name)}: header entry needs exactly dtype, shape and "
+                              f"data_offsets, got {keys}")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _RAW:
-            raise self._error(f"{what}: unknown dtype {describe_value(dtype)} (known: {', '.join(_RAW)})")
-        if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                or not all(type(s) is int and s >= 0 for s in shape)):
-            raise self._error(f"{what}: bad shape {describe_value(shape)} (a list of at most {_MAX_NDIM} "
-                              f"integers >= 0)")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-            raise self._error(f"{what}: bad data_offsets {describe_value(offsets)}")
-        nbytes = math.prod(shape) * _RAW[dtype].itemsize
+        raw = _RAW.get(dtype) if type(dtype) is str else None
+        if raw is None:
+            raise self._error(f"tensor {describe_value(name)}: unknown dtype {describe_value(dtype)} "
+                              f"(known: {', '.join(_RAW)})")
+        if type(shape) is not list or len(shape) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+            raise self._error(f"tensor {describe_value(name)}: bad shape {describe_value(shape)} (a list of at "
+                              f"most {_MAX_NDIM} integers >= 0)")
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
+            raise self._error(f"tensor {describe_value(name)}: bad data_offsets {describe_value(offsets)}")
+        nbytes = math.prod(shape) * raw.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise self._error(f"{what}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
-                              f"but shape {tuple(shape)} of {dtype} needs {nbytes}")
+            raise self._error(f"tensor {describe_value(name)}: data_offsets {offsets} span "
+                              f"{offsets[1] - offsets[0]} bytes, but shape {tuple(shape)} of {dtype} needs {nbytes}")
         begin, end = data_start + offsets[0], data_start + offsets[1]
         if end > size:
-            raise self._error(f"{what} ends at byte {end} but the file has {size} bytes: "
+            raise self._error(f"tensor {describe_value(name)} ends at byte {end} but the file has {size} bytes: "
                               f"data offsets out of range (truncated file?)")
         return TensorInfo(dtype, tuple(shape), begin, end)
 
