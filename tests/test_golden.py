@@ -177,7 +177,7 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
         "garbage": (_write(tmp_path / "junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"),
                     "not valid JSON"),
         "missing": (str(tmp_path / "nope.safetensors"), "no such file"),
-        "bad json": (_with_manifest(full, tmp_path, lambda m: m[:-3], "json"), "manifest is not valid JSON"),
+        "bad json": (_with_manifest(full, tmp_path, lambda m: m[:-3], "json"), "the trace manifest: not valid JSON"),
         "version": (_with_manifest(full, tmp_path, lambda m: m.replace('"format_version":1', '"format_version":9'),
                                    "v9"), "format version 9"),
         "unlisted": (_with_manifest(full, tmp_path, lambda m: m.replace('"name":"sample"', '"name":"samples"'),
@@ -194,6 +194,47 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
     with pytest.raises(TraceError, match="without a trace manifest"):
         load_trace(weights)
     assert golden.main(["compare", cases["truncated"][0], str(tmp_path / "ok.safetensors")]) == 2
+
+
+def _edit_manifest(edit):
+    def apply(text):
+        m = json.loads(text)
+        edit(m)
+        return json.dumps(m, separators=(",", ":"))
+    return apply
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(sampler=[4]), "manifest field sampler is a list of 1 items, expected dict"),
+    (lambda m: m["sampler"].update(steps=[4]), "sampler.steps is a list of 1 items, expected an integer in 1..1000"),
+    (lambda m: m["sampler"].update(steps=10 ** 6), "sampler.steps is 1000000"),
+    (lambda m: m["sampler"].update(labels=["x"]), "sampler.labels is a list of 1 items, expected a list of integers"),
+    (lambda m: m["sampler"].update(cfg_scale=True), "sampler.cfg_scale is True"),
+    (lambda m: m.update(kind="backward"), "field kind is 'backward'"),
+    (lambda m: m.update(model="tiny"), "field model is 'tiny', expected dict"),
+    (lambda m: m["model"].update(config={"depth": {"a": 1}}), "model.config.depth is a dict"),
+    (lambda m: m.update(lazy={"threshold": "0.5"}), "lazy.threshold is '0.5'"),
+    (lambda m: m.update(seed=1.5), "field seed is 1.5"),
+    (lambda m: m.update(recorded={"include": "*"}), "recorded.include is '\\*'"),
+    (lambda m: m["tensors"][0].update(shape=[1 << 40] * 2), "entry 0 is malformed"),
+    (lambda m: m["tensors"][0].update(stride=10 ** 30), "entry 0 is malformed"),
+])
+def test_a_manifest_that_cannot_be_compared_is_a_trace_error(full, tmp_path, capsys, edit, message):
+    """golden compare on a malformed manifest printed a traceback and exited 1 ("diverged")."""
+    path = _with_manifest(full, tmp_path, _edit_manifest(edit), "bad")
+    with pytest.raises(TraceError, match=message):
+        load_trace(path)
+    full.save(tmp_path / "ok.safetensors")
+    capsys.readouterr()
+    assert golden.main(["compare", path, str(tmp_path / "ok.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_deeply_nested_manifest_is_a_trace_error(full, tmp_path):
+    path = _with_manifest(full, tmp_path, lambda m: m[:-1] + ',"x":' + "[" * 100000 + "]" * 100000 + "}", "deep")
+    with pytest.raises(TraceError, match="the trace manifest: JSON nested too deeply"):
+        load_trace(path)
 
 
 # ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The reference for reuse is written here independently of ``tinylazy.lazy``: a
 duck-typed model that runs the DiT's pieces, records every module output per
 call, and replays the recorded outputs of an earlier call where told to.
 """
+import json
 import os
 
 import numpy as np
@@ -309,6 +310,43 @@ def test_malformed_gate_files(params, tmp_path):
     write_safetensors(tmp_path / "x.safetensors", dict(full, **{"blocks.0.attn.qkv.weight": np.zeros((3, 3))}))
     with pytest.raises(GatesError, match="not a LazyDiT gate"):
         tl.load_gates(tmp_path / "x.safetensors", model)
+
+
+def test_hostile_gate_files_are_refused_from_the_header(params, tmp_path):
+    """Nothing is sized by a step or layer number, only floating-point gates are read, and the metadata
+    must describe the tensors; every refusal is a GatesError naming the file."""
+    model = _model(params, "float32")
+    from tinylazy.io import write_safetensors
+    gates = LazyGates.zeros(model, STEPS)
+    full = {k: np.asarray(v, np.float32) for k, v in gates.state_dict().items()}
+    meta = gates.metadata()
+    p = tmp_path / "g.safetensors"
+    cases = [
+        (dict(full, **{"blocks.0.attn_lazy_learning.999999.weight": full["blocks.0.attn_lazy_learning.0.weight"]}),
+         meta, "numbered up to 999999 \\(no step"),
+        (dict(full, **{"blocks.0.attn_lazy_learning.12345678901.weight": np.zeros((1, CFG.hidden_size), np.float32)}),
+         meta, "not a LazyDiT gate"),
+        (dict(full, **{"blocks.0.attn_lazy_learning.0.weight": np.ones((1, CFG.hidden_size), np.int32)}), meta,
+         "is I32 \\(1, 32\\), a gate is a floating-point"),
+        (dict(full, **{"blocks.0.mlp_lazy_learning.1.weight": np.ones((1, CFG.hidden_size), bool)}), meta,
+         "is BOOL"),
+        (full, dict(meta, timestep_map=json.dumps([10 ** 30] * STEPS)), "timestep_map must list"),
+        (full, dict(meta, timestep_map="[" * 10000), "nested too deeply"),
+        (full, dict(meta, timestep_map=json.dumps(list(range(STEPS))[::-1])), "increasing"),
+        (full, dict(meta, num_sampling_steps="1e3"), "not a whole number"),
+        (full, dict(meta, num_sampling_steps=str(STEPS + 1)), "says num_sampling_steps"),
+        (full, dict(meta, depth="7"), "says depth 7"),
+        (full, dict(meta, training="[1]"), "'training' is a JSON list"),
+        (full, dict(meta, weights_hash="x" * 64), "not a sha256 hex digest"),
+        (full, dict(meta, format="other"), "metadata format"),
+        (full, {("weights_iash" if k == "weights_hash" else k): v for k, v in meta.items()},
+         "unknown metadata 'weights_iash'"),
+    ]
+    for tensors, m, match in cases:
+        write_safetensors(p, tensors, m)
+        with pytest.raises(GatesError, match=match) as e:
+            tl.load_gates(p, model)
+        assert str(p) in str(e.value)
 
 
 def test_official_checkpoint_converts_and_loads(params, tmp_path):

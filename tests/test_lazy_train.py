@@ -4,6 +4,8 @@ Gradients are checked two ways: float64 central differences (every gate entry, p
 random directions), and PyTorch autograd of the same loss built here on the
 stand-in ``tests/torch_dit.TorchDiT`` with the gates added in this file.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -206,3 +208,41 @@ def test_large_rho_makes_the_sampler_lazy(setup):
     stats = trainer.measure(num=2, cfg_scale=1.0)
     assert 0 < stats.lazy_ratio <= 0.5                                  # odd indices always compute
     assert stats.skips[0::2].sum() == 0                                 # k = 0 first step, k = 2 untrained index 1
+
+
+def test_resume_validates_every_field(setup, tmp_path):
+    from tinylazy.io import CheckpointError, SafetensorsFile, write_safetensors
+    model = tl.DiT(CFG, setup["params"], dtype="float32")
+    tr = _trainer(model)
+    tr.step()
+    tr.save(tmp_path / "ok.safetensors")
+    with SafetensorsFile(tmp_path / "ok.safetensors") as f:
+        tensors, meta = {k: f.read(k) for k in f.entries}, dict(f.metadata)
+    S = tr.settings["steps"]
+    cases = [
+        (dict(iteration="-1"), "'iteration' is '-1'"),
+        (dict(opt_steps=json.dumps([5] * S)), "opt_steps must list 6 step counts in 0..1"),
+        (dict(opt_steps=json.dumps([0] * (S + 1))), "opt_steps must list 6"),
+        (dict(log_scale="inf"), "'log_scale' is 'inf', not a finite number"),
+        (dict(log_scale="1e308"), "not a finite number in -700..700"),
+        (dict(measured="2.5"), "measured is 2.5: after 1 iterations it is null"),
+        (dict(iteration="2"), "opt_steps add up to 1, not the 2 iterations"),
+        (dict(log_scale="0.5"), "without a target ratio rho is never scaled"),
+        (dict(measured='"x"'), "'measured' is 'x', not a JSON"),
+        (dict(settings="{" * 5000), "nested too deeply|not valid JSON"),
+        (dict(weights_hash="0" * 64), "checkpoint is for DiT weights"),
+        (dict(dtype="float64"), "trained in 'float64'"),
+        (dict(rng=json.dumps({"bit_generator": "PCG64"})), "the state must have the fields"),
+        ({"gates.attn": tensors["gates.attn"].astype(np.int32)}, "tensor gates.attn is I32"),
+        ({"opt.0.exp_avg_sq.mlp": -np.ones_like(tensors["opt.0.exp_avg_sq.mlp"])}, "negative entries"),
+    ]
+    fresh = _trainer(model)
+    before = fresh.gates.attn.copy()
+    for edit, match in cases:
+        t = dict(tensors, **{k: v for k, v in edit.items() if "." in k})
+        write_safetensors(tmp_path / "bad.safetensors", t, dict(meta, **{k: v for k, v in edit.items() if "." not in k}))
+        with pytest.raises(CheckpointError, match=match):
+            fresh.load(tmp_path / "bad.safetensors")
+    assert fresh.iteration == 0 and np.array_equal(fresh.gates.attn, before)
+    fresh.load(tmp_path / "ok.safetensors")
+    assert fresh.iteration == 1

@@ -248,3 +248,56 @@ def test_progress_line_past_its_total():
         pass
     line = bar.line()
     assert line.startswith("x 5/3 [" + "#" * 24 + "]") and line.endswith("<?") and "-" not in line
+
+
+def _forge(path, out, tensors=None, **meta_edit):
+    from tinylazy.io import SafetensorsFile
+    with SafetensorsFile(path) as f:
+        t, meta = {k: f.read(k) for k in f.entries}, dict(f.metadata)
+    t.update(tensors or {})
+    write_safetensors(out, {k: v for k, v in t.items() if v is not None}, dict(meta, **meta_edit))
+    return out
+
+
+def test_resume_validates_every_field(tmp_path):
+    """--resume trusted the metadata: step -5 or 10^6, a data/perm that is not a permutation, nan seconds."""
+    images, labels = _fake_digits()
+    tr = T.Trainer(_recipe(steps=6), images, labels)
+    tr.step()
+    tr.save_checkpoint(tmp_path / "ok.safetensors")
+    rng = json.loads(read_safetensors(tmp_path / "ok.safetensors")[1]["rng"])
+    perm = read_safetensors(tmp_path / "ok.safetensors")[0]["data/perm"]
+    cases = [
+        (dict(step="-5", adam_step="-5"), "'step' is '-5', not an integer in 0..6"),
+        (dict(step="1000000", adam_step="1000000"), "not an integer in 0..6"),
+        (dict(step="1.0"), "'step' is '1.0'"),
+        (dict(adam_step="2"), "adam_step 2 differs from step 1"),
+        (dict(train_seconds="nan"), "'train_seconds' is 'nan', not a finite number"),
+        (dict(data_pos="3"), "data_pos 3 with 40 permuted images does not follow from step 1"),
+        (dict(data_pos="16"), "position 8"),
+        (dict(data_pos="48"), "'data_pos' is '48', not an integer in 0..40"),
+        (dict(rng=json.dumps(dict(rng, has_uint32=7))), "has_uint32 is 7, not an integer in 0..1"),
+        (dict(rng=json.dumps(dict(rng, state={"state": 1.5, "inc": 1}))), "state.state is 1.5"),
+        (dict(rng=json.dumps(dict(rng, bit_generator="MT19937"))), "bit_generator is 'MT19937', this run uses"),
+        (dict(rng="[" * 10000), "'rng': JSON nested too deeply"),
+        (dict(recipe="[]"), "'recipe' is a list of 0 items, not a JSON dict"),
+        (dict(format="x"), "not a tinylazy-train-checkpoint-1 checkpoint"),
+        ({"data/perm": np.zeros(40, np.int64)}, "data/perm is not a permutation of the 40 training images"),
+        ({"data/perm": perm[:10]}, "data/perm is not a permutation"),
+        ({"data/perm": perm.astype(np.float64)}, "tensor data/perm is F64 \\(40,\\), this run needs int64"),
+        ({"exp_avg_sq/pos_embed": np.zeros(3, np.float32)}, "unexpected 1: 'exp_avg_sq/pos_embed'"),
+        ({"ema/final_layer.linear.bias": None}, "missing 1: 'ema/final_layer.linear.bias'"),
+        ({"exp_avg_sq/final_layer.linear.bias": -np.ones(8, np.float32)}, "negative entries"),
+    ]
+    fresh = T.Trainer(_recipe(steps=6), images, labels)
+    before = {k: v.copy() for k, v in fresh.trainable.items()}
+    for edit, match in cases:
+        tensors = {k: v for k, v in edit.items() if "/" in k}
+        meta = {k: v for k, v in edit.items() if "/" not in k}
+        bad = _forge(tmp_path / "ok.safetensors", tmp_path / "bad.safetensors", tensors, **meta)
+        with pytest.raises(ValueError, match=match) as e:
+            fresh.load_checkpoint(bad)
+        assert str(bad) in str(e.value) and isinstance(e.value, tl.io.CheckpointError)
+    assert fresh.step_count == 0 and all(np.array_equal(before[k], v) for k, v in fresh.trainable.items())
+    fresh.load_checkpoint(tmp_path / "ok.safetensors")
+    assert fresh.step_count == 1 and fresh.rng.bit_generator.state == tr.rng.bit_generator.state

@@ -24,7 +24,6 @@ the defaults were chosen and describes the file format for other languages.
 """
 import dataclasses
 import fnmatch
-import json
 import math
 import os
 import sys
@@ -223,7 +222,9 @@ def check_compatible(ref, other):
     problems = []
     if rm.get("weights_hash") != om.get("weights_hash"):
         problems.append(f"they come from different models: REF has weights {str(rm.get('weights_hash'))[:12]} "
-                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')})")
+                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')}); a trace "
+                        f"written before the weights hash covered the configuration records the older hash "
+                        f"(the bundled model's was 397f10f1478e): regenerate it")
     elif rm.get("config") != om.get("config"):
         problems.append(f"the model configs differ: REF {rm.get('config')}, OTHER {om.get('config')}")
     if r.get("kind") != o.get("kind"):
@@ -266,13 +267,8 @@ _TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 def load_tolerances(path):
     """A JSON object {fnmatch pattern: {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; the first
     matching pattern (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read the tolerances file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path}: the tolerances file is not valid JSON ({e})") from None
+    from .io import describe_value, read_json_file
+    table = read_json_file(path, TraceError)             # a regular file, bounded, valid JSON
     if not isinstance(table, dict):
         raise TraceError(f"{path}: the tolerances file must be a JSON object "
                          f"{{pattern: {{rtol, max_rtol, atol}} | \"skip\"}}")
@@ -282,9 +278,11 @@ def load_tolerances(path):
             rules.append((pattern, None))
             continue
         if not isinstance(rule, dict) or not set(rule) <= _TOLERANCE_KEYS or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):
-            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"max_rtol\": m, \"atol\": a}} "
-                             f"(any of them) with numbers >= 0, or \"skip\"; got {rule!r}")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in rule.values()):
+            raise TraceError(f"{path}: pattern {pattern[:100]!r}: expected {{\"rtol\": r, \"max_rtol\": m, "
+                             f"\"atol\": a}} (any of them) with finite numbers >= 0, or \"skip\"; "
+                             f"got {describe_value(rule)}")
         rules.append((pattern, rule))
     return rules
 
@@ -459,8 +457,8 @@ class Comparison:
         out = [f"REF    {self.ref.label}: {_describe(self.ref)}",
                f"OTHER  {self.other.label}: {_describe(self.other)}",
                f"run    {_run_summary(self.ref.meta)}",
-               f"check  per tensor: rms(OTHER - REF) <= atol + rtol * rms(REF) and "
-               f"max|OTHER - REF| <= atol + max-rtol * max|REF|",
+               "check  per tensor: rms(OTHER - REF) <= atol + rtol * rms(REF) and "
+               "max|OTHER - REF| <= atol + max-rtol * max|REF|",
                f"       ({self.tol}; step.KK/eps scaled by its conditioning, see docs/golden.md)", ""]
         n_cmp = sum(r.status not in ("missing", "skipped") for r in self.results)
         n_skip = sum(r.status == "skipped" for r in self.results)

@@ -31,9 +31,9 @@ import re
 import numpy as np
 
 from .backend import array_module_of, to_numpy
-from .diffusion import create_diffusion
+from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion
 from .errors import FileError
-from .io import read_safetensors, weights_hash, write_safetensors
+from .io import FLOAT_DTYPES, SafetensorsFile, weights_hash, write_safetensors
 from .protocol import KINDS
 
 FORMAT = "tinylazy-lazydit-gates-v1"
@@ -49,9 +49,10 @@ def gate_key(kind, layer, step):
     return f"blocks.{layer}.{kind}_lazy_learning.{step}.weight"
 
 
-_OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.weight")
+# Indices of at most 6 digits: a longer number is not a gate name (and sizes nothing).
+_OFFICIAL_KEY = re.compile(r"blocks\.(\d{1,6})\.(attn|mlp)_lazy_learning\.(\d{1,6})\.weight")
 # The official LazyDiT checkpoint dict ("model" entry of its .pt files, as tinylazy.convert writes it).
-_CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
+_CHECKPOINT_KEY = re.compile(r"block_(\d{1,6})_(attn|mlp)_lazy_learning_weight_(\d{1,6})")
 
 
 def gates_hash(gates):
@@ -187,23 +188,65 @@ def save_gates(gates, path, training=None):
     write_safetensors(path, tensors, gates.metadata())
 
 
-def _parse_keys(path, tensors):
-    """-> {(kind, l, s): (1, D) array} from official names or the official checkpoint's names."""
+def _parse_keys(path, entries):
+    """-> {(kind, l, s): file key} from official names or the official checkpoint's names (header only)."""
     found = {}
-    for name, a in tensors.items():
+    for name in entries:
         m = _OFFICIAL_KEY.fullmatch(name) or _CHECKPOINT_KEY.fullmatch(name)
         if m is None:
-            raise GatesError(f"{path}: {name!r} is not a LazyDiT gate "
+            shown = name if len(name) <= 120 else name[:120] + "..."
+            raise GatesError(f"{path}: {shown!r} is not a LazyDiT gate "
                              f"(expected blocks.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
         l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
-        if a.ndim != 2 or a.shape[0] != 1:
-            raise GatesError(f"{path}: {name!r} has shape {tuple(a.shape)}, expected (1, D)")
         if (kind, l, s) in found:
             raise GatesError(f"{path}: gate {kind} layer {l} step {s} appears twice")
-        found[(kind, l, s)] = a
+        found[(kind, l, s)] = name
     if not found:
         raise GatesError(f"{path}: no gates in the file")
     return found
+
+
+_GATES_METADATA = {"format", "num_sampling_steps", "timestep_map", "depth", "hidden_size", "training", "weights_hash"}
+
+
+def _meta_int(path, meta, key):
+    v = meta[key]
+    if not re.fullmatch(r"[0-9]{1,9}", v):
+        raise GatesError(f"{path}: metadata {key!r} is {v[:40]!r}, not a whole number")
+    return int(v)
+
+
+def _meta_json(path, meta, key, kind):
+    from .io import parse_json
+    v = parse_json(meta[key], f"{path}: metadata {key!r}", GatesError)
+    if not isinstance(v, kind):
+        raise GatesError(f"{path}: metadata {key!r} is a JSON {type(v).__name__}, not a {kind.__name__}")
+    return v
+
+
+def _check_gates_metadata(path, meta, S, cfg):
+    """The metadata must describe the tensors it travels with; -> (timestep map or None, training dict)."""
+    if "format" in meta and meta["format"] != FORMAT:
+        raise GatesError(f"{path}: metadata format {meta['format'][:40]!r}, expected {FORMAT!r}")
+    unknown = sorted(set(meta) - _GATES_METADATA) if "format" in meta else []
+    if unknown:                                 # e.g. a damaged 'weights_hash' key would silently drop the check
+        raise GatesError(f"{path}: unknown metadata {unknown[0][:40]!r} in a {FORMAT} file")
+    for key, have in (("num_sampling_steps", S), ("depth", cfg.depth), ("hidden_size", cfg.hidden_size)):
+        if key in meta and _meta_int(path, meta, key) != have:
+            raise GatesError(f"{path}: metadata says {key} {meta[key]}, the tensors hold {have}")
+    tmap = None
+    if "timestep_map" in meta:
+        tmap = _meta_json(path, meta, "timestep_map", list)
+        if (len(tmap) != S or not all(type(t) is int and 0 <= t < NUM_TRAIN_TIMESTEPS for t in tmap)
+                or any(a >= b for a, b in zip(tmap, tmap[1:]))):
+            raise GatesError(f"{path}: metadata timestep_map must list {S} increasing timesteps in "
+                             f"0..{NUM_TRAIN_TIMESTEPS - 1}, one per step")
+        tmap = np.asarray(tmap, dtype=np.int64)
+    training = _meta_json(path, meta, "training", dict) if "training" in meta \
+        else {"source": meta.get("source", "unknown")[:200]}
+    if "weights_hash" in meta and not re.fullmatch(r"[0-9a-f]{64}", meta["weights_hash"]):
+        raise GatesError(f"{path}: metadata weights_hash {meta['weights_hash'][:70]!r} is not a sha256 hex digest")
+    return tmap, training
 
 
 def load_gates(path, model, steps=None):
@@ -214,38 +257,52 @@ def load_gates(path, model, steps=None):
     names; such a file carries no weights hash, so only its shapes and step count are
     checked and the timestep map is the official ``create_diffusion(str(steps))`` one).
     steps: the number of sampling steps the caller will use (checked when given).
+    Names, dtypes (floating point only), shapes, indices (layers 0..depth-1, steps
+    0..S-1, every one present once) and metadata are checked from the header before
+    any gate is read; a file that does not fit is a GatesError (a malformed file a
+    WeightsError), never a partial or shifted load.
     """
     path = str(path)
-    tensors, meta = read_safetensors(path)
-    found = _parse_keys(path, tensors)
     cfg = model.config
-    S = 1 + max(s for _, _, s in found)
-    missing = [gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
-               if (kind, l, s) not in found]
-    if missing:
-        raise GatesError(f"{path}: missing {len(missing)} gates for a depth-{cfg.depth} model with {S} steps, "
-                         f"e.g. {missing[0]!r}")
-    extra = sorted({l for _, l, _ in found if l >= cfg.depth})
-    if extra:
-        raise GatesError(f"{path}: gates for block {extra[0]} but the model has depth {cfg.depth}")
-    D = {a.shape[1] for a in found.values()}
-    if D != {cfg.hidden_size}:
-        raise GatesError(f"{path}: gates of width {sorted(D)}, the model has hidden size {cfg.hidden_size}")
-    if "num_sampling_steps" in meta and int(meta["num_sampling_steps"]) != S:
-        raise GatesError(f"{path}: metadata says {meta['num_sampling_steps']} steps, the tensors hold {S}")
-    if steps is not None and int(steps) != S:
-        raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
-    file_hash = meta.get("weights_hash")
-    model_hash = model_weights_hash(model) if file_hash is not None else None
-    if file_hash is not None and file_hash != model_hash:
-        raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
-                         f"are {model_hash[:12]} (different weights file)")
-    tmap = np.asarray(json.loads(meta["timestep_map"]), dtype=np.int64) if "timestep_map" in meta \
-        else create_diffusion(S).timestep_map
-    stack = lambda kind: np.stack([np.stack([found[(kind, l, s)][0] for l in range(cfg.depth)])
-                                   for s in range(S)]).astype(np.float32)       # (S, L, D)
-    training = json.loads(meta["training"]) if "training" in meta else {"source": meta.get("source", "unknown")}
-    return LazyGates(stack("attn"), stack("mlp"), tmap, file_hash, training)
+    with SafetensorsFile(path) as f:
+        found = _parse_keys(path, f.entries)
+        bad = next(((k, f.entries[k]) for k in found.values()
+                    if f.entries[k].dtype not in FLOAT_DTYPES or len(f.entries[k].shape) != 2
+                    or f.entries[k].shape[0] != 1), None)
+        if bad is not None:
+            raise GatesError(f"{path}: {bad[0]!r} is {bad[1].dtype} {bad[1].shape}, a gate is a floating-point "
+                             f"(1, D) vector")
+        layers = {l for _, l, _ in found}
+        if max(layers) >= cfg.depth:
+            raise GatesError(f"{path}: gates for block {max(layers)} but the model has depth {cfg.depth}")
+        step_ids = {s for _, _, s in found}
+        S = len(step_ids)
+        if S > NUM_TRAIN_TIMESTEPS or step_ids != set(range(S)):
+            hole = min(set(range(S)) - step_ids, default=S)
+            raise GatesError(f"{path}: gate steps are numbered up to {max(step_ids)} (no step {hole}): they must "
+                             f"run 0..S-1 without holes, S <= {NUM_TRAIN_TIMESTEPS}")
+        if len(found) != S * cfg.depth * len(KINDS):
+            missing = next(gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
+                           if (kind, l, s) not in found)
+            raise GatesError(f"{path}: missing {S * cfg.depth * len(KINDS) - len(found)} gates for a "
+                             f"depth-{cfg.depth} model with {S} steps, e.g. {missing!r}")
+        D = {f.entries[k].shape[1] for k in found.values()}
+        if D != {cfg.hidden_size}:
+            raise GatesError(f"{path}: gates of width {sorted(D)[:4]}, the model has hidden size {cfg.hidden_size}")
+        tmap, training = _check_gates_metadata(path, f.metadata, S, cfg)
+        if steps is not None and int(steps) != S:
+            raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
+        file_hash = f.metadata.get("weights_hash")
+        if file_hash is not None and file_hash != model_weights_hash(model):
+            raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
+                             f"are {model_weights_hash(model)[:12]} (different weights file, or gates recorded with the "
+                             f"tensors-only hash of tinylazy before the hash covered the config)")
+        gates = {kind: np.empty((S, cfg.depth, cfg.hidden_size), np.float32) for kind in KINDS}
+        for (kind, l, s), key in found.items():
+            f.read(key, np.float32, out=gates[kind][s, l][None])
+    if tmap is None:
+        tmap = create_diffusion(S).timestep_map
+    return LazyGates(gates["attn"], gates["mlp"], tmap, file_hash, training)
 
 
 # ----------------------------------------------------------------------------

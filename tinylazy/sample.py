@@ -13,9 +13,7 @@ small images are enlarged (nearest) for viewing.  --lazy looks for
 ``<model>.gates-ddim<steps>.safetensors`` in the current folder (where ``tinylazy train-gates``
 writes them), then beside the weights (the bundled gates of the bundled model).
 """
-import glob
 import os
-import re
 import sys
 import time
 

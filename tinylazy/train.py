@@ -197,32 +197,58 @@ class Trainer:
         write_safetensors(path, tensors, meta)                # temp file + os.replace
 
     def load_checkpoint(self, path):
-        """Restore a checkpoint of the same recipe (the step count may differ) in place."""
-        from .io import read_safetensors
-        tensors, meta = read_safetensors(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a tinylazy training checkpoint (format {meta.get('format')!r})")
-        saved = json.loads(meta["recipe"])
-        mine = json.loads(self.recipe.to_json())
-        for k, v in json.loads(Recipe().to_json()).items():
-            saved.setdefault(k, v)                    # settings added since the checkpoint: their defaults
-        keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())     # the schedule ends at steps
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in keys if saved.get(k) != mine[k]]
-        if diff:
-            raise ValueError(f"{path}: the run's settings changed since the checkpoint ({'; '.join(diff)})")
-        for part, target in (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
-                             ("exp_avg_sq", self.opt.exp_avg_sq)):
+        """Restore a checkpoint of the same recipe (the step count may differ) in place.
+
+        Every field is checked before anything changes (a CheckpointError names the file and the
+        field): the recipe, step == adam_step in 0..steps, the epoch permutation (empty, or a
+        permutation of the dataset) and a position in it on a batch boundary, the generator
+        state, a finite training time, and exactly this model's tensors (exp_avg_sq >= 0); the epoch
+        position must be the one the step count implies."""
+        from .io import ResumeCheckpoint, describe_value
+        with ResumeCheckpoint(path, CHECKPOINT_FORMAT) as ck:
+            saved = ck.json("recipe", dict)
+            mine = json.loads(self.recipe.to_json())
+            for k, v in json.loads(Recipe().to_json()).items():
+                saved.setdefault(k, v)                    # settings added since the checkpoint: their defaults
+            keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())  # the schedule ends at steps
+            diff = [f"{k}: checkpoint {describe_value(saved.get(k))}, now {mine[k]!r}" for k in keys
+                    if saved.get(k) != mine[k]]
+            if diff:
+                raise ck.error(f"the run's settings changed since the checkpoint ({'; '.join(diff)})")
+            step = ck.integer("step", 0, self.recipe.steps)
+            if ck.integer("adam_step", 0, self.recipe.steps) != step:
+                raise ck.error(f"metadata adam_step {ck.text('adam_step')} differs from step {step} (one AdamW "
+                               f"step per training step)")
+            n = len(self.images)
+            expected = {f"{part}/{k}": (a.shape, a.dtype) for part, target in self._state_parts()
+                        for k, a in target.items()}
+            expected["data/perm"] = (None, np.int64)
+            tensors = ck.tensors(expected)
+            perm = tensors["data/perm"]
+            if len(perm) not in (0, n) or (len(perm) and not np.array_equal(np.sort(perm), np.arange(n))):
+                raise ck.error(f"data/perm is not a permutation of the {n} training images")
+            B = self.recipe.batch_size
+            pos = ck.integer("data_pos", 0, len(perm))
+            want = 0 if step == 0 else ((step - 1) % (n // B) + 1) * B          # next_batch: drop_last epochs
+            if pos != want or (len(perm) == 0) != (step == 0):
+                raise ck.error(f"metadata data_pos {pos} with {len(perm)} permuted images does not follow from "
+                               f"step {step} (batch {B} of {n} images: position {want})")
+            negative = [k for k in self.opt.exp_avg_sq if (tensors[f"exp_avg_sq/{k}"] < 0).any()]
+            if negative:
+                raise ck.error(f"exp_avg_sq/{negative[0]} has negative entries (a second moment is >= 0)")
+            rng_state = ck.rng_state("rng", self.rng)
+            seconds = ck.number("train_seconds", 0.0, 1e12)
+        for part, target in self._state_parts():
             for k, a in target.items():
-                src = tensors.get(f"{part}/{k}")
-                if src is None or src.shape != a.shape or src.dtype != a.dtype:
-                    raise ValueError(f"{path}: tensor {part}/{k} is missing or does not match "
-                                     f"{a.shape} {a.dtype}")
-                a[...] = src
-        self.opt.step_count = int(meta["adam_step"])
-        self.step_count = int(meta["step"])
-        self.perm, self.pos = tensors["data/perm"].astype(np.int64), int(meta["data_pos"])
-        self.rng.bit_generator.state = json.loads(meta["rng"])
-        self.train_seconds = float(meta["train_seconds"])
+                a[...] = tensors[f"{part}/{k}"]
+        self.opt.step_count = self.step_count = step
+        self.perm, self.pos = perm.astype(np.int64), pos
+        self.rng.bit_generator.state = rng_state
+        self.train_seconds = seconds
+
+    def _state_parts(self):
+        return (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
+                ("exp_avg_sq", self.opt.exp_avg_sq))
 
     # -- export ---------------------------------------------------------------------------
     def export(self, path, extra=None):
