@@ -14,12 +14,14 @@ soft blend; see protocol.py).  Each piece ``foo`` of ``DiT`` fills an optional `
 dict and has a ``foo_backward`` that reads it, written in the same order reversed with
 the same names.
 """
+
 import numpy as np
 
 from . import ops
 from .backend import get_xp, resolve_dtype, to_numpy
 from .config import DiTConfig
 from .embeddings import pos_embed_2d, timestep_features
+from .protocol import check_cfg_scale
 
 FREQ_DIM = 256          # TimestepEmbedder.frequency_embedding_size
 NUM_TIMESTEPS = 1000    # the model is called with original (0..999) timesteps
@@ -100,6 +102,12 @@ def _official_init(name, shape, rng):
 
 # ----------------------------------------------------------------------------
 # Model
+
+def _check_array(name, a):
+    """Model inputs are arrays (NumPy, or CuPy on that backend); lists and scalars are a TypeError."""
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array of shape (B, C, H, W), got {type(a).__name__}")
+
 
 def check_params(params, expected, config):
     """A ValueError unless ``params`` has exactly the names of ``expected`` (name -> shape), in
@@ -232,6 +240,7 @@ class DiT(DiTSchema):
     def check_inputs(self, x, t, y):
         """-> x as a model array, t and y (B,) on the host; a ValueError for bad shapes or values."""
         cfg, xp = self.config, self.xp
+        _check_array("x", x)
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {cfg.in_channels}, "
                              f"{cfg.input_size}, {cfg.input_size})")
@@ -569,6 +578,8 @@ class DiT(DiTSchema):
         ``branch`` goes to the forward.
         """
         xp = self.xp
+        cfg_scale = check_cfg_scale(cfg_scale)
+        _check_array("x", x)
         x = xp.asarray(x, dtype=self.dtype)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
