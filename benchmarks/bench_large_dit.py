@@ -97,7 +97,7 @@ def run_torch(path, reps):
     from tinylazy.io import SafetensorsFile
     from tinylazy.large_dit_io import infer_config, map_tensors
     from tinylazy.storage import Bfloat16Array
-    from torch_large_dit import TorchLargeDiT, patched_freqs_cis
+    from torch_large_dit import TorchLargeDiT
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     t0 = time.perf_counter()
     with SafetensorsFile(path) as f:
@@ -113,7 +113,7 @@ def run_torch(path, reps):
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     with torch.device("meta"):
         model = TorchLargeDiT(cfg)
-    model.freqs_cis = patched_freqs_cis(cfg.head_dim, 4096)
+    model.freqs_cis = TorchLargeDiT.rotary_table(cfg, pinned=False)      # the official table, off the meta device
     blocks = {}
     for name, a in stored.items():
         src = tensor(a)

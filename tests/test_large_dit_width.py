@@ -29,7 +29,7 @@ def test_one_full_width_block_matches_official(name):
         out = LargeDiT(cfg, params, dtype=dtype)(x, t, y)
         tdt = getattr(torch, dtype)
         with torch.no_grad():
-            ref = TorchLargeDiT.from_params(cfg, params, dtype=tdt, share=True)(
+            ref = TorchLargeDiT.from_params(cfg, params, dtype=tdt, share=True, pinned_tables=True)(
                 torch.from_numpy(x).to(tdt), torch.from_numpy(t), torch.from_numpy(y)).numpy()
         assert rel_err(out, ref) <= tol, (name, dtype)
         del params

@@ -5,20 +5,25 @@ fairscale's Column/RowParallelLinear and ParallelEmbedding are plain Linear and 
 apex's FusedRMSNorm is the RMSNorm below, flash-attn is SDPA, which the official code
 uses for float32), so its state dict has the official keys.  Test-only.
 
-Two official float32 islands are options, as the timestep features are in torch_dit.py:
-``patched_tables=True`` uses tinylazy's correctly rounded timestep features and rotary
-table (False: PyTorch's own float32 exp/pow/cos/sin); ``rope_float32=True`` rotates q and k
-in float32 as the official ``apply_rotary_emb`` does (``xq.float()``; a no-op in float32),
-False rotates in the model dtype, as tinylazy's float64 audit mode does.
+Two official float32 islands are options, as the timestep features are in torch_dit.py: by
+default the timestep features and the rotary table are PyTorch's own float32 exp/pow/cos/sin,
+as in the official code; ``pinned_tables=True`` puts in correctly rounded ones, written here and
+in tests/official_features.py independently of tinylazy (a test that compares at 1e-12 needs
+them, and says so where it asks for them).  ``rope_float32=True`` rotates q and k in float32 as
+the official ``apply_rotary_emb`` does (``xq.float()``; a no-op in float32), False rotates in
+the model dtype, as tinylazy's float64 audit mode does.
 ``qk_norm_groups`` > 1 builds the q/k LayerNorm of a checkpoint trained on that many
 model-parallel ranks (each normalises its own slice of heads).
 """
+import functools
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinylazy.llama_ops import rope_table
+from official_features import f32
 from torch_dit import LabelEmbedder, TimestepEmbedder, TorchDiT, modulate
 
 
@@ -58,8 +63,16 @@ def official_freqs_cis(dim, end, theta=10000.0):
     return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def patched_freqs_cis(dim, end):
-    cos, sin = rope_table(dim, end)
+@functools.lru_cache(maxsize=None)
+def pinned_freqs_cis(dim, end, theta=10000.0):
+    """precompute_freqs_cis's float32 arithmetic with each operation rounded once to float32
+    (``f32`` of the Python float result; see official_features.py): e = float(2i) / dim,
+    freqs = 1 / theta**e, angle = t * freqs, then cos and sin, the non-elementary functions
+    being ``math``'s float64 ones rounded once."""
+    freqs = [f32(1.0 / f32(theta ** f32(float(2 * i) / dim))) for i in range(dim // 2)]
+    angles = [[f32(float(t) * f) for f in freqs] for t in range(end)]
+    cos = np.array([[f32(math.cos(a)) for a in row] for row in angles], np.float32)
+    sin = np.array([[f32(math.sin(a)) for a in row] for row in angles], np.float32)
     return torch.complex(torch.from_numpy(cos), torch.from_numpy(sin))
 
 
@@ -138,17 +151,21 @@ class FinalLayer(nn.Module):
 
 
 class TorchLargeDiT(nn.Module):
-    def __init__(self, cfg, patched_tables=True, rope_float32=False):
+    def __init__(self, cfg, pinned_tables=False, rope_float32=False):
         super().__init__()
         self.cfg = cfg
         p, C = cfg.patch_size, cfg.in_channels
         self.x_embedder = nn.Linear(p * p * C, cfg.hidden_size)
-        self.t_embedder = TimestepEmbedder(cfg.cond_size, patched_features=patched_tables)
+        self.t_embedder = TimestepEmbedder(cfg.cond_size, pinned_features=pinned_tables)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_size)
         self.layers = nn.ModuleList([TransformerBlock(cfg, rope_float32) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
-        make = patched_freqs_cis if patched_tables else official_freqs_cis
-        self.freqs_cis = make(cfg.head_dim, 4096)
+        self.freqs_cis = self.rotary_table(cfg, pinned_tables)
+
+    @staticmethod
+    def rotary_table(cfg, pinned):
+        """The official table of 4096 positions (pinned: the first num_tokens, all that are used)."""
+        return pinned_freqs_cis(cfg.head_dim, cfg.num_tokens) if pinned else official_freqs_cis(cfg.head_dim, 4096)
 
     @classmethod
     def from_params(cls, cfg, params, dtype=torch.float64, share=False, **kw):
@@ -156,7 +173,7 @@ class TorchLargeDiT(nn.Module):
         without a copy (full-width blocks)."""
         with torch.device("meta"):                                   # no default initialisation: assigned below
             m = cls(cfg, **kw)
-        m.freqs_cis = (patched_freqs_cis if kw.get("patched_tables", True) else official_freqs_cis)(cfg.head_dim, 4096)
+        m.freqs_cis = cls.rotary_table(cfg, kw.get("pinned_tables", False))
         sd = {}
         for k, v in params.items():
             a = np.asarray(v)
