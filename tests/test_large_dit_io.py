@@ -1,13 +1,14 @@
 """Large-DiT files: memory-mapped loading, the configuration from the keys, float16/bfloat16
 storage converted a block at a time, and files that must be refused."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 import tinylazy as tl
-from tinylazy.io import WeightsError, read_safetensors, write_safetensors
+from tinylazy.io import WeightsError, config_identity, read_safetensors, write_safetensors
 from tinylazy.large_dit import LargeDiT, init_params
 from tinylazy.large_dit_io import is_large_dit, load_large_dit, nbytes_of, save_large_dit, storage_of
 from tinylazy.storage import Bfloat16Array, BlockWeights, to_bfloat16
@@ -125,7 +126,7 @@ def test_files_that_are_refused(tmp_path, params):
     gqa = dict(params, **{f"layers.{i}.attention.w{n}.weight": np.zeros((24, 48)) for i in range(2) for n in "kv"})
     with pytest.raises(WeightsError, match="grouped-query attention"):
         tl.load_dit(_write(tmp_path / "gqa.safetensors", gqa, meta))
-    for cfg, match in (({"num_heads": "4"}, "not a positive integer"), ({"num_heads": 5}, "even integer"),
+    for cfg, match in (({"num_heads": "4"}, "not an integer in 1..1048576"), ({"num_heads": 5}, "even integer"),
                        ({"num_heads": 4, "input_size": 1024}, "positions"), ({"num_heads": 4, "norm_eps": 0},
                                                                               "norm_eps")):
         with pytest.raises(WeightsError, match=match):
@@ -135,6 +136,49 @@ def test_files_that_are_refused(tmp_path, params):
         tl.load_dit(path)
     with pytest.raises(ValueError, match="NumPy backend only"):
         tl.load_dit(_write(tmp_path / "ok.safetensors", params, meta), backend="opencl")
+
+
+def test_damaged_and_hostile_files(tmp_path, params, files):
+    """As io.load_dit: nothing is sized from a name before the names are checked, what the
+    metadata states must agree with the shapes, and the hash covers the configuration."""
+    meta = {"config": json.dumps({"num_heads": 4})}
+    holes = {k.replace("layers.1.", "layers.2."): v for k, v in params.items()}
+    with pytest.raises(WeightsError, match=r"layers are numbered 0, 2: .* \(no layers.1.\*\)"):
+        tl.load_dit(_write(tmp_path / "holes.safetensors", holes, meta))
+    far = dict(params, **{"layers.1234567.ffn_norm.weight": np.ones(48)})
+    with pytest.raises(WeightsError, match="block index 1234567... is not a plausible block number"):
+        tl.load_dit(_write(tmp_path / "far.safetensors", far, meta))
+    for stated, match in (({"num_heads": 4, "hidden_size": 64}, "hidden_size is 64, the tensors give 48"),
+                          ({"num_heads": 4, "qk_norm": 1}, "qk_norm is 1, the tensors give True"),
+                          ({"num_heads": 4, "depth": 3}, "depth is 3, the tensors give 2"),
+                          ({"num_heads": 4, "class_dropout_prob": "x"}, "class_dropout_prob is 'x'")):
+        with pytest.raises(WeightsError, match=match):
+            tl.load_dit(_write(tmp_path / "stated.safetensors", params, {"config": json.dumps(stated)}))
+    for extra, match in (({"num_heads": "8"}, "metadata 'num_heads' is 8 but its config says 4"),
+                         ({"config": '{"num_heads": NaN}'}, "metadata 'config': not valid JSON"),
+                         ({"weights_hash": "ab" * 40}, "not a sha256 hex digest")):
+        with pytest.raises(WeightsError, match=match):
+            tl.load_dit(_write(tmp_path / "meta.safetensors", params, dict(meta, **extra)))
+    # The hash covers the configuration: the same tensors stated with 2 heads are another model.
+    tensors, m = read_safetensors(files["float32"])
+    m.update(num_heads="2", config=json.dumps(dict(json.loads(m["config"]), num_heads=2)))
+    with pytest.raises(WeightsError, match="configuration .num_heads 2. do not match the weights_hash"):
+        tl.load_dit(_write(tmp_path / "heads.safetensors", tensors, m))
+    path = tmp_path / "fifo.safetensors"
+    os.mkfifo(path)
+    with pytest.raises(WeightsError, match="is a FIFO, not a regular file"):
+        load_large_dit(path)
+
+
+def test_config_identity_covers_what_changes_the_computation():
+    ident = json.loads(config_identity(QKNORM))
+    assert ident["family"] == "LargeDiTConfig" and "class_dropout_prob" not in ident and ident["null_class"]
+    assert {"norm_eps", "qk_norm", "qk_norm_groups", "ffn_hidden", "cond_size", "num_heads"} <= set(ident)
+    assert config_identity(QKNORM.replace(class_dropout_prob=0.2)) == config_identity(QKNORM)
+    assert config_identity(SMALL.replace(qk_norm_groups=2)) == config_identity(SMALL)      # no q/k norm: no groups
+    for other in (QKNORM.replace(norm_eps=1e-6), QKNORM.replace(qk_norm_groups=1), QKNORM.replace(num_heads=2),
+                  QKNORM.replace(class_dropout_prob=0.0)):
+        assert config_identity(other) != config_identity(QKNORM)
 
 
 def test_dit_files_still_load_as_dit(tmp_path):

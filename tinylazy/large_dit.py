@@ -131,6 +131,16 @@ class LargeDiTConfig(LatentGeometry):
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         return self
 
+    def identity(self):
+        """What the weights hash covers of this config (``io.config_identity``): every field that
+        changes what the weights compute.  As for DiT, class_dropout_prob counts only as whether
+        the label table has a null row, and the q/k-norm groups only when there is a q/k norm,
+        so two configs that build the same network have the same identity."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["null_class"] = bool(d.pop("class_dropout_prob") > 0)
+        d["qk_norm_groups"] = self.qk_norm_groups if self.qk_norm else 1
+        return d
+
     def replace(self, **kw):
         derived = {k: None for k in ("ffn_hidden", "cond_size") if k not in kw and "hidden_size" in kw}
         return dataclasses.replace(self, **derived, **kw).validate()

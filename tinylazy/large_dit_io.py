@@ -24,23 +24,24 @@ import sys
 
 import numpy as np
 
-from .io import FLOAT_DTYPES, SafetensorsFile, WeightsError, weights_hash, write_safetensors
+from .io import (FLOAT_DTYPES, SafetensorsFile, WeightsError, block_count, describe_value, int_value, parse_json,
+                 weights_hash, write_safetensors)
 from .large_dit import HEADS_BY_WIDTH, LargeDiT, LargeDiTConfig, param_shapes
 from .storage import Bfloat16Array, stored_dtype, to_bfloat16, to_float16
 
 FAMILY_KEY = "layers.0.attention.wq.weight"
 _VIEW = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-_LAYER = re.compile(r"layers\.(\d+)\.")
 STORAGES = ("float64", "float32", "float16", "bfloat16")
 
 
 def _weights_file(path):
-    """A safetensors file, or a folder holding exactly one -> the file's path (None: neither)."""
+    """A folder holding exactly one safetensors file -> that file's path; any other existing path
+    -> itself (``io.SafetensorsFile`` refuses what is not a regular file); None: neither."""
     path = os.fspath(path)
     if os.path.isdir(path):
         found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         return os.path.join(path, found[0]) if len(found) == 1 else None
-    return path if os.path.isfile(path) else None
+    return path if os.path.exists(path) else None
 
 
 def is_large_dit(path):
@@ -60,16 +61,16 @@ def is_large_dit(path):
 # The mapping
 
 def map_tensors(f):
-    """An open ``SafetensorsFile`` -> {name: read-only view of the file} (bfloat16 as
-    ``Bfloat16Array``); the views keep the mapping alive."""
+    """An open, validated ``SafetensorsFile`` of float tensors -> {name: read-only view of the
+    file} (bfloat16 as ``Bfloat16Array``), mapped from the descriptor the header was checked
+    on; the views keep the mapping alive."""
     if sys.byteorder != "little":
         raise WeightsError(f"{f.path}: memory-mapped weights need a little-endian machine")
-    size = os.path.getsize(f.path)
-    mm = np.memmap(f.path, dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+    mm = f.memmap()
     views = {}
     for name, e in f.entries.items():
         if e.dtype not in _VIEW:
-            raise WeightsError(f"{f.path}: tensor {name!r} is {e.dtype}, not a float tensor")
+            raise WeightsError(f"{f.path}: tensor {describe_value(name)} is {e.dtype}, not a float tensor")
         a = mm[e.begin:e.end].view(_VIEW[e.dtype]).reshape(e.shape)
         views[name] = Bfloat16Array(a) if e.dtype == "BF16" else a
     return views
@@ -88,31 +89,38 @@ def _check_finite(label, name, a):
 # ----------------------------------------------------------------------------
 # Configuration from the keys
 
+_MAX_SETTING = 1 << 20
+# What a file may state about its configuration beyond what its shapes show, and the fields
+# it states that the shapes decide (checked against them).
+_SETTINGS = ("num_heads", "input_size", "patch_size", "qk_norm_groups")
+_FROM_SHAPES = ("in_channels", "hidden_size", "depth", "ffn_hidden", "cond_size", "qk_norm", "num_classes",
+                "learn_sigma")
+
+
 def _meta_config(f):
-    if "config" not in f.metadata:
-        return {}
-    try:
-        cfg = json.loads(f.metadata["config"])
-    except json.JSONDecodeError:
-        raise WeightsError(f"{f.path}: metadata 'config' is not valid JSON") from None
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{f.path}: metadata 'config' is not a JSON object")
-    if "num_heads" not in cfg and "num_heads" in f.metadata:
-        cfg["num_heads"] = f.metadata["num_heads"]
+    """The file's stated configuration: its metadata 'config' object (``save_large_dit``) and
+    its metadata 'num_heads', which must agree with the config's."""
+    cfg = {}
+    if "config" in f.metadata:
+        where = f"{f.path}: metadata 'config'"
+        cfg = parse_json(f.metadata["config"], where)
+        if not isinstance(cfg, dict):
+            raise WeightsError(f"{where} is {describe_value(cfg)}, not a JSON object")
+    if "num_heads" in f.metadata:
+        heads = int_value(f"{f.path}: metadata 'num_heads'", f.metadata["num_heads"], 1, _MAX_SETTING, text=True)
+        if "num_heads" in cfg and cfg["num_heads"] != heads:
+            raise WeightsError(f"{f.path}: metadata 'num_heads' is {heads} but its config says "
+                               f"{describe_value(cfg['num_heads'])}")
+        cfg.setdefault("num_heads", heads)
     return cfg
-
-
-def _int_setting(label, source, value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
-        raise WeightsError(f"{label}: {source} is {value!r}, not a positive integer")
-    return value
 
 
 def infer_config(label, shapes, meta, num_heads=None, input_size=None, patch_size=None):
     """LargeDiTConfig from the tensor shapes (name -> shape) of Large-DiT weights and ``meta``
-    (what their file records: num_heads, input_size, patch_size, qk_norm_groups, norm_eps),
-    the arguments winning over ``meta`` (see the module docstring).  ``label`` names the
-    weights in errors."""
+    (what their file records: num_heads, input_size, patch_size, qk_norm_groups, norm_eps,
+    class_dropout_prob, and the fields the shapes decide, which must agree with them), the
+    arguments winning over ``meta`` (see the module docstring).  ``label`` names the weights
+    in errors.  Block indices must run 0..N-1 (``io.block_count``) before anything is sized."""
 
     def need(name, ndim):
         if name not in shapes:
@@ -123,11 +131,14 @@ def infer_config(label, shapes, meta, num_heads=None, input_size=None, patch_siz
 
     def setting(key, arg, default):
         if arg is not None:
-            return _int_setting(label, f"the {key} argument", arg)
+            return int_value(f"{label}: the {key} argument", arg, 1, _MAX_SETTING)
         if key in meta:
-            return _int_setting(label, f"metadata config {key}", meta[key])
+            return int_value(f"{label}: metadata config {key}", meta[key], 1, _MAX_SETTING)
         return default
 
+    depth = block_count(label, shapes, "layers")
+    if depth == 0:
+        raise WeightsError(f"{label}: no Large-DiT blocks (layers.N.*) found")
     D, patch_in = need("x_embedder.weight", 2)
     Dc = need("t_embedder.mlp.0.weight", 2)[0]
     F = need("layers.0.feed_forward.w1.weight", 2)[0]
@@ -137,7 +148,6 @@ def infer_config(label, shapes, meta, num_heads=None, input_size=None, patch_siz
                            f"(n_kv_heads < n_heads) is not supported")
     rows = need("y_embedder.embedding_table.weight", 2)[0]
     out_rows = need("final_layer.linear.weight", 2)[0]
-    depth = 1 + max(int(m.group(1)) for k in shapes for m in [_LAYER.match(k)] if m)
     p = setting("patch_size", patch_size, 2)
     C, rem = divmod(patch_in, p * p)
     oc, rem2 = divmod(out_rows, p * p)
@@ -150,15 +160,25 @@ def infer_config(label, shapes, meta, num_heads=None, input_size=None, patch_siz
     heads = setting("num_heads", num_heads, HEADS_BY_WIDTH.get(D))
     eps = meta.get("norm_eps", 1e-5)
     if isinstance(eps, bool) or not isinstance(eps, float) or not 0 < eps < 1:
-        raise WeightsError(f"{label}: metadata config norm_eps is {eps!r}, not a number in (0, 1)")
+        raise WeightsError(f"{label}: metadata config norm_eps is {describe_value(eps)}, not a number in (0, 1)")
+    dropout = meta.get("class_dropout_prob", 0.1)           # official: > 0, so the table has a null row
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise WeightsError(f"{label}: metadata config class_dropout_prob is {describe_value(dropout)}, not a "
+                           f"number in [0, 1)")
     try:
         cfg = LargeDiTConfig(input_size=setting("input_size", input_size, 32), patch_size=p, in_channels=C,
                              hidden_size=D, depth=depth, num_heads=heads, ffn_hidden=F, norm_eps=eps,
                              qk_norm="layers.0.attention.q_norm.weight" in shapes,
                              qk_norm_groups=setting("qk_norm_groups", None, 1), cond_size=Dc,
-                             num_classes=rows - 1, learn_sigma=oc == 2 * C).validate()
+                             num_classes=rows - (1 if dropout > 0 else 0), learn_sigma=oc == 2 * C,
+                             class_dropout_prob=float(dropout)).validate()
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{label}: {e}") from None
+    contradicted = [f"{key} is {describe_value(meta[key])}, the tensors give {getattr(cfg, key)}"
+                    for key in _FROM_SHAPES if key in meta and not (type(meta[key]) is type(getattr(cfg, key))
+                                                                     and meta[key] == getattr(cfg, key))]
+    if contradicted:
+        raise WeightsError(f"{label}: the metadata config contradicts the tensors: " + "; ".join(contradicted))
     return cfg
 
 
@@ -167,7 +187,7 @@ def validate(label, shapes, dtypes, cfg):
     name -> safetensors dtype): one error listing all problems."""
     expected = param_shapes(cfg)
     missing = [k for k in expected if k not in shapes]
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(k if len(k) <= 200 else k[:200] + "..." for k in set(shapes) - set(expected))
     misshaped = [f"{k}: {shapes[k]}, expected {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
     nonfloat = [f"{k} ({dtypes[k]})" for k in expected if k in dtypes and dtypes[k] not in FLOAT_DTYPES]
     problems = [f"{title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
@@ -185,10 +205,13 @@ def load_large_dit(path, dtype="float32", backend="numpy", num_heads=None, input
                    verify=True):
     """A ``LargeDiT`` over the memory-mapped tensors of ``path`` (a file, or a folder with one).
 
-    verify (default): check that every value is finite and hash the weights (one pass
-    over the file; the model carries the hash, and a ``weights_hash`` in the file's
-    metadata must match it).  verify=False maps the file and reads nothing: the model
-    then has no hash (None)."""
+    The header is checked first (``io.SafetensorsFile``: a regular file, exact coverage,
+    known dtypes), then the names (block indices 0..N-1), the configuration against the
+    shapes and the metadata, every key, shape and dtype, all before the file is mapped.
+    verify (default): check that every value is finite and hash the weights and the
+    configuration (``io.weights_hash``; one pass over the file; the model carries the
+    hash, and a ``weights_hash`` in the file's metadata must match it).  verify=False maps
+    the file and reads nothing: the model then has no hash (None)."""
     fpath = _weights_file(path)
     if fpath is None:
         raise WeightsError(f"{path}: no such file, or not a folder with exactly one .safetensors file")
@@ -196,8 +219,11 @@ def load_large_dit(path, dtype="float32", backend="numpy", num_heads=None, input
         shapes = {k: e.shape for k, e in f.entries.items()}
         cfg = infer_config(fpath, shapes, _meta_config(f), num_heads, input_size, patch_size)
         validate(fpath, shapes, {k: e.dtype for k, e in f.entries.items()}, cfg)
-        stored = map_tensors(f)
         recorded = f.metadata.get("weights_hash")
+        if recorded is not None and not re.fullmatch(r"[0-9a-f]{64}", recorded):
+            raise WeightsError(f"{fpath}: metadata 'weights_hash' is {describe_value(recorded)}, not a sha256 "
+                               f"hex digest")
+        stored = map_tensors(f)
     model = LargeDiT(cfg, stored, dtype=dtype, backend=backend)
     if verify:
         for name in sorted(stored):
@@ -205,8 +231,8 @@ def load_large_dit(path, dtype="float32", backend="numpy", num_heads=None, input
         model.weights_hash = weights_hash(model)
         model.params.release()
         if recorded is not None and recorded != model.weights_hash:
-            raise WeightsError(f"{fpath}: tensors do not match the weights_hash in the file's metadata "
-                               f"(modified or corrupted file)")
+            raise WeightsError(f"{fpath}: tensors and configuration (num_heads {cfg.num_heads}) do not match the "
+                               f"weights_hash in the file's metadata (modified or corrupted file)")
     return model
 
 
@@ -261,15 +287,16 @@ def save_large_dit(params, config, path, storage="float32", metadata=None, recor
     meta.update(config=json.dumps(dataclasses.asdict(config)), num_heads=str(config.num_heads),
                 family=config.family)
     if record_hash:
-        meta["weights_hash"] = weights_hash(_StoredValues(tensors))
+        meta["weights_hash"] = weights_hash(_StoredValues(tensors, config))
     write_safetensors(path, tensors, meta, progress=progress)
 
 
 class _StoredValues:
-    """``params`` of the values as ``save_large_dit`` stores them, widened to float32 (for io.weights_hash)."""
+    """A model as ``io.weights_hash`` sees it: ``params``, the values as ``save_large_dit`` stores
+    them (widened to float32), and the ``config``."""
 
-    def __init__(self, tensors):
-        self.params = _WidenedMap(tensors)
+    def __init__(self, tensors, config):
+        self.params, self.config = _WidenedMap(tensors), config
 
 
 class _WidenedMap(dict):
