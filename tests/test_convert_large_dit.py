@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tinylazy as tl
+from tinylazy import cli
 from tinylazy.convert import ConvertError, convert
 from tinylazy.convert_large_dit import convert_large_dit, main, split_axis
 from tinylazy.large_dit import LargeDiT, init_params
@@ -48,7 +49,7 @@ def write_checkpoint(folder, params, M, ema=True, args=None, dtype=torch.float32
 
 def run_ref(cfg, params, x, t, y):
     with torch.no_grad():
-        tm = TorchLargeDiT.from_params(cfg, params)
+        tm = TorchLargeDiT.from_params(cfg, params, pinned_tables=True)      # compared at 1e-12: pinned tables
         return tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
 
 
@@ -70,7 +71,9 @@ def test_two_rank_checkpoint_with_qk_norm(params, tmp_path):
     x, t, y = inputs(cfg=QKNORM)
     ema = {k: v + 0.01 for k, v in params.items()}
     assert rel_err(model(x, t, y), run_ref(QKNORM, ema, x, t, y)) <= 1e-12
-    cfg, _ = convert_large_dit(str(src), dst, num_heads=4, ema=False, progress=False)
+    with pytest.raises(ConvertError, match="exists; choose another output"):
+        convert_large_dit(str(src), dst, num_heads=4, ema=False, progress=False)
+    cfg, _ = convert_large_dit(str(src), dst, num_heads=4, ema=False, progress=False, overwrite=True)
     assert rel_err(tl.load_dit(dst, dtype="float64")(x, t, y), run_ref(QKNORM, params, x, t, y)) <= 1e-12
 
 
@@ -147,16 +150,50 @@ def test_checkpoints_that_are_refused(params, tmp_path):
         convert_large_dit(str(src), tmp_path / "o.safetensors", num_heads=4, progress=False)
 
 
-def test_command_line(params, tmp_path):
+def test_hostile_checkpoints_are_refused_before_anything_is_sized(params, tmp_path):
+    src = write_checkpoint(tmp_path / "a", params, 1, ema=False)
+    os.rename(src / "consolidated.00-of-01.pth", src / "consolidated.00-of-99999999.pth")    # not a rank name
+    with pytest.raises(ConvertError, match="no consolidated.RR-of-MM.pth"):
+        convert_large_dit(str(src), tmp_path / "o.safetensors", num_heads=4, progress=False)
+    os.rename(src / "consolidated.00-of-99999999.pth", src / "consolidated.00-of-9999.pth")  # 1 shard of 9999
+    with pytest.raises(ConvertError, match="not ranks 00..9998 of 9999"):
+        convert_large_dit(str(src), tmp_path / "o.safetensors", num_heads=4, progress=False)
+    big = torch.zeros(1).expand(10 ** 6)                                      # one float seen a million times
+    sd = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in params.items())
+    sd["layers.0.ffn_norm.weight"] = big[:QKNORM.hidden_size]
+    torch.save(sd, tmp_path / "expand.pth")
+    with pytest.raises(ConvertError, match="visits storage elements more than once"):
+        convert_large_dit(str(tmp_path / "expand.pth"), tmp_path / "o.safetensors", num_heads=4, progress=False)
+    torch.save(collections.OrderedDict([(7, torch.zeros(2))]), tmp_path / "intkey.pth")
+    with pytest.raises(ConvertError, match="entry 7 holds a TensorRef: expected a state dict of tensors by name"):
+        convert_large_dit(str(tmp_path / "intkey.pth"), tmp_path / "o.safetensors", progress=False)
+    with pytest.raises(ConvertError, match="the output is the checkpoint itself"):
+        convert_large_dit(str(tmp_path / "expand.pth"), tmp_path / "expand.pth", progress=False, overwrite=True)
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_command_line(params, tmp_path, capsys):
+    """`tinylazy convert-large-dit` (and python -m tinylazy.convert_large_dit) follows tinylazy.cli."""
     src = write_checkpoint(tmp_path / "ckpt", params, 2, ema=False)
+    out = tmp_path / "m.safetensors"
     cmd = [sys.executable, "-m", "tinylazy.convert_large_dit"]
-    ok = subprocess.run(cmd + [str(src), str(tmp_path / "m.safetensors"), "--num-heads", "4", "--input-size", "8"],
+    ok = subprocess.run(cmd + [str(src), str(out), "--num-heads", "4", "--input-size", "8"],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "2 shard(s)" in ok.stdout
-    for args, match in (([str(tmp_path / "nope"), str(tmp_path / "m.safetensors")], "no such file or folder"),
-                        ([str(src), str(tmp_path / "no" / "m.safetensors")], "does not exist"),
-                        ([str(src), str(tmp_path)], "is a folder"),
+    before = out.read_bytes()
+    for args, match in (([str(tmp_path / "nope"), str(out)], "SRC " + str(tmp_path / "nope") + ": no such file or "
+                                                                                                   "folder"),
+                        ([str(src), str(tmp_path / "no" / "m.safetensors")], "does not exist; create it first"),
+                        ([str(src), str(tmp_path)], "is a folder; give a file name in it"),
+                        ([str(src), str(tmp_path / "x.bin")], "unknown extension '.bin'"),
+                        ([str(src), str(out)], "exists; choose another file (pass --force to replace it)"),
+                        ([str(src), str(tmp_path / "x.safetensors"), "--num-heads", "0"],
+                         "--num-heads must be an integer >= 1, got 0"),
                         ([str(src), str(tmp_path / "x.safetensors")], "number of attention heads")):
-        bad = subprocess.run(cmd + args, capture_output=True, text=True)
-        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and match in bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1
+        assert cli.main(["convert-large-dit", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and err.count("\n") == 1, (args, err)
+    assert out.read_bytes() == before and not os.path.exists(tmp_path / "x.safetensors")
+    assert cli.main(["convert-large-dit", str(src), str(out), "--num-heads", "4", "--dtype", "bfloat16",
+                     "--force"]) == 0
+    assert tl.load_dit(out).params.stored["layers.0.attention.wq.weight"].st_dtype == "BF16"

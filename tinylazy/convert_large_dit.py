@@ -1,6 +1,6 @@
 """Convert official Large-DiT checkpoints (all model-parallel shards merged) to one safetensors file.
 
-    python -m tinylazy.convert_large_dit CHECKPOINT_DIR out.safetensors [--dtype bfloat16]
+    tinylazy convert-large-dit CHECKPOINT_DIR out.safetensors [--dtype bfloat16]   # or python -m tinylazy.convert_large_dit
 
 The official ``train.py`` (LLaMA2-Accessory ``Large-DiT-ImageNet``) saves a checkpoint as a
 folder: per model-parallel rank r of M, ``consolidated.{r:02d}-of-{M:02d}.pth`` (the model)
@@ -18,24 +18,27 @@ fairscale-parallel tensor:
   per rank, over that rank's heads: merged, they normalise M groups (``qk_norm_groups``).
 
 A single ``.pth`` state dict (one rank, or the file LazyDiT's scripts load) converts too.
-Every file is read with ``tinylazy.convert``'s restricted unpickler: no code from it runs.
-LazyDiT's Large-DiT gate checkpoints are LazyDiT's usual gate files and convert with
-``python -m tinylazy.convert`` (``lazy.load_gates`` reads them).
+Every file is read with ``tinylazy.convert``'s restricted unpickler under its limits (no code
+from it runs; every tensor view is checked against its storage before any data is read); the
+shard names, the names and shapes in them and model_args.pth are checked before the output is
+sized, and the output is written to a temporary file and renamed.  LazyDiT's Large-DiT gate
+checkpoints are LazyDiT's usual gate files and convert with ``tinylazy convert``
+(``lazy.load_gates`` reads them).
 """
-import argparse
 import os
 import re
 import sys
 
 import numpy as np
 
-from .convert import Checkpoint, ConvertError, TensorRef, select_state_dict
-from .io import WeightsError
+from . import cli
+from .convert import Checkpoint, ConvertError, TensorRef, check_output, check_tensors, select_state_dict
+from .io import WeightsError, describe_value
 from .large_dit import LARGE_DIT_CONFIGS
 from .large_dit_io import STORAGES, infer_config, save_large_dit, validate
 from .storage import Bfloat16Array
 
-SHARD = re.compile(r"consolidated(_ema)?\.(\d+)-of-(\d+)\.pth")
+SHARD = re.compile(r"consolidated(_ema)?\.(\d{2,4})-of-(\d{2,4})\.pth")     # fairscale ranks: {:02d}
 MODEL_ARGS = "model_args.pth"
 
 # How each name is split over the ranks: the axis the slices are concatenated on, or None
@@ -85,7 +88,7 @@ def find_shards(src, ema=None):
     if not shards:
         raise ConvertError(f"{src}: no {kind}.RR-of-MM.pth files (an official Large-DiT checkpoint folder)")
     M = shards[0][1]
-    if [(r, m) for r, m, _ in shards] != [(r, M) for r in range(M)]:
+    if len(shards) != M or [(r, m) for r, m, _ in shards] != [(r, M) for r in range(M)]:
         raise ConvertError(f"{src}: the {kind} shards are not ranks 00..{M - 1:02d} of {M:02d}: "
                            f"{', '.join(n for _, _, n in shards)}")
     return [os.path.join(src, n) for _, _, n in shards]
@@ -109,7 +112,8 @@ def _meta_from_args(args, src):
     model = args.get("model")
     if model is not None:
         if model not in LARGE_DIT_CONFIGS:
-            raise ConvertError(f"{src}/{MODEL_ARGS}: model {model!r} is not one of {', '.join(LARGE_DIT_CONFIGS)}")
+            raise ConvertError(f"{src}/{MODEL_ARGS}: model {describe_value(model)} is not one of "
+                               f"{', '.join(LARGE_DIT_CONFIGS)}")
         meta["num_heads"] = LARGE_DIT_CONFIGS[model].num_heads
     if type(args.get("image_size")) is int:
         if args["image_size"] % 8:
@@ -165,14 +169,19 @@ def _values(ref, dtype):
     return Bfloat16Array(a).astype(np.float32) if ref.st_dtype == "BF16" else a.astype(np.float32)
 
 
-def convert_large_dit(src, dst, dtype="float32", ema=None, num_heads=None, input_size=None, progress=True):
+def convert_large_dit(src, dst, dtype="float32", ema=None, num_heads=None, input_size=None, progress=True,
+                      overwrite=False):
     """Merge the official checkpoint ``src`` (a folder of shards, or one .pth) into ``dst``.
 
     dtype: "float32" (bfloat16/float16 widened exactly), "bfloat16", "float16", "float64"
-    or "keep" (as stored).  Returns (the LargeDiTConfig, the shard files read)."""
+    or "keep" (as stored).  ``dst`` may not be one of the files read, and may not exist
+    unless ``overwrite``.  Returns (the LargeDiTConfig, the shard files read)."""
     if dtype != "keep" and dtype not in STORAGES:
         raise ValueError(f"dtype must be one of {', '.join(STORAGES)} or keep, got {dtype!r}")
+    src, dst = os.fspath(src), os.fspath(dst)
     files = find_shards(src, ema)
+    model_args = os.path.join(src, MODEL_ARGS)
+    check_output(files + ([model_args] if os.path.isdir(src) and os.path.exists(model_args) else []), dst, overwrite)
     args = read_model_args(src)
     ckpts = []
     try:
@@ -180,9 +189,11 @@ def convert_large_dit(src, dst, dtype="float32", ema=None, num_heads=None, input
         for path in files:
             ckpts.append(Checkpoint(path))
             _, tree = select_state_dict(ckpts[-1].obj, "auto", path)
-            bad = [k for k, v in tree.items() if not isinstance(v, TensorRef)]
-            if bad:
-                raise ConvertError(f"{path}: {bad[0]!r} is not a tensor (expected a state dict of tensors)")
+            bad = next(((k, v) for k, v in tree.items() if type(k) is not str or not isinstance(v, TensorRef)), None)
+            if bad is not None:
+                raise ConvertError(f"{path}: entry {describe_value(bad[0])} holds a {type(bad[1]).__name__}: "
+                                   f"expected a state dict of tensors by name")
+            check_tensors(ckpts[-1], tree)
             states.append(tree)
         names = list(states[0])
         for path, tree in zip(files[1:], states[1:]):
@@ -220,16 +231,12 @@ def convert_large_dit(src, dst, dtype="float32", ema=None, num_heads=None, input
 
 
 # ----------------------------------------------------------------------------
-# Command line (the project's convention: bad input exit 2, a failed run exit 1, Ctrl-C 130)
-
-class UsageError(Exception):
-    """Bad input, found before the expensive work: one line, exit status 2."""
-
+# Command line (tinylazy.cli: bad input exit 2, a failed run exit 1, Ctrl-C 130)
 
 def add_arguments(p):
     p.add_argument("src", help="an official Large-DiT checkpoint folder (consolidated[_ema].RR-of-MM.pth shards, "
                                "model_args.pth) or one .pth state dict")
-    p.add_argument("dst", help="output .safetensors file (written to a temporary file, then renamed)")
+    p.add_argument("dst", help="output .safetensors file (written atomically; never an input)")
     p.add_argument("--dtype", choices=STORAGES + ("keep",), default="float32",
                    help="stored dtype: float32 (default; bf16/f16 widened exactly), bfloat16 or float16 (rounded "
                         "to nearest even; half the size: a 7B model is 14.6 GB), float64, or keep (as stored)")
@@ -237,55 +244,25 @@ def add_arguments(p):
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="the EMA weights (consolidated_ema.*; the default when present, as sample.py)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="the trained weights (consolidated.*)")
-    p.add_argument("--num-heads", type=int, help="attention heads (default: from model_args.pth, else 32 for "
-                                                 "the official widths)")
-    p.add_argument("--input-size", type=int, help="latent size H = W (default: model_args.pth image_size / 8, "
-                                                  "else 32)")
-    return p
-
-
-def _check_output(dst):
-    parent = os.path.dirname(os.path.abspath(dst))
-    if os.path.isdir(dst):
-        raise UsageError(f"{dst} is a folder: give the output file's name, e.g. {os.path.join(dst, 'model.safetensors')}")
-    if not os.path.isdir(parent):
-        raise UsageError(f"{dst}: the folder {parent} does not exist (create it first)")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{dst}: cannot write into {parent}")
+    p.add_argument("--num-heads", type=cli.number(int, 1), help="attention heads (default: from model_args.pth, "
+                                                                "else 32 for the official widths)")
+    p.add_argument("--input-size", type=cli.number(int, 1), help="latent size H = W (default: model_args.pth "
+                                                                 "image_size / 8, else 32)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
 
 
 def run(args):
-    """Convert as ``args`` say -> exit status; bad input raises UsageError."""
-    _check_output(args.dst)
-    for name in ("num_heads", "input_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    try:
-        cfg, files = convert_large_dit(args.src, args.dst, args.dtype, args.ema, args.num_heads, args.input_size)
-    except (ConvertError, WeightsError) as e:
-        raise UsageError(str(e)) from None
+    cli.input_file(args.src, "SRC", folder=True)
+    cli.output_file(args.dst, "DST", (".safetensors",), inputs={"SRC": args.src}, force=args.force, replace=False)
+    cfg, files = convert_large_dit(args.src, args.dst, args.dtype, args.ema, args.num_heads, args.input_size,
+                                   overwrite=bool(args.force))
     print(f"wrote {args.dst}: Large-DiT depth {cfg.depth}, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
           f"qk_norm {cfg.qk_norm} ({cfg.qk_norm_groups} group(s)), {args.dtype}, from {len(files)} shard(s)")
-    return 0
 
 
-def main(argv=None):
-    p = add_arguments(argparse.ArgumentParser(prog="python -m tinylazy.convert_large_dit",
-                                              description=__doc__.split("\n\n")[0]))
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e} (nothing was written to {args.dst})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted (nothing was written)", file=sys.stderr)
-        return 130
+def main(argv=None, prog=None):
+    return cli.run_command("convert-large-dit", argv, prog)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m tinylazy.convert_large_dit"))
