@@ -18,11 +18,14 @@ LAYERS = [
     {"protocol", "config", "backend", "memory", "progress", "embeddings", "data", "atomic", "resources", "errors",
      "noise"},                                                    # leaves: facts, files, the per-image noise
     {"parallel", "diffusion", "image", "cli", "samplefile"},     # cli: the convention every command follows
+    {"storage"},                                                  # weights as stored, converted per block
     {"ops", "conv", "losses", "optim", "sampling"},              # the math and the one sampler loop
+    {"llama_ops"},                                                # Large-DiT's LLaMA ops, on ops
     {"dit"},                                                      # the model: one block schema
+    {"large_dit"},                                                # the second family: DiT's schema, LLaMA pieces
     {"io"},                                                       # files: loads a DiT
-    {"lazy", "vae", "trace", "convert"},                          # module reuse, the VAE, trace files
-    {"opencl", "lazy_train", "train", "metrics"},                 # a backend's twins; training; metrics
+    {"lazy", "vae", "trace", "convert", "large_dit_io"},          # module reuse, the VAE, trace files, Large-DiT files
+    {"opencl", "lazy_train", "train", "metrics", "convert_large_dit"},   # device twins; training; metrics; shards
     {"api"},                                                      # the user's choices: backend, lazy or not
     {"golden", "sample", "train_gates", "sample_many"},          # the commands: whole runs
     {"__main__"},                                                 # python -m tinylazy: the console command

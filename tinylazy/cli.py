@@ -44,6 +44,8 @@ COMMANDS = {
     "train": ("tinylazy.train", "train a DiT from scratch with the official recipe (resumable)"),
     "train-gates": ("tinylazy.train_gates", "train LazyDiT gates for a frozen DiT (resumable)"),
     "convert": ("tinylazy.convert", "convert a PyTorch checkpoint to safetensors (no PyTorch, no code from the file)"),
+    "convert-large-dit": ("tinylazy.convert_large_dit", "merge an official Large-DiT checkpoint's model-parallel "
+                                                        "shards into one safetensors file"),
     "golden": ("tinylazy.golden", "golden traces: dump a sampling run, compare two, rewrite the checked-in ones"),
     "metrics": ("tinylazy.metrics", "sample a digits model and score it (Frechet distance, class accuracy)"),
     "sample-many": ("tinylazy.sample_many", "sample N images on a Dask cluster into ADM's .npz (resumable, "

@@ -10,8 +10,9 @@ key, location, numel)``), the raw storages as ``<name>/data/<key>``, and
 dicts, each to tinylazy's own inert stand-in; every other global is refused, so
 no code named by the file ever runs.  One exception: ``argparse.Namespace`` (the
 ``args`` entry that the official DiT train.py and LazyDiT checkpoints carry)
-becomes an inert placeholder, its class never imported, its contents discarded,
-and it never reaches the output.  Tensors are read lazily, one storage at a time,
+becomes an inert placeholder, its class never imported, only its plain fields
+(str, int, float, bool, None) kept for ``convert_large_dit`` to read, and it never
+reaches the output.  Tensors are read lazily, one storage at a time,
 while the output is written.
 
 What a checkpoint may cost is bounded before it is paid (every refusal a ConvertError
@@ -135,18 +136,24 @@ class TensorRef(_Inert):
 
 
 class _Placeholder(_Inert):
-    """Stands in for an allowed non-tensor global (argparse.Namespace): takes anything, keeps nothing."""
+    """Stands in for an allowed non-tensor global (argparse.Namespace): takes anything and keeps
+    only the plain values of its state (str, int, float, bool, None) in ``fields``; the
+    Large-DiT converter reads the official model_args.pth (model name, image size) from them."""
 
     qualname = "argparse.Namespace"
 
     def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
+        obj = object.__new__(cls)
+        obj.fields = {}
+        return obj
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        plain = (str, int, float, bool, type(None))
+        self.fields = {k: v for k, v in state.items() if type(k) is str and type(v) in plain} \
+            if isinstance(state, dict) else {}
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
@@ -384,15 +391,16 @@ class _Converted:
         return a
 
 
-def _check_tensors(ckpt, tensors):
-    """Every view inside its storage, no element visited twice, every storage present with its size, and
-    all tensors together no more elements than the storages they view (+ _SHARED_VIEWS): checked from the
-    pickle and the zip directory, before any data is read or any output is written."""
+def check_tensors(ckpt, refs):
+    """Every view (name -> ``TensorRef``) inside its storage, no element visited twice, every storage
+    present with its size, and all tensors together no more elements than the storages they view
+    (+ _SHARED_VIEWS): checked from the pickle and the zip directory, before any data is read or any
+    output is written."""
     storages, total = {}, 0
-    for name, t in tensors.items():
-        t.ref.check_view(describe_value(name))
-        storages[id(t.ref.storage)] = t.ref.storage
-        total += t.ref.numel
+    for name, ref in refs.items():
+        ref.check_view(describe_value(name))
+        storages[id(ref.storage)] = ref.storage
+        total += ref.numel
     for storage in storages.values():
         ckpt.check_storage(storage)
     backing = sum(st.numel for st in storages.values())
@@ -401,11 +409,18 @@ def _check_tensors(ckpt, tensors):
                            f"views that repeat data are refused (the output would be larger than the checkpoint)")
 
 
-def _same_file(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+def check_output(sources, dst, overwrite=False):
+    """A converter's output ``dst`` may be none of the files it reads (``sources``), and may not
+    exist unless ``overwrite``."""
+    for src in sources:
+        try:
+            same = os.path.samefile(src, dst)
+        except OSError:
+            same = os.path.realpath(src) == os.path.realpath(dst)
+        if same:
+            raise ConvertError(f"{dst}: the output is the checkpoint itself; write to another file")
+    if not overwrite and os.path.lexists(dst):
+        raise ConvertError(f"{dst}: exists; choose another output (or overwrite it explicitly)")
 
 
 def convert(src, dst, key="auto", dtype="float32", progress=True, overwrite=False):
@@ -419,10 +434,7 @@ def convert(src, dst, key="auto", dtype="float32", progress=True, overwrite=Fals
     if dtype not in ("float32", "keep"):
         raise ValueError(f"dtype must be 'float32' or 'keep', got {dtype!r}")
     src, dst = os.fspath(src), os.fspath(dst)
-    if _same_file(src, dst):
-        raise ConvertError(f"{dst}: the output is the checkpoint itself; write to another file")
-    if not overwrite and os.path.lexists(dst):
-        raise ConvertError(f"{dst}: exists; choose another output (or overwrite it explicitly)")
+    check_output([src], dst, overwrite)
     ckpt = Checkpoint(src)
     try:
         used, tree = select_state_dict(ckpt.obj, key, ckpt.path)
@@ -436,7 +448,7 @@ def convert(src, dst, key="auto", dtype="float32", progress=True, overwrite=Fals
                 skipped[name] = _describe(v)
         if not tensors:
             raise ConvertError(f"{ckpt.path}: no float tensors " + (f"under key {used!r}" if used else "in the checkpoint"))
-        _check_tensors(ckpt, tensors)
+        check_tensors(ckpt, {name: t.ref for name, t in tensors.items()})
         names = list(tensors)
         meta = {"source": os.path.basename(ckpt.path), "key": used or "", "converter": "tinylazy.convert"}
         write_safetensors(dst, tensors, meta, progress="convert" if progress else None)

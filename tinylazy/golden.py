@@ -30,11 +30,13 @@ import sys
 
 import numpy as np
 
-from . import __version__, cli
+from . import __version__, cli, large_dit
 from .backend import to_numpy
 from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, LazyStats, gates_hash, load_gates, model_weights_hash
+from .large_dit_io import save_large_dit
+from .lazy import (DEFAULT_THRESHOLD, LazyGates, LazyStats, gates_file, gates_hash, load_gates, model_weights_hash,
+                   save_gates)
 from .resources import DEFAULT_MODEL, weights_path
 from .sampling import check_cfg_scale, check_labels, check_steps, make_noise, sample_labels
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
@@ -145,14 +147,22 @@ GOLDENS = {
 }
 
 
-def golden_path(name, directory=GOLDEN_DIR):
-    return os.path.join(directory, f"tiny-dit-digits.{name}.safetensors")
+def golden_path(name, directory=GOLDEN_DIR, stem="tiny-dit-digits"):
+    """tests/golden/<stem>.<name>.safetensors: the golden ``name`` of the weights file <stem>.safetensors."""
+    return os.path.join(directory, f"{stem}.{name}.safetensors")
+
+
+def weights_stem(weights):
+    """The name of a weights file without its folder and ``.safetensors``: its goldens' stem."""
+    stem = os.path.basename(os.path.normpath(os.fspath(weights)))
+    return stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
 
 
 def write_goldens(weights=DEFAULT_MODEL, directory=GOLDEN_DIR, names=None):
-    """(Re)write the checked-in goldens of the bundled model: seed 0, batch 2, cfg 4 (``GOLDENS``)."""
-    from .lazy import gates_file
+    """(Re)write the checked-in goldens of a weights file (default: the bundled model): seed 0,
+    batch 2, cfg 4 (``GOLDENS``), named after the weights file (``golden_path``)."""
     weights = weights_path(weights)
+    stem = weights_stem(weights)
     names = list(names or GOLDENS)
     for name in names:
         gpath = gates_file(weights, GOLDENS[name]["steps"]) if GOLDENS[name].get("lazy") else None
@@ -169,8 +179,25 @@ def write_goldens(weights=DEFAULT_MODEL, directory=GOLDEN_DIR, names=None):
         trace = trace_sampling(model, steps=spec["steps"], seed=0, batch=2, cfg_scale=4.0, gates=gates, recorder=rec,
                                weights_file=weights, gates_file=gpath)
         os.makedirs(directory, exist_ok=True)
-        written.append(trace.save(golden_path(name, directory)))
+        written.append(trace.save(golden_path(name, directory, stem)))
     return written
+
+
+def write_tiny_large_dit(folder=GOLDEN_DIR, steps=LAZY_GOLDEN_STEPS):
+    """Write the tiny random Large-DiT of the Large-DiT goldens (``large_dit.TINY``, seed 0,
+    float32) and random gates for ``steps`` DDIM steps beside it -> (weights, gates) paths.
+    The same bytes on every machine; its goldens are then ``write_goldens(weights)``."""
+    weights = os.path.join(os.fspath(folder), "tiny-large-dit.safetensors")
+    save_large_dit(large_dit.init_params(large_dit.TINY, seed=0, scheme="random", dtype=np.float32),
+                   large_dit.TINY, weights, metadata={"about": "random weights of the Large-DiT goldens"})
+    gates = LazyGates.zeros(load_dit(weights), steps, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    scale = 1.0 / np.sqrt(large_dit.TINY.num_tokens * large_dit.TINY.hidden_size)   # scores spread around 0.5
+    gates.attn[:] = rng.normal(0.0, scale, gates.attn.shape)
+    gates.mlp[:] = rng.normal(0.0, scale, gates.mlp.shape)
+    path = gates_file(weights, steps)
+    save_gates(gates, path, training={"source": "random (tinylazy.golden.write_tiny_large_dit)"})
+    return weights, path
 
 
 def rerun(trace, weights, gates=None, backend="numpy", dtype=None):
@@ -629,7 +656,6 @@ def _compare(args):
 
 
 def _goldens(args):
-    from .lazy import gates_file
     weights = cli.weights_input(args.weights)
     if not os.path.isdir(args.dir):
         raise cli.UsageError(f"--dir {args.dir}: no such folder (run from the checkout's root, where tests/golden "
@@ -637,7 +663,8 @@ def _goldens(args):
     names = [n for n in GOLDENS if args.only is None or n.startswith(args.only + ".")]
     inputs = {"--weights": weights, "the gates": gates_file(weights, LAZY_GOLDEN_STEPS)}
     for name in names:
-        cli.output_file(golden_path(name, args.dir), "--dir", (".safetensors",), inputs=inputs)
+        cli.output_file(golden_path(name, args.dir, weights_stem(weights)), "--dir", (".safetensors",),
+                        inputs=inputs)
     for path in write_goldens(weights, args.dir, names):
         print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
     return 0
@@ -680,9 +707,10 @@ def add_arguments(p):
                         'the first match in file order wins')
     c.add_argument("--require-all", action="store_true", help="tensors of REF that OTHER lacks are failures")
     c.add_argument("--max-listed", type=n(int, 1), default=10, help="list at most this many failures and flips")
-    g = sub.add_parser("goldens", help="rewrite the checked-in goldens of the bundled model (tests/golden/)")
+    g = sub.add_parser("goldens", help="rewrite the checked-in goldens of a model (tests/golden/<weights' name>.*)")
     g.add_argument("--weights", default=DEFAULT_MODEL,
-                   help="DiT weights (default: the bundled tiny-dit-digits; its gates-ddim20 beside it)")
+                   help="DiT or Large-DiT weights (default: the bundled tiny-dit-digits; its gates-ddim20 "
+                        "beside it); the goldens are named after the file")
     g.add_argument("--dir", default=GOLDEN_DIR,
                    help="output folder, which must exist (default: tests/golden, i.e. run from the checkout's root)")
     g.add_argument("--only", choices=("full", "lazy"), help="write only the full or only the lazy goldens")

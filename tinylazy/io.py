@@ -319,6 +319,12 @@ class SafetensorsFile:
             raise self._error(f"tensor {name!r} contains NaN or Inf")
         return out
 
+    def memmap(self):
+        """The whole file as a read-only uint8 ``np.memmap`` of the descriptor opened (and
+        validated) here, for readers that use tensors in place (``large_dit_io``)."""
+        size = os.fstat(self._f.fileno()).st_size
+        return np.memmap(self._f, dtype=np.uint8, mode="r", shape=(size,))
+
     def _pread(self, offset, buf):
         mv = memoryview(buf)
         self._f.seek(offset)
@@ -435,6 +441,27 @@ _DIFFUSERS_SHARED = [
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+def block_count(label, names, prefix):
+    """The number of blocks ``{prefix}.{i}.*`` among ``names``.  Their indices must run 0..N-1
+    without holes, so N is at most the number of tensors present, whatever numbers the names
+    carry; an index of more than 6 digits is refused before it is turned into a number."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    idx = set()
+    for k in names:
+        m = pattern.match(k)
+        if m:
+            if len(m.group(1)) > 6:
+                raise WeightsError(f"{label}: {describe_value(k)}: block index {m.group(1)[:12]}... "
+                                   f"is not a plausible block number")
+            idx.add(int(m.group(1)))
+    holes = set(range(len(idx))) - idx
+    if holes:
+        shown = ", ".join(map(str, sorted(idx)[:6])) + (f", ... ({len(idx)} indices)" if len(idx) > 6 else "")
+        raise WeightsError(f"{label}: {prefix} are numbered {shown}: block indices must run 0..N-1 "
+                           f"without holes (no {prefix}.{min(holes)}.*)")
+    return len(idx)
+
+
 class _Layout:
     """The tensors of one model, in the official or the diffusers layout, and hints for its config."""
 
@@ -493,24 +520,8 @@ class _Layout:
         return sum(e.end - e.begin for f in self.files for e in f.entries.values())
 
     def depth(self):
-        """The number of transformer blocks.  Their indices must run 0..N-1 without holes, so N
-        is at most the number of tensors present, whatever numbers the names carry."""
-        prefix = "transformer_blocks" if self.diffusers else "blocks"
-        pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-        idx = set()
-        for k in self.where:
-            m = pattern.match(k)
-            if m:
-                if len(m.group(1)) > 6:
-                    raise WeightsError(f"{self.label}: {describe_value(k)}: block index {m.group(1)[:12]}... "
-                                       f"is not a plausible block number")
-                idx.add(int(m.group(1)))
-        holes = set(range(len(idx))) - idx
-        if holes:
-            shown = ", ".join(map(str, sorted(idx)[:6])) + (f", ... ({len(idx)} indices)" if len(idx) > 6 else "")
-            raise WeightsError(f"{self.label}: {prefix} are numbered {shown}: block indices must run 0..N-1 "
-                               f"without holes (no {prefix}.{min(holes)}.*)")
-        return len(idx)
+        """The number of transformer blocks (``block_count``)."""
+        return block_count(self.label, self.where, "transformer_blocks" if self.diffusers else "blocks")
 
     def stated_configs(self):
         """(where, dict) of each JSON 'config' in the files' metadata (``save_dit`` writes one)."""
@@ -532,13 +543,13 @@ class _Layout:
         for f in self.files:
             if "num_heads" in f.metadata:
                 where = f"{f.path}: metadata 'num_heads'"
-                hints.append((where, _int_value(where, f.metadata["num_heads"], 1, _MAX_HEADS, text=True)))
+                hints.append((where, int_value(where, f.metadata["num_heads"], 1, _MAX_HEADS, text=True)))
         for where, cfg in self.stated_configs():
             if "num_heads" in cfg:
-                hints.append((where, _int_value(f"{where} num_heads", cfg["num_heads"], 1, _MAX_HEADS)))
+                hints.append((where, int_value(f"{where} num_heads", cfg["num_heads"], 1, _MAX_HEADS)))
         if "num_attention_heads" in self.config_json:
             where = f"{self.label}: diffusers config.json 'num_attention_heads'"
-            hints.append((where, _int_value(where, self.config_json["num_attention_heads"], 1, _MAX_HEADS)))
+            hints.append((where, int_value(where, self.config_json["num_attention_heads"], 1, _MAX_HEADS)))
         if len({v for _, v in hints}) > 1:
             raise WeightsError(f"{self.label}: the file states different head counts: "
                                + ", ".join(f"{w.rsplit(': ', 1)[-1]} = {v}" for w, v in hints))
@@ -563,7 +574,7 @@ _MAX_HEADS = 1 << 16
 _MAX_INPUT_SIZE = 1024           # latent (or pixel) side of a DiT input: 128 = 1024-pixel images with the SD VAE
 
 
-def _int_value(where, value, lo, hi, text=False):
+def int_value(where, value, lo, hi, text=False):
     """An integer stated by a file, in [lo, hi]: a JSON integer (not a bool or a float), or with
     ``text`` a metadata string of decimal digits."""
     if text and isinstance(value, str) and re.fullmatch(r"[0-9]{1,18}", value):
@@ -688,7 +699,7 @@ def _infer_config(layout, num_heads=None):
             raise WeightsError(f"{label}: 'pos_embed' has {N} tokens, not a square grid")
         input_size = grid * p
     elif "sample_size" in layout.config_json:
-        input_size = _int_value(f"{label}: diffusers config.json 'sample_size'", layout.config_json["sample_size"],
+        input_size = int_value(f"{label}: diffusers config.json 'sample_size'", layout.config_json["sample_size"],
                                 1, _MAX_INPUT_SIZE)
         if input_size % p:
             raise WeightsError(f"{label}: diffusers config.json 'sample_size' {input_size} is not a multiple of "
@@ -761,7 +772,7 @@ def _check_stated(layout, cfg, stated):
 def _resolve_heads(layout, D, num_heads):
     """num_heads: the argument, else what the files state (metadata, config.json), else the official widths."""
     hints = layout.heads_hints()
-    candidates = [("num_heads argument", _int_value("num_heads argument", num_heads, 1, _MAX_HEADS))] \
+    candidates = [("num_heads argument", int_value("num_heads argument", num_heads, 1, _MAX_HEADS))] \
         if num_heads is not None else hints
     for source, heads in candidates[:1]:
         if D % heads:
@@ -836,10 +847,11 @@ def config_identity(cfg):
     weights compute, as canonical JSON (sorted keys, no spaces).  The MLP width stands for
     mlp_ratio and null_class for class_dropout_prob > 0 (what they decide), so two configs
     that build the same network have the same identity.  Another model's config (the VAE's):
-    its class name and every field of the dataclass."""
+    its class name and every field of the dataclass, or, where the class says so itself
+    (``identity()``: large_dit.LargeDiTConfig), its class name and those fields."""
     if not isinstance(cfg, DiTConfig):
-        return json.dumps({"family": type(cfg).__name__, **dataclasses.asdict(cfg)}, sort_keys=True,
-                          separators=(",", ":"))
+        fields = cfg.identity() if hasattr(cfg, "identity") else dataclasses.asdict(cfg)
+        return json.dumps({"family": type(cfg).__name__, **fields}, sort_keys=True, separators=(",", ":"))
     d = {"input_size": int(cfg.input_size), "patch_size": int(cfg.patch_size), "in_channels": int(cfg.in_channels),
          "hidden_size": int(cfg.hidden_size), "depth": int(cfg.depth), "num_heads": int(cfg.num_heads),
          "mlp_hidden": int(cfg.mlp_hidden), "num_classes": int(cfg.num_classes),

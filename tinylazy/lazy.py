@@ -17,7 +17,8 @@ official ``DiTBlock.forward(accelerate=True)`` does.
 
 Gates live in ``LazyGates`` ((steps, depth, D) arrays per kind) and are stored in
 safetensors under the official names ``blocks.{l}.attn_lazy_learning.{s}.weight``
-and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D)), with metadata that
+and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D); ``layers.{l}...`` for
+Large-DiT, whose block list has that name), with metadata that
 ties them to one DiT (its weights hash), one step count and one timestep map.
 Training the gates is ``lazy_train.py``.
 """
@@ -44,13 +45,19 @@ class GatesError(FileError):
     """Gates that do not fit a model or a sampling run; the message names the file and the reason."""
 
 
-def gate_key(kind, layer, step):
-    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``."""
-    return f"blocks.{layer}.{kind}_lazy_learning.{step}.weight"
+def gate_key(kind, layer, step, blocks="blocks"):
+    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``
+    (``blocks``: the model's block list, "layers" for Large-DiT)."""
+    return f"{blocks}.{layer}.{kind}_lazy_learning.{step}.weight"
+
+
+def block_prefix(config):
+    """The official name of a model's block list: "blocks" (DiT) or "layers" (Large-DiT)."""
+    return getattr(config, "block_prefix", "blocks")
 
 
 # Indices of at most 6 digits: a longer number is not a gate name (and sizes nothing).
-_OFFICIAL_KEY = re.compile(r"blocks\.(\d{1,6})\.(attn|mlp)_lazy_learning\.(\d{1,6})\.weight")
+_OFFICIAL_KEY = re.compile(r"(blocks|layers)\.(\d{1,6})\.(attn|mlp)_lazy_learning\.(\d{1,6})\.weight")
 # The official LazyDiT checkpoint dict ("model" entry of its .pt files, as tinylazy.convert writes it).
 _CHECKPOINT_KEY = re.compile(r"block_(\d{1,6})_(attn|mlp)_lazy_learning_weight_(\d{1,6})")
 
@@ -104,10 +111,11 @@ class LazyGates:
     ``create_lazy_learning`` indexes its ModuleLists through ``timestep_map``.
     timestep_map: (num_steps,) original timesteps of the schedule.  weights_hash:
     the DiT they were trained for (None when unknown, e.g. a converted official
-    checkpoint).  training: a dict of facts about how they were made.
+    checkpoint).  training: a dict of facts about how they were made.  blocks: the official
+    name of the model's block list, the prefix of the gates' names ("layers" for Large-DiT).
     """
 
-    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None):
+    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None, blocks="blocks"):
         attn, mlp = np.asarray(attn), np.asarray(mlp)
         if attn.ndim != 3 or attn.shape != mlp.shape:
             raise GatesError(f"gate arrays must both be (num_steps, depth, D), got {attn.shape} and {mlp.shape}")
@@ -118,6 +126,7 @@ class LazyGates:
         self.timestep_map = timestep_map
         self.weights_hash = weights_hash
         self.training = dict(training or {})
+        self.blocks = blocks
 
     @classmethod
     def zeros(cls, model, steps, dtype=None):
@@ -126,7 +135,8 @@ class LazyGates:
         tmap = create_diffusion(steps).timestep_map
         shape = (len(tmap), cfg.depth, cfg.hidden_size)
         dt = model.dtype if dtype is None else np.dtype(dtype)
-        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model))
+        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model),
+                   blocks=block_prefix(cfg))
 
     @property
     def num_steps(self):
@@ -145,7 +155,7 @@ class LazyGates:
 
     def state_dict(self):
         """Official names -> (1, D) arrays (views)."""
-        return {gate_key(kind, l, s): self.of(kind)[s, l][None]
+        return {gate_key(kind, l, s, self.blocks): self.of(kind)[s, l][None]
                 for s in range(self.num_steps) for l in range(self.depth) for kind in KINDS}
 
     def metadata(self):
@@ -188,16 +198,24 @@ def save_gates(gates, path, training=None):
     write_safetensors(path, tensors, gates.metadata())
 
 
-def _parse_keys(path, entries):
-    """-> {(kind, l, s): file key} from official names or the official checkpoint's names (header only)."""
+def _parse_keys(path, entries, blocks="blocks"):
+    """-> {(kind, l, s): file key} from official names (of a model whose block list is ``blocks``)
+    or the official checkpoint's names (the same for both families); header only."""
     found = {}
     for name in entries:
-        m = _OFFICIAL_KEY.fullmatch(name) or _CHECKPOINT_KEY.fullmatch(name)
-        if m is None:
-            shown = name if len(name) <= 120 else name[:120] + "..."
-            raise GatesError(f"{path}: {shown!r} is not a LazyDiT gate "
-                             f"(expected blocks.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
-        l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
+        m = _OFFICIAL_KEY.fullmatch(name)
+        if m is not None:
+            if m.group(1) != blocks:
+                raise GatesError(f"{path}: {name!r} is a gate of a model whose blocks are {m.group(1)}.*, "
+                                 f"this model's are {blocks}.* (gates of another model family)")
+            l, kind, s = int(m.group(2)), m.group(3), int(m.group(4))
+        else:
+            m = _CHECKPOINT_KEY.fullmatch(name)
+            if m is None:
+                shown = name if len(name) <= 120 else name[:120] + "..."
+                raise GatesError(f"{path}: {shown!r} is not a LazyDiT gate "
+                                 f"(expected {blocks}.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
+            l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
         if (kind, l, s) in found:
             raise GatesError(f"{path}: gate {kind} layer {l} step {s} appears twice")
         found[(kind, l, s)] = name
@@ -265,7 +283,7 @@ def load_gates(path, model, steps=None):
     path = str(path)
     cfg = model.config
     with SafetensorsFile(path) as f:
-        found = _parse_keys(path, f.entries)
+        found = _parse_keys(path, f.entries, block_prefix(cfg))
         bad = next(((k, f.entries[k]) for k in found.values()
                     if f.entries[k].dtype not in FLOAT_DTYPES or len(f.entries[k].shape) != 2
                     or f.entries[k].shape[0] != 1), None)
@@ -282,8 +300,8 @@ def load_gates(path, model, steps=None):
             raise GatesError(f"{path}: gate steps are numbered up to {max(step_ids)} (no step {hole}): they must "
                              f"run 0..S-1 without holes, S <= {NUM_TRAIN_TIMESTEPS}")
         if len(found) != S * cfg.depth * len(KINDS):
-            missing = next(gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
-                           if (kind, l, s) not in found)
+            missing = next(gate_key(kind, l, s, block_prefix(cfg)) for s in range(S) for l in range(cfg.depth)
+                           for kind in KINDS if (kind, l, s) not in found)
             raise GatesError(f"{path}: missing {S * cfg.depth * len(KINDS) - len(found)} gates for a "
                              f"depth-{cfg.depth} model with {S} steps, e.g. {missing!r}")
         D = {f.entries[k].shape[1] for k in found.values()}
@@ -302,7 +320,7 @@ def load_gates(path, model, steps=None):
             f.read(key, np.float32, out=gates[kind][s, l][None])
     if tmap is None:
         tmap = create_diffusion(S).timestep_map
-    return LazyGates(gates["attn"], gates["mlp"], tmap, file_hash, training)
+    return LazyGates(gates["attn"], gates["mlp"], tmap, file_hash, training, block_prefix(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -382,7 +400,11 @@ def gate_score(z, w):
 # Cost model and statistics
 
 def module_macs(cfg):
-    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention)."""
+    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention).
+
+    A config of another family (large_dit.LargeDiTConfig) counts its own (``cfg.module_macs()``)."""
+    if hasattr(cfg, "module_macs"):
+        return cfg.module_macs()
     T, D, F, C = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels
     p = cfg.patch_size
     return {

@@ -107,7 +107,7 @@ def soft_backward(model, dout, dscores, w, caches, tape):
                 break                                                    # no gate upstream of the first module
             dz = backwards[j](l, do * s[:, None, None], block[kind])    # o = s F(Z) + (1 - s) cache
             dz += du[:, None, None] * w[kind][l]                         # score = sigmoid(sum_t Z @ w)
-            dx, _, _ = model.modulated_input_backward(dz, block[f"{kind}_in"], mod_grads=False)
+            dx, _, _ = model.branch_input_backward(l, kind, dz, block[f"{kind}_in"])
             dh = dh + dx
     return grads
 
