@@ -24,6 +24,12 @@ An upper baseline for learned gates, not a method.
 Quality: ``tinylazy.metrics`` (Frechet distance to the real digits in the judge's
 feature space, its ratio to the real-vs-real floor, class accuracy), all rows from the
 same fixed noise and labels.  Prints a markdown table and writes --json.
+
+Rows run one after another in this process, or as Dask tasks with ``--workers K`` (a
+LocalCluster of single-threaded worker processes) or ``--scheduler ADDRESS`` (an existing
+cluster; docs/distributed.md): one task per row, after one task per set of gates to
+train, each row sampled and scored where it runs.  A row is the same computation
+either way, so its numbers do not depend on where it ran.
 """
 import argparse
 import json
@@ -43,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
 FULL = ("DDIM", "LazyDiT official", "LazyDiT all-steps", "LazyDiT all-steps x-loss", "rule (spread steps)", "random",
         "oracle (per sample)", "oracle (shared)", "oracle (consecutive f)")
+ORACLES = {"oracle (per sample)": (True, True), "oracle (shared)": (False, True),     # (per_sample, chains)
+           "oracle (consecutive f)": (True, False)}
 HEAVY = ("LazyDiT all-steps", "LazyDiT all-steps x-loss")      # left out of light rows (they train gates)
 TRAIN = dict(rho_attn=1e-5, rho_mlp=1e-5, lr=1e-4, batch=16, seed=0)   # train_gates.py's, at batch 16
 ITERS = 500
@@ -116,28 +124,104 @@ def sample(model, noise, labels, steps, cfg_scale, batch, per_batch=None, **lazy
     return np.concatenate(out), stats
 
 
-class Oracle:
-    """The similarity records of full DDIM runs, one per (guidance, steps, batch), made when first asked for."""
+def gates_task(weights, steps, ratio, all_steps, loss, gates_dir, iters):
+    """Learned gates for one row kind: (path, source), trained here when neither shipped nor cached."""
+    from tinylazy.data import load_digits_dataset
+    from tinylazy.io import load_dit
+    model = load_dit(weights)
+    _, source = learned_gates(model, weights, steps, ratio, all_steps, gates_dir, load_digits_dataset(), iters,
+                              loss=loss)
+    return os.path.join(ROOT, source) if not os.path.isabs(source) else source, source
 
-    def __init__(self, model, noise, labels, batch):
-        self.model, self.noise, self.labels, self.batch = model, noise, labels, batch
-        self.records = {}
 
-    def record(self, cfg_scale, steps, i):
-        key = (cfg_scale, steps, i)
-        if key not in self.records:
+_RECORDS = {}          # the oracle's analysed full runs in this process: the three oracle rows share them
+
+
+def oracle_batches(model, noise, labels, steps, cfg_scale, batch, ratio, per_sample, chains, seed):
+    """per_batch for ``sample``: the oracle's decisions for the batch at i, from the similarity record of
+    the full DDIM run of the same noise and labels (analysed once per process and batch)."""
+    def decide(i):
+        key = (model.weights_hash, seed, len(labels), batch, cfg_scale, steps, i)
+        if key not in _RECORDS:
             t0 = time.perf_counter()
-            _, self.records[key] = analysis.analyse(self.model, self.noise[i:i + self.batch],
-                                                    self.labels[i:i + self.batch], steps, cfg_scale, history=True)
+            _, _RECORDS[key] = analysis.analyse(model, noise[i:i + batch], labels[i:i + batch], steps, cfg_scale,
+                                                history=True)
             print(f"cfg {cfg_scale} | oracle: analysed full DDIM {steps}, samples {i}.."
-                  f"{min(i + self.batch, len(self.labels)) - 1} [{time.perf_counter() - t0:.1f} s]",
-                  file=sys.stderr, flush=True)
-        return self.records[key]
+                  f"{min(i + batch, len(labels)) - 1} [{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+        return {"decisions": analysis.oracle_decisions(_RECORDS[key], ratio, per_sample, chains)}
+    return decide
 
-    def how(self, steps, ratio, per_sample, chains):
-        """The plan of an oracle row: per batch, the decisions from that batch's full run."""
-        return lambda cfg_scale: ({"per_batch": lambda i: {"decisions": analysis.oracle_decisions(
-            self.record(cfg_scale, steps, i), ratio, per_sample, chains)}}, f"oracle of the full DDIM {steps} run")
+
+def row_task(weights, num, seed, batch, cfg_scale, group, method, steps, lazy, figdir=None):
+    """One row of the table: sample ``num`` images of the fixed noise and labels, score them.
+
+    lazy: None (DDIM), ("gates", (path, source)), ("rule", ratio), ("random", ratio) or
+    ("oracle", (ratio, per_sample, chains)).
+    """
+    from tinylazy.io import load_dit
+    t0 = time.perf_counter()
+    model = load_dit(weights)
+    noise = tl.make_noise(model, num, seed=seed)
+    labels = np.arange(num) % model.config.num_classes
+    kind, arg = lazy or (None, None)
+    L, source = model.config.depth, ""
+    if kind == "gates":
+        path, source = arg
+        kw = {"gates": tl.load_gates(path, model, steps)}
+    elif kind == "rule":
+        kw = {"decisions": spread_decisions(steps, L, arg)}
+    elif kind == "random":
+        kw = {"decisions": random_decisions(steps, L, arg, seed=seed)}
+    elif kind == "oracle":
+        ratio, per_sample, chains = arg
+        kw = {"per_batch": oracle_batches(model, noise, labels, steps, cfg_scale, batch, ratio, per_sample, chains,
+                                          seed)}
+        source = (f"oracle of the full DDIM {steps} run on the same noise, batches of {batch}: "
+                  + ("each sample's own decisions" if per_sample else "one set of decisions per batch")
+                  + (", a reuse of a reuse charged by what it reuses" if chains else ", ranked by f(Y_k-1, Y_k)"))
+    else:
+        kw = {}
+    x, stats = sample(model, noise, labels, steps, cfg_scale, batch, **kw)
+    m = metrics.evaluate(x, labels, metrics.load_classifier())
+    row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps,
+           "lazy_ratio": stats.lazy_ratio if stats else 0.0,
+           "attn": stats.ratio_by_kind()["attn"] if stats else 0.0,
+           "mlp": stats.ratio_by_kind()["mlp"] if stats else 0.0,
+           "macs_vs_ddim": (stats.macs()[0] / stats.macs()[1] * steps if stats else steps),
+           "fd": m["fd"], "fd_ratio": m["fd_ratio"], "accuracy": m["accuracy"], "source": source,
+           "by_layer": stats.ratio_by_layer().tolist() if stats else None,
+           "by_step": stats.ratio_by_step().tolist() if stats else None,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if figdir and kind == "gates":
+        os.makedirs(figdir, exist_ok=True)
+        tag = f"{method.split()[-1]}-ddim{steps}-r{int(round(100 * row['lazy_ratio']))}-cfg{cfg_scale}"
+        stats.heatmap(os.path.join(figdir, f"lazy-fig4-{tag}.png"),
+                      title=f"{method}, {steps} steps, cfg {cfg_scale}: lazy {row['lazy_ratio']:.0%}")
+    return row
+
+
+def run_rows(todo, args):
+    """Yield the finished rows of ``todo`` [(cfg, group, method, steps, lazy)], where lazy is None,
+    ("gates", gates_task arguments), ("rule", ratio) or ("random", ratio); as they finish."""
+    common = (args.weights, args.num, args.seed, args.batch)
+    if not (args.workers or args.scheduler):
+        made = {}
+        for cfg_scale, group, method, steps, lazy in todo:
+            if lazy and lazy[0] == "gates":
+                if lazy[1] not in made:
+                    made[lazy[1]] = gates_task(*lazy[1])
+                lazy = ("gates", made[lazy[1]])
+            yield row_task(*common, cfg_scale, group, method, steps, lazy, args.figdir)
+        return
+    from tinylazy.sample_many import as_results, cluster_client
+    with cluster_client(args.workers, args.scheduler) as client:
+        gates = {lazy[1]: client.submit(gates_task, *lazy[1], pure=False)
+                 for _, _, _, _, lazy in todo if lazy and lazy[0] == "gates"}
+        futures = [client.submit(row_task, *common, cfg_scale, group, method, steps,
+                                 ("gates", gates[lazy[1]]) if lazy and lazy[0] == "gates" else lazy, args.figdir,
+                                 pure=False) for cfg_scale, group, method, steps, lazy in todo]
+        what = {f: f"row cfg {t[0]} | {t[1]} | {t[2]}" for f, t in zip(futures, todo)}
+        yield from as_results(client, futures, what)
 
 
 def _row_key(r):
@@ -173,26 +257,25 @@ def main():
     ap.add_argument("--report-only", action="store_true", help="print the table of the rows in --json, run nothing")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the noise (and of the random rows' decisions); another seed shows the spread")
-    ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl)")
+    ap.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl) when the rows run in this process")
+    engine = ap.add_mutually_exclusive_group()
+    engine.add_argument("--workers", type=int, help="run the rows as tasks on a Dask LocalCluster of this many "
+                        "single-threaded worker processes (the [distributed] extra)")
+    engine.add_argument("--scheduler", help="run the rows as tasks on the Dask cluster at this address")
     ap.add_argument("--gates-dir", default=os.path.join(metrics.default_cache_dir(), "lazy_quality"))
     ap.add_argument("--figdir", help="write a Figure-4 heat map PNG per learned row here")
     ap.add_argument("--json", default="lazy_quality.json",
                     help="results, rewritten after every row; rows already there are not run again")
     args = ap.parse_args()
 
-    from tinylazy.data import load_digits_dataset
     from tinylazy.io import load_dit
     if args.threads:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=args.threads, user_api="blas")
     model = load_dit(args.weights)
-    data = load_digits_dataset()
-    judge = metrics.load_classifier()
-    L = model.config.depth
-    noise = tl.make_noise(model, args.num, seed=args.seed)
-    labels = np.arange(args.num) % model.config.num_classes
+    metrics.load_classifier()                               # trained and cached once, before any worker needs it
 
-    # (group, method, steps, light, how): how = None (DDIM) or a callable -> (lazy kwargs, source)
+    # (group, method, steps, light, lazy): lazy as run_rows takes it
     plans = []
     groups = [(n, 2 * n, 0.5, n in args.light_pairs) for n in args.pairs]
     groups += [(n, {14: 20, 7: 10}[n], 0.3, n == 7 or n in args.light_pairs) for n in args.thirty]
@@ -201,23 +284,17 @@ def main():
         plans.append((group, "DDIM", N, light, None))
         for all_steps, loss in ((False, "official"), (True, "official"), (True, "x")):
             name = "LazyDiT " + ("all-steps" if all_steps else "official") + (" x-loss" if loss == "x" else "")
-            plans.append((group, name, lazy_steps, light,
-                          lambda c, s=lazy_steps, r=ratio, a=all_steps, lo=loss: learned_gates(
-                              model, args.weights, s, r, a, args.gates_dir, data, args.iters, loss=lo)))
-        plans.append((group, "rule (spread steps)", lazy_steps, light,
-                      lambda c, s=lazy_steps, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
-        plans.append((group, "random", lazy_steps, light,
-                      lambda c, s=lazy_steps, r=ratio: ({"decisions": random_decisions(s, L, r, seed=args.seed)}, "")))
-    oracle = Oracle(model, noise, labels, args.batch)
+            plans.append((group, name, lazy_steps, light, ("gates", (args.weights, lazy_steps, ratio, all_steps, loss,
+                                                                     args.gates_dir, args.iters))))
+        plans.append((group, "rule (spread steps)", lazy_steps, light, ("rule", ratio)))
+        plans.append((group, "random", lazy_steps, light, ("random", ratio)))
     for N in args.oracle_steps:
         for ratio in args.oracle_ratios:
             group = f"Lazy {N} @{ratio:.0%}"
-            plans.append((group, "rule (spread steps)", N, False,
-                          lambda c, s=N, r=ratio: ({"decisions": spread_decisions(s, L, r)}, "")))
-            for name, per_sample, chains in (("per sample", True, True), ("shared", False, True),
-                                             ("consecutive f", True, False)):
+            plans.append((group, "rule (spread steps)", N, False, ("rule", ratio)))
+            for name, (per_sample, chains) in ORACLES.items():
                 if chains or ratio in args.consecutive_ratios:
-                    plans.append((group, f"oracle ({name})", N, False, oracle.how(N, ratio, per_sample, chains)))
+                    plans.append((group, name, N, False, ("oracle", (ratio, per_sample, chains))))
 
     rows = []
     if os.path.isfile(args.json):
@@ -227,41 +304,19 @@ def main():
                 and old.get("seed", 0) == args.seed:
             rows = old["rows"]
     done = {_row_key(r) for r in rows}
-    for cfg_scale in ([] if args.report_only else args.cfg):
-        for group, method, steps, light, how in plans:
-            light = light or cfg_scale in args.light_cfg
-            if method not in args.methods or (light and method in HEAVY) \
-                    or (cfg_scale, group, method) in done:
-                continue
-            t0 = time.perf_counter()
-            lazy, source = {}, ""
-            if how is not None:
-                made = how(cfg_scale)
-                lazy, source = made if isinstance(made[0], dict) else ({"gates": made[0]}, made[1])
-            x, stats = sample(model, noise, labels, steps, cfg_scale, args.batch, **lazy)
-            m = metrics.evaluate(x, labels, judge)
-            row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps,
-                   "lazy_ratio": stats.lazy_ratio if stats else 0.0,
-                   "attn": stats.ratio_by_kind()["attn"] if stats else 0.0,
-                   "mlp": stats.ratio_by_kind()["mlp"] if stats else 0.0,
-                   "macs_vs_ddim": (stats.macs()[0] / stats.macs()[1] * steps if stats else steps),
-                   "fd": m["fd"], "fd_ratio": m["fd_ratio"], "accuracy": m["accuracy"], "source": source,
-                   "by_layer": stats.ratio_by_layer().tolist() if stats else None,
-                   "by_step": stats.ratio_by_step().tolist() if stats else None,
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            if args.figdir and "gates" in lazy:
-                os.makedirs(args.figdir, exist_ok=True)
-                tag = f"{method.split()[-1]}-ddim{steps}-r{int(round(100 * row['lazy_ratio']))}-cfg{cfg_scale}"
-                stats.heatmap(os.path.join(args.figdir, f"lazy-fig4-{tag}.png"),
-                              title=f"{method}, {steps} steps, cfg {cfg_scale}: lazy {row['lazy_ratio']:.0%}")
-            rows.append(row)
-            with open(args.json + ".tmp", "w") as f:
-                json.dump({"num": args.num, "seed": args.seed, "weights_hash": model.weights_hash,
-                           "fd_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
-            print(f"cfg {cfg_scale} | {group} | {method} {steps}: lazy {row['lazy_ratio']:.1%} "
-                  f"FD {row['fd']:.3f} ({row['fd_ratio']:.2f}x floor) acc {row['accuracy']:.1%} "
-                  f"[{row['seconds']} s]", file=sys.stderr, flush=True)
+    todo = [(cfg_scale, group, method, steps, lazy) for cfg_scale in ([] if args.report_only else args.cfg)
+            for group, method, steps, light, lazy in plans
+            if method in args.methods and not ((light or cfg_scale in args.light_cfg) and method in HEAVY)
+            and (cfg_scale, group, method) not in done]
+    for row in Progress(run_rows(todo, args), total=len(todo), desc="rows", disable=not todo):
+        rows.append(row)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"num": args.num, "seed": args.seed, "weights_hash": model.weights_hash,
+                       "fd_note": "fd_ratio = fd / fd(real half vs real half)", "rows": rows}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+        print(f"cfg {row['cfg']} | {row['group']} | {row['method']} {row['steps']}: lazy {row['lazy_ratio']:.1%} "
+              f"FD {row['fd']:.3f} ({row['fd_ratio']:.2f}x floor) acc {row['accuracy']:.1%} "
+              f"[{row['seconds']} s]", file=sys.stderr, flush=True)
 
     print(f"\n{args.num} samples per row, same noise and labels (seed {args.seed}); FD (lower is better), "
           f"FD / real-vs-real floor, "

@@ -40,7 +40,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_config("tiny-dit-digits")
-    model = TorchDiT.from_params(cfg, init_params(cfg, seed=0), dtype=torch.float32, patched_features=False)
+    model = TorchDiT.from_params(cfg, init_params(cfg, seed=0), dtype=torch.float32)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     images, labels = (torch.from_numpy(a) for a in load_digits_dataset())
     acp = torch.from_numpy(np.cumprod(1 - linear_betas())).float()

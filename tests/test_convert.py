@@ -14,6 +14,7 @@ from tinylazy.convert import ConvertError, convert, main
 from tinylazy.io import SafetensorsFile, load_dit, read_safetensors, write_safetensors
 
 from conftest import rel_err
+from fuzz_cases import _g, _i, _s, _tup, dict_op as _dict, tensor_op as _tensor
 
 SMALL = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 
@@ -23,34 +24,11 @@ def small_params(seed=0):
 
 
 # ----------------------------------------------------------------------------
-# Hand-made torch.save archives: a tiny pickle assembler (protocol 2 opcodes), no torch needed
+# Hand-made torch.save archives (the pickle assembler is fuzz_cases.py's), no torch needed
 
-def _g(module, name):
-    return b"c" + f"{module}\n{name}\n".encode()
-
-
-def _s(text):
-    b = text.encode()
-    return b"X" + len(b).to_bytes(4, "little") + b
-
-
-def _i(n):
-    return b"J" + n.to_bytes(4, "little", signed=True)
-
-
-def _tup(*items):
-    return b"(" + b"".join(items) + b"t"
-
-
-def _tensor(key, numel, offset, size, stride, storage="FloatStorage"):
-    pid = _tup(_s("storage"), _g("torch", storage), _s(key), _s("cpu"), _i(numel)) + b"Q"        # BINPERSID
-    hooks = _g("collections", "OrderedDict") + b")R"
-    args = _tup(pid, _i(offset), _tup(*map(_i, size)), _tup(*map(_i, stride)), b"\x89", hooks)
-    return _g("torch._utils", "_rebuild_tensor_v2") + args + b"R"
-
-
-def _dict(items):
-    return b"}(" + b"".join(_s(k) + v for k, v in items) + b"u"
+def _nested(depth):
+    """A pickled dict nested ``depth`` deep: {"w": {"w": ... 1}}."""
+    return b"}(" + _s("w") + (_nested(depth - 1) if depth else _i(1)) + b"u"
 
 
 def write_archive(path, pickle_bytes, storages=(), byteorder="little"):
@@ -119,12 +97,79 @@ def test_malformed_archives(tmp_path, body, storages, match):
     assert str(src) in str(e.value) and not (tmp_path / "out.safetensors").exists()
 
 
+def test_the_output_is_never_the_checkpoint_and_never_an_existing_file(tmp_path):
+    src = handmade_state_dict(tmp_path / "m.pt", {"w": np.arange(3, dtype=np.float32)})
+    before = src.read_bytes()
+    for dst in (src, tmp_path / "." / "m.pt"):
+        with pytest.raises(ConvertError, match="the output is the checkpoint itself"):
+            convert(src, dst, progress=False, overwrite=True)
+    assert src.read_bytes() == before and os.listdir(tmp_path) == ["m.pt"]
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ConvertError, match="o.safetensors: exists"):
+        convert(src, out, progress=False)
+    assert out.read_bytes() == b"keep me"
+    convert(src, out, progress=False, overwrite=True)
+    assert np.array_equal(read_safetensors(out)[0]["w"], [0, 1, 2])
+
+
+@pytest.mark.parametrize("body, storages, match", [
+    (_dict([("w", _tensor("0", 1, 0, (1 << 28,), (0,)))]), {"0": bytes(4)}, "visits storage elements more than once"),
+    (_dict([("w", _tensor("0", 4, 0, (2, 2), (1, 1)))]), {"0": bytes(16)}, "visits storage elements more than once"),
+    (_dict([(f"w{i}", _tensor("0", 1 << 14, 0, (1 << 14,), (1,))) for i in range(6)]), {"0": bytes(1 << 16)},
+     "hold 98304 elements but view storages of only 16384"),
+    (_dict([("a", _dict([("b", _tensor("0", 1, 0, (1,), (1,)))])), ("a.b", _tensor("0", 1, 0, (1,), (1,)))]),
+     {"0": bytes(4)}, "two entries flatten to the name 'a.b'"),
+    (_nested(40), {}, "dicts nested more than 32 deep"),
+    (b"}(" + _tup(_i(1)) + _tensor("0", 1, 0, (1,), (1,)) + b"u", {"0": bytes(4)}, "is not a string or an integer"),
+    (b"Nr\xff\xff\xff\x00", {}, "memo index 16777215 at opcode 2"),
+])
+def test_what_a_checkpoint_may_cost_is_bounded(tmp_path, body, storages, match):
+    src = write_archive(tmp_path / "bad.pt", b"\x80\x02" + body + b".", storages)
+    with pytest.raises(ConvertError, match=match):
+        convert(src, tmp_path / "out.safetensors", progress=False)
+    assert os.listdir(tmp_path) == ["bad.pt"]
+
+
+def test_compressed_members_and_byteorder(tmp_path):
+    pkl = b"\x80\x02" + _dict([("w", _tensor("0", 1 << 25, 0, (1 << 25,), (1,)))]) + b"."
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as z:   # 128 MiB of zeros, ~130 kB
+        z.writestr("archive/data.pkl", pkl)
+        with z.open("archive/data/0", "w") as f:
+            for _ in range(128):
+                f.write(bytes(1 << 20))
+    with pytest.raises(ConvertError, match="would inflate to 134217728 bytes"):
+        convert(tmp_path / "bomb.pt", tmp_path / "o.safetensors", progress=False)
+    with zipfile.ZipFile(tmp_path / "pkl.pt", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + b"}" * (2 << 20) + b".")
+    with pytest.raises(ConvertError, match="data.pkl has 2097155 bytes, more than the 1048576-byte limit"):
+        convert(tmp_path / "pkl.pt", tmp_path / "o.safetensors", progress=False)
+    src = tmp_path / "bo.pt"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", b"\xff\xfe")
+    with pytest.raises(ConvertError, match="unknown byteorder"):
+        convert(src, tmp_path / "o.safetensors", progress=False)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_only_regular_zip_files_with_a_bounded_directory(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(ConvertError, match="is a FIFO, not a regular file"):
+        convert(tmp_path / "fifo.pt", tmp_path / "o.safetensors", progress=False)
+    with zipfile.ZipFile(tmp_path / "many.pt", "w") as z:
+        for i in range(6000):
+            z.writestr(f"{i}", b"")
+    with pytest.raises(ConvertError, match="6000 zip entries, more than the 4"):
+        convert(tmp_path / "many.pt", tmp_path / "o.safetensors", progress=False)
+
+
 def test_not_a_zip(tmp_path):
     p = tmp_path / "legacy.pt"
     p.write_bytes(pickle.dumps({"w": 1}))
     with pytest.raises(ConvertError, match="not a zip checkpoint"):
         convert(p, tmp_path / "o.safetensors")
-    assert main([str(p), str(tmp_path / "o.safetensors")]) == 1
+    assert main([str(p), str(tmp_path / "o.safetensors")]) == 2                 # a bad input file
 
 
 # ----------------------------------------------------------------------------
@@ -171,7 +216,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, kind, where):
     src = write_archive(tmp_path / "evil.pt", payload)
     with pytest.raises(ConvertError, match=f"refused global '{qualname}'"):
         convert(src, tmp_path / "out.safetensors", progress=False)
-    assert main([str(src), str(tmp_path / "out.safetensors")]) == 1
+    assert main([str(src), str(tmp_path / "out.safetensors")]) == 2
     # The payload is live: a plain unpickler, in a child process, does run it.
     live = tmp_path / "live"
     (tmp_path / "live.pkl").write_bytes(_hostile(kind, where, live)[0])
@@ -204,10 +249,10 @@ def test_args_namespace_is_a_discarded_placeholder(tmp_path):
     src = write_archive(tmp_path / "t.pt", b"\x80\x02" + _dict([("model", _dict([("w", w)])), ("args", args)]) + b".", data)
     assert convert(src, tmp_path / "o.safetensors", progress=False) == ("model", ["w"], {})
     with pytest.raises(ConvertError, match="no dict under key 'args'; top-level keys: model, args"):
-        convert(src, tmp_path / "o.safetensors", key="args", progress=False)
+        convert(src, tmp_path / "o2.safetensors", key="args", progress=False)
     flat = write_archive(tmp_path / "f.pt", b"\x80\x02" + _dict([("w", w), ("args", args)]) + b".", data)
-    assert convert(flat, tmp_path / "o.safetensors", progress=False) == (None, ["w"], {"args": "argparse.Namespace"})
-    assert list(read_safetensors(tmp_path / "o.safetensors")[0]) == ["w"]
+    assert convert(flat, tmp_path / "o3.safetensors", progress=False) == (None, ["w"], {"args": "argparse.Namespace"})
+    assert list(read_safetensors(tmp_path / "o3.safetensors")[0]) == ["w"]
 
 
 # ----------------------------------------------------------------------------
@@ -218,9 +263,10 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def _torch_model(torch, seed=0, dtype=None):
+def _torch_model(torch, seed=0, dtype=None, pinned_features=False):
     from torch_dit import TorchDiT
-    return TorchDiT.from_params(SMALL, small_params(seed), dtype=dtype or torch.float32)
+    return TorchDiT.from_params(SMALL, small_params(seed), dtype=dtype or torch.float32,
+                                pinned_features=pinned_features)
 
 
 def _adamw_state(torch, params):
@@ -236,7 +282,7 @@ def _adamw_state(torch, params):
 
 def _assert_converted_equals(tmp_path, sd, **kw):
     out = tmp_path / "c.safetensors"
-    used, names, skipped = convert(tmp_path / "c.pt", out, progress=False, **kw)
+    used, names, skipped = convert(tmp_path / "c.pt", out, progress=False, overwrite=True, **kw)
     got, _ = read_safetensors(out)
     assert set(got) == set(sd)
     for k, v in sd.items():
@@ -250,7 +296,8 @@ def test_state_dict_converts_exactly_and_matches_the_torch_forward(tmp_path, tor
     used, out = _assert_converted_equals(tmp_path, tm.state_dict())
     assert used is None
     m = load_dit(out, dtype="float64", num_heads=4)
-    t64 = _torch_model(torch, dtype=torch.float64)                       # the same float32 values, in float64
+    # the same float32 values, in float64; pinned timestep features, as the comparison is at 1e-12
+    t64 = _torch_model(torch, dtype=torch.float64, pinned_features=True)
     rng = np.random.default_rng(0)
     x, t, y = rng.standard_normal((3, 4, 8, 8)), np.array([0, 999, 250]), np.array([0, 10, 7])
     with torch.no_grad():
@@ -292,7 +339,7 @@ def test_fp16_bf16_checkpoints(tmp_path, torch):
         _, out = _assert_converted_equals(tmp_path, sd)
         with SafetensorsFile(out) as f:
             assert {e.dtype for e in f.entries.values()} == {"F32"}
-        convert(tmp_path / "c.pt", tmp_path / "keep.safetensors", dtype="keep", progress=False)
+        convert(tmp_path / "c.pt", tmp_path / "keep.safetensors", dtype="keep", progress=False, overwrite=True)
         with SafetensorsFile(tmp_path / "keep.safetensors") as f:
             assert {e.dtype for e in f.entries.values()} == {st}
         m = load_dit(tmp_path / "keep.safetensors", num_heads=4)
@@ -349,9 +396,9 @@ def test_cli(tmp_path, torch):
     assert load_dit(tmp_path / "c.safetensors", num_heads=4).config == SMALL
     r = subprocess.run([sys.executable, "-m", "tinylazy.convert", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--key" in r.stdout and "--dtype" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "tinylazy.convert", str(tmp_path / "c.pt"), str(tmp_path / "x"),
-                        "--key", "model"], capture_output=True, text=True)
-    assert r.returncode == 1 and "no dict under key 'model'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tinylazy.convert", str(tmp_path / "c.pt"),
+                        str(tmp_path / "x.safetensors"), "--key", "model"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no dict under key 'model'" in r.stderr
 
 
 # ----------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy.embeddings import timestep_features
-
 from conftest import rel_err
+from official_features import official_timestep_features
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -49,10 +48,10 @@ def patched_diffusers_dit(cfg, params, dtype):
     for mod in m.modules():                       # patch 2: every LayerNorm eps 1e-6 (diffusers' norm2 uses 1e-5)
         if isinstance(mod, torch.nn.LayerNorm):
             mod.eps = 1e-6
-    for blk in m.transformer_blocks:              # patch 1 (+ pinned features): official frequencies, correctly rounded
-        tp = blk.norm1.emb.time_proj
+    for blk in m.transformer_blocks:              # patch 1: official frequencies; and, as the comparison is
+        tp = blk.norm1.emb.time_proj              # at 1e-12, the correctly rounded features of official_features.py
         tp.downscale_freq_shift = 0
-        tp.forward = lambda t: torch.from_numpy(timestep_features(t.numpy()))
+        tp.forward = lambda t: torch.from_numpy(official_timestep_features(t.numpy()))
     return m
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy.backend import to_numpy
+from tinylazy.backend import cupy_available, to_numpy
 from tinylazy.diffusion import GaussianDiffusion, create_diffusion, extract, linear_betas, space_timesteps
 from tinylazy.sampling import ddim_step
 
-from conftest import BACKENDS, rel_err
+from conftest import rel_err
 
 CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                    num_classes=10)
@@ -313,9 +313,9 @@ def test_float32_run_tracks_float64(params):
     assert a.dtype == np.float32 and rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_replay_the_same_run(params, backend):
-    m = tl.DiT(CFG, params, dtype="float64", backend=backend)
+@pytest.mark.skipif(not cupy_available(), reason="no CuPy GPU (on NumPy this would compare NumPy with itself)")
+def test_cupy_replays_the_numpy_run(params):
+    m = tl.DiT(CFG, params, dtype="float64", backend="cupy")
     ref = tl.DiT(CFG, params, dtype="float64")
     noise = tl.make_noise(ref, 3, 0)
     a = tl.ddpm_sample(m, noise, LABELS, steps=12, cfg_scale=4.0, step_noise=3)
@@ -431,7 +431,8 @@ def torch_official_loop(torch, tmodel, z, labels, kept, cfg_scale, sampler, step
 def test_official_loop_in_torch(params, model64, sampler, cfg_scale):
     torch = pytest.importorskip("torch")
     from torch_dit import TorchDiT
-    tmodel = TorchDiT.from_params(CFG, params, dtype=torch.float64)
+    # pinned timestep features: compared at 1e-10; PyTorch's own float32 cos/sin move x_next ~5e-7
+    tmodel = TorchDiT.from_params(CFG, params, dtype=torch.float64, pinned_features=True)
     noise = tl.make_noise(model64, len(LABELS), seed=2)
     rng = np.random.default_rng(4)
     zs = [rng.standard_normal(noise.shape) for _ in range(21)]
@@ -449,7 +450,7 @@ def test_official_loop_with_pytorch_cpu_sqrt(params, model64):
     """The remaining difference to PyTorch's own float32 sqrt (not correctly rounded on the CPU)."""
     torch = pytest.importorskip("torch")
     from torch_dit import TorchDiT
-    tmodel = TorchDiT.from_params(CFG, params, dtype=torch.float64)
+    tmodel = TorchDiT.from_params(CFG, params, dtype=torch.float64, pinned_features=True)   # isolates the sqrt
     noise = tl.make_noise(model64, len(LABELS), seed=2)
     ref = torch_official_loop(torch, tmodel, noise, LABELS, running_sum_steps(21), 4.0, "ddim", exact_sqrt=False)
     out = tl.ddim_sample(model64, noise, LABELS, steps=21, cfg_scale=4.0)

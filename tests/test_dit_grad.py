@@ -35,8 +35,9 @@ def setup_case(name, dtype="float64"):
 
 
 def torch_grads(cfg, params, x, t, y, loss_fn):
-    """(dL/dparam by official name, dL/dx) from PyTorch autograd, float64."""
-    model = TorchDiT.from_params(cfg, params, torch.float64)
+    """(dL/dparam by official name, dL/dx) from PyTorch autograd, float64.  Pinned timestep
+    features: the gradients are compared at 1e-10, and PyTorch's own float32 cos/sin move them ~1e-7."""
+    model = TorchDiT.from_params(cfg, params, torch.float64, pinned_features=True)
     tx = torch.from_numpy(x).requires_grad_(True)
     loss_fn(model(tx, torch.from_numpy(t), torch.from_numpy(y))).backward()
     grads = {k: p.grad.numpy() for k, p in model.named_parameters() if p.requires_grad}
@@ -156,7 +157,7 @@ def test_pieces_compose_like_the_gate_trainer():
     dz1 = model.attn_backward(0, da, ca)
     dh = dh1 + model.modulated_input_backward(dz1, cz1, mod_grads=False)[0]
 
-    tm = TorchDiT.from_params(cfg, params, torch.float64)
+    tm = TorchDiT.from_params(cfg, params, torch.float64)                   # one block: no timestep features
     blk = tm.blocks[0]
     th = torch.from_numpy(h).requires_grad_(True)
     mods = blk.adaLN_modulation[1](torch.from_numpy(c_act)).chunk(6, dim=1)   # c_act is SiLU(c) already

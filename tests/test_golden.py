@@ -177,7 +177,7 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
         "garbage": (_write(tmp_path / "junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"),
                     "not valid JSON"),
         "missing": (str(tmp_path / "nope.safetensors"), "no such file"),
-        "bad json": (_with_manifest(full, tmp_path, lambda m: m[:-3], "json"), "manifest is not valid JSON"),
+        "bad json": (_with_manifest(full, tmp_path, lambda m: m[:-3], "json"), "the trace manifest: not valid JSON"),
         "version": (_with_manifest(full, tmp_path, lambda m: m.replace('"format_version":1', '"format_version":9'),
                                    "v9"), "format version 9"),
         "unlisted": (_with_manifest(full, tmp_path, lambda m: m.replace('"name":"sample"', '"name":"samples"'),
@@ -194,6 +194,47 @@ def test_truncated_and_malformed_files_give_clear_errors(full, tmp_path):
     with pytest.raises(TraceError, match="without a trace manifest"):
         load_trace(weights)
     assert golden.main(["compare", cases["truncated"][0], str(tmp_path / "ok.safetensors")]) == 2
+
+
+def _edit_manifest(edit):
+    def apply(text):
+        m = json.loads(text)
+        edit(m)
+        return json.dumps(m, separators=(",", ":"))
+    return apply
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(sampler=[4]), "manifest field sampler is a list of 1 items, expected dict"),
+    (lambda m: m["sampler"].update(steps=[4]), "sampler.steps is a list of 1 items, expected an integer in 1..1000"),
+    (lambda m: m["sampler"].update(steps=10 ** 6), "sampler.steps is 1000000"),
+    (lambda m: m["sampler"].update(labels=["x"]), "sampler.labels is a list of 1 items, expected a list of integers"),
+    (lambda m: m["sampler"].update(cfg_scale=True), "sampler.cfg_scale is True"),
+    (lambda m: m.update(kind="backward"), "field kind is 'backward'"),
+    (lambda m: m.update(model="tiny"), "field model is 'tiny', expected dict"),
+    (lambda m: m["model"].update(config={"depth": {"a": 1}}), "model.config.depth is a dict"),
+    (lambda m: m.update(lazy={"threshold": "0.5"}), "lazy.threshold is '0.5'"),
+    (lambda m: m.update(seed=1.5), "field seed is 1.5"),
+    (lambda m: m.update(recorded={"include": "*"}), "recorded.include is '\\*'"),
+    (lambda m: m["tensors"][0].update(shape=[1 << 40] * 2), "entry 0 is malformed"),
+    (lambda m: m["tensors"][0].update(stride=10 ** 30), "entry 0 is malformed"),
+])
+def test_a_manifest_that_cannot_be_compared_is_a_trace_error(full, tmp_path, capsys, edit, message):
+    """golden compare on a malformed manifest printed a traceback and exited 1 ("diverged")."""
+    path = _with_manifest(full, tmp_path, _edit_manifest(edit), "bad")
+    with pytest.raises(TraceError, match=message):
+        load_trace(path)
+    full.save(tmp_path / "ok.safetensors")
+    capsys.readouterr()
+    assert golden.main(["compare", path, str(tmp_path / "ok.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_deeply_nested_manifest_is_a_trace_error(full, tmp_path):
+    path = _with_manifest(full, tmp_path, lambda m: m[:-1] + ',"x":' + "[" * 100000 + "]" * 100000 + "}", "deep")
+    with pytest.raises(TraceError, match="the trace manifest: JSON nested too deeply"):
+        load_trace(path)
 
 
 # ----------------------------------------------------------------------------
@@ -392,8 +433,10 @@ def test_vae_image_is_recorded(model):
 # ----------------------------------------------------------------------------
 # The bundled model and the checked-in goldens
 
-BUNDLED_GATES = gates_file(golden.BUNDLED, golden.LAZY_GOLDEN_STEPS)
-HAVE_WEIGHTS = os.path.exists(golden.BUNDLED)
+BUNDLED = tl.resources.weights_path(tl.resources.DEFAULT_MODEL)
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+BUNDLED_GATES = gates_file(BUNDLED, golden.LAZY_GOLDEN_STEPS)
+HAVE_WEIGHTS = os.path.exists(BUNDLED)
 HAVE_GATES = HAVE_WEIGHTS and os.path.exists(BUNDLED_GATES)
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="the bundled weights/tiny-dit-digits is not there")
 
@@ -408,11 +451,11 @@ def _needs(mode):
 def test_checked_in_golden_regenerates(name):
     """Run each golden's run again and compare: float64 to 1e-9 of each tensor's scale (BLAS
     summation order may differ between machines), float32 at the defaults."""
-    path = golden.golden_path(name)
+    path = golden.golden_path(name, GOLDEN_DIR)
     if not os.path.exists(path):
         pytest.fail(f"{path} is missing: write the goldens with `python -m tinylazy.golden goldens` and commit them")
     ref = load_trace(path)
-    other = golden.rerun(ref, golden.BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
+    other = golden.rerun(ref, BUNDLED, gates=BUNDLED_GATES if ref.meta["lazy"] else None)
     tight = ref.meta["dtype"] == "float64"
     tol = dict(rtol=1e-9, max_rtol=1e-9, atol=0.0) if tight else {}
     result = compare(ref, other, require_all=True, **tol)
@@ -421,15 +464,15 @@ def test_checked_in_golden_regenerates(name):
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=_needs(m)) for m in ("full", "lazy")])
 def test_checked_in_float32_golden_matches_float64_at_the_defaults(mode):
-    if not os.path.exists(golden.golden_path(f"{mode}.float32")):
+    if not os.path.exists(golden.golden_path(f"{mode}.float32", GOLDEN_DIR)):
         pytest.fail("the goldens are missing: write them with `python -m tinylazy.golden goldens` and commit them")
-    result = compare(golden.golden_path(f"{mode}.float32"), golden.golden_path(f"{mode}.float64"))
+    result = compare(*(golden.golden_path(f"{mode}.{dtype}", GOLDEN_DIR) for dtype in ("float32", "float64")))
     assert result.passed, result.format()
 
 
 @needs_weights
 def test_bundled_float32_vs_float64_defaults_pass_and_catch_a_perturbed_layer():
-    load = lambda dtype: tl.load_dit(golden.BUNDLED, dtype=dtype)
+    load = lambda dtype: tl.load_dit(BUNDLED, dtype=dtype)
     kw = dict(cfg_scale=4.0)
     f32 = trace_sampling(load("float32"), steps=4, **kw)
     result = compare(f32, trace_sampling(load("float64"), steps=4, **kw))

@@ -150,13 +150,75 @@ F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), None, "tensor 'a': bad shape"),
     ({"a": {"dtype": "F32"}}, b"", None, "tensor 'a': header entry needs"),
     ({"__metadata__": {"n": 1}}, b"", None, "__metadata__ must map strings to strings"),
+    ({"__metadata__": []}, b"", None, "__metadata__ must map strings to strings"),
     ([1, 2], b"", None, "not a JSON object"),
+    ({"a": dict(F32_4, extra=1)}, bytes(16), None, "tensor 'a': header entry needs exactly dtype, shape"),
+    ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, bytes(16), None, "tensor 'a': unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [1] * 33, "data_offsets": [0, 4]}}, bytes(4), None, "tensor 'a': bad shape"),
+    (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, NaN]}}', bytes(16), None, "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, b"", None, "nested too deeply"),
+    (b'{"a": 1' + b"1" * 5000 + b"}", b"", None, "not valid JSON"),
+    (b'{"\xff": 1}', b"", None, "not valid JSON"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16), None,
+     "8 bytes after the last tensor belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), None,
+     "8 bytes at the start of the data belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, bytes(16), None,
+     "4 bytes after tensor 'a' belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, bytes(16), None, "tensors 'a' and 'e' overlap"),
 ])
 def test_malformed_headers(tmp_path, header, data, header_len, match):
     p = craft(tmp_path / "bad.safetensors", header, data, header_len)
     with pytest.raises(WeightsError, match=match) as e:
         read_safetensors(p)
     assert str(p) in str(e.value)
+
+
+def test_a_shifted_header_length_is_refused_not_read_at_the_wrong_offset(tmp_path):
+    """Lowering the length into the header's space padding still parses as JSON; the data area then starts
+    k bytes early and ends k bytes before the file does: refused, as the safetensors library refuses it."""
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, {"b": np.arange(3, dtype=np.float32)}, {"pad": "x"})   # 8-byte padded header
+    raw = bytearray(p.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 + n - 1:8 + n] == b" "
+    for k in range(1, raw[8:8 + n].count(b" ") + 1):
+        shifted = tmp_path / f"s{k}.safetensors"
+        shifted.write_bytes((n - k).to_bytes(8, "little") + raw[8:])
+        with pytest.raises(WeightsError, match=f"{k} bytes after the last tensor belong to no tensor"):
+            read_safetensors(shifted)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)                                    # no writer: opening it the usual way blocks forever
+    with pytest.raises(WeightsError, match="is a FIFO, not a regular file"):
+        read_safetensors(fifo)
+    with pytest.raises(WeightsError, match="is a folder, not a regular file"):
+        io.SafetensorsFile(tmp_path)
+    with pytest.raises(WeightsError, match="is a device, not a regular file"):
+        read_safetensors("/dev/zero")
+
+
+def test_header_size_and_entry_count_are_bounded_by_the_data(tmp_path):
+    big = tmp_path / "big.safetensors"
+    n = (8 << 20) + 8
+    with open(big, "wb") as f:
+        f.write(n.to_bytes(8, "little"))
+        f.truncate(8 + n + 100)                        # sparse: a header of zeros, 100 bytes of "data"
+    with pytest.raises(WeightsError, match="header of 8388616 bytes for only 100 bytes of tensor data .* must "
+                                           "describe 16 times its size"):
+        read_safetensors(big)
+    empty = {f"e{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(2000)}
+    with pytest.raises(WeightsError, match="more than 1024 zero-byte tensors in the header"):
+        read_safetensors(craft(tmp_path / "empty.safetensors", empty))
+    claims = {f"b{i}": {"dtype": "BOOL", "shape": [1], "data_offsets": [0, 1]} for i in range(2000)}
+    with pytest.raises(WeightsError, match="more than 1124 header entries for 100 bytes of tensor data"):
+        read_safetensors(craft(tmp_path / "claims.safetensors", claims, bytes(100)))
+    few = dict(list(empty.items())[:1024])
+    assert len(read_safetensors(craft(tmp_path / "few.safetensors", few))[0]) == 1024
 
 
 def test_truncated_and_tiny_files(tmp_path):
@@ -201,7 +263,7 @@ def test_load_official_file_exact_and_matches_in_memory_model(tmp_path):
     assert np.array_equal(m(x, t, y), ref(x, t, y))
     m64 = load_dit(tmp_path / "m.safetensors", dtype="float64", num_heads=4)
     assert m64.params["pos_embed"].dtype == np.float64
-    assert m.weights_hash == m64.weights_hash == weights_hash(ref) == weights_hash(tmp_path / "m.safetensors")
+    assert m.weights_hash == m64.weights_hash == weights_hash(ref) == weights_hash(tmp_path / "m.safetensors", num_heads=4)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -224,11 +286,18 @@ def test_num_heads_resolution_order(tmp_path):
     assert load_dit(p, num_heads=8).config.num_heads == 8
     write_safetensors(p, small_params(), {"config": json.dumps({"num_heads": 2})})
     assert load_dit(p).config.num_heads == 2
-    write_safetensors(p, small_params(), {"num_heads": "16", "config": json.dumps({"num_heads": 2})})
+    write_safetensors(p, small_params(), {"num_heads": "16", "config": json.dumps({"num_heads": 16})})
     assert load_dit(p).config.num_heads == 16
-    assert load_dit(p, num_heads=4).config.num_heads == 4
+    assert load_dit(p, num_heads=4).config.num_heads == 4               # the caller's argument wins
     with pytest.raises(WeightsError, match="num_heads argument = 5 does not divide hidden size 32"):
         load_dit(p, num_heads=5)
+    write_safetensors(p, small_params(), {"num_heads": "16", "config": json.dumps({"num_heads": 2})})
+    with pytest.raises(WeightsError, match="states different head counts"):   # a file that contradicts itself
+        load_dit(p, num_heads=4)
+    for bad in ("4.0", "-4", "", "0x4", "1" * 30):
+        write_safetensors(p, small_params(), {"num_heads": bad})
+        with pytest.raises(WeightsError, match="metadata 'num_heads' is .*not an integer"):
+            load_dit(p)
 
 
 def test_save_dit_roundtrip_records_config_and_hash(tmp_path):
@@ -244,6 +313,61 @@ def test_save_dit_roundtrip_records_config_and_hash(tmp_path):
     write_safetensors(tmp_path / "tampered.safetensors", other, meta)      # metadata of another model
     with pytest.raises(WeightsError, match="do not match the weights_hash"):
         load_dit(tmp_path / "tampered.safetensors")
+
+
+def test_the_hash_covers_the_configuration(tmp_path):
+    """num_heads changes the computation but no shape: an edit of it fails the recorded hash, or (in a file
+    without one) gives another hash, so gates and traces keyed on the old one refuse the model."""
+    params = small_params()
+    m4, m2 = tl.DiT(SMALL, params), tl.DiT(SMALL.replace(num_heads=2), params)
+    assert weights_hash(m4) != weights_hash(m2)
+    assert weights_hash(tl.DiT(SMALL.replace(mlp_ratio=4.001), params)) == weights_hash(m4)   # same MLP width
+    p = tmp_path / "s.safetensors"
+    save_dit(m4, p)
+    tensors, meta = read_safetensors(p)
+    both = {"num_heads": "2", "config": meta["config"].replace('"num_heads": 4', '"num_heads": 2')}
+    for edit, match in (({"num_heads": "2"}, "states different head counts"),
+                        (both, "do not match the weights_hash")):
+        write_safetensors(tmp_path / "e.safetensors", tensors, dict(meta, **edit))
+        with pytest.raises(WeightsError, match=match):
+            load_dit(tmp_path / "e.safetensors")
+    del meta["weights_hash"]
+    write_safetensors(tmp_path / "nohash.safetensors", tensors, dict(meta, num_heads="2", config="{}"))
+    assert load_dit(tmp_path / "nohash.safetensors").weights_hash == weights_hash(m2) != weights_hash(m4)
+    v1 = io._WeightsHasher()                         # a file from before: its tensors-only hash is still checked
+    for k in sorted(params):
+        v1.update(k, params[k])
+    write_safetensors(tmp_path / "v1.safetensors", tensors, dict(meta, weights_hash=v1.tensors_digest()))
+    assert load_dit(tmp_path / "v1.safetensors").weights_hash == weights_hash(m4)
+    tensors["blocks.0.mlp.fc2.bias"][3] += 1
+    write_safetensors(tmp_path / "v1.safetensors", tensors, dict(meta, weights_hash=v1.tensors_digest()))
+    with pytest.raises(WeightsError, match="do not match the weights_hash"):
+        load_dit(tmp_path / "v1.safetensors")
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"depth": 3}, "metadata 'config' depth is 3, the tensors give 2"),
+    ({"input_size": 4096}, "metadata 'config' input_size is 4096, the tensors give 8"),
+    ({"learn_sigma": False}, "learn_sigma is False, the tensors give True"),
+    ({"mlp_ratio": 1e308}, "mlp_ratio is 1e\\+308"),
+    ({"num_classes": 10.0}, "num_classes is 10.0"),
+    ({"class_dropout_prob": float("nan")}, "not valid JSON"),
+    ({"num_heads": True}, "num_heads is True, not an integer"),
+    ([4], "metadata 'config' is a list"),
+])
+def test_a_stated_config_must_agree_with_the_shapes(tmp_path, config, match):
+    p = tmp_path / "m.safetensors"
+    write_safetensors(p, small_params(), {"num_heads": "4", "config": json.dumps(config)})
+    with pytest.raises(WeightsError, match=match):
+        load_dit(p)
+
+
+def test_a_null_free_label_table_is_read_as_the_stated_config_says(tmp_path):
+    cfg = SMALL.replace(class_dropout_prob=0.0)                  # the table has num_classes rows, no null row
+    m = tl.DiT(cfg, small_params(cfg))
+    save_dit(m, tmp_path / "m.safetensors")
+    back = load_dit(tmp_path / "m.safetensors")
+    assert back.config == cfg and back.weights_hash == weights_hash(m)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -298,9 +422,17 @@ def test_missing_key_needed_for_inference(tmp_path):
 def test_unexpected_key(tmp_path):
     params = small_params()
     params["blocks.0.attn.extra"] = np.ones(3, np.float32)
-    params["blocks.5.mlp.fc1.weight"] = np.ones((128, 32), np.float32)   # a stray block makes depth 6
+    params["blocks.2.mlp.fc1.weight"] = np.ones((128, 32), np.float32)   # a stray block makes depth 3
     msg = _load_error(tmp_path, params)
-    assert "unexpected keys (1): blocks.0.attn.extra" in msg and "missing keys" in msg
+    assert "unexpected keys (1): blocks.0.attn.extra" in msg and "missing keys (9): blocks.2.attn.qkv.weight" in msg
+
+
+def test_block_numbers_with_holes_size_nothing(tmp_path):
+    """A stray block far away is refused as a hole, before anything is sized by its number."""
+    params = small_params()
+    params["blocks.99999.mlp.fc1.weight"] = np.ones((128, 32), np.float32)
+    assert "blocks are numbered 0, 1, 99999: block indices must run 0..N-1 without holes (no blocks.2.*)" \
+        in _load_error(tmp_path, params)
 
 
 def test_wrong_shape(tmp_path):
@@ -363,14 +495,15 @@ def _diffusers_model(cfg, torch, diffusers, share_embedders=True, seed=0):
 
 
 def _official_numerics(m, torch):
-    """docs/numerics.md's two patches, plus tinylazy's correctly rounded timestep features."""
-    from tinylazy.embeddings import timestep_features
+    """docs/numerics.md's two patches, plus the correctly rounded timestep features written out in
+    tests/official_features.py (the comparison is at 1e-12)."""
+    from official_features import official_timestep_features
     for mod in m.modules():
         if isinstance(mod, torch.nn.LayerNorm):
             mod.eps = 1e-6
     for blk in m.transformer_blocks:
         blk.norm1.emb.time_proj.downscale_freq_shift = 0
-        blk.norm1.emb.time_proj.forward = lambda t: torch.from_numpy(timestep_features(t.numpy()))
+        blk.norm1.emb.time_proj.forward = lambda t: torch.from_numpy(official_timestep_features(t.numpy()))
     return m
 
 
@@ -416,3 +549,97 @@ def test_diffusers_missing_part_is_named(tmp_path):
     with pytest.raises(WeightsError, match="missing keys \\(1\\): transformer_blocks.1.attn1.to_k.bias "
                                            "\\(for blocks.1.attn.qkv.bias\\)"):
         load_dit(tmp_path)
+
+
+def diffusers_folder(path, cfg, params, config=None):
+    """A diffusers DiTTransformer2DModel folder written from official params, without torch."""
+    D, depth = cfg.hidden_size, cfg.depth
+    layout = io._Layout("", [], None)
+    layout.diffusers = True
+    out = {}
+    for name, a in params.items():
+        if name == "pos_embed":
+            continue
+        keys = layout.file_keys(name)
+        for k, part in zip(keys, np.split(a, len(keys)) if len(keys) > 1 else [a]):
+            out[k] = part
+    for i in range(1, depth):
+        for k in io._DIFFUSERS_SHARED:
+            out[f"transformer_blocks.{i}.{k}"] = out[f"transformer_blocks.0.{k}"]
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), out)
+    conf = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": cfg.num_heads,
+            "attention_head_dim": D // cfg.num_heads, "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "num_layers": depth, "sample_size": cfg.input_size,
+            "patch_size": cfg.patch_size, "num_embeds_ada_norm": cfg.num_classes}
+    conf.update(config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(conf, f)
+    return out
+
+
+def test_diffusers_folder_without_torch_loads_like_the_official_file(tmp_path):
+    params = small_params()
+    diffusers_folder(tmp_path / "d", SMALL, params)
+    m = load_dit(tmp_path / "d")
+    assert m.config == SMALL and m.weights_hash == weights_hash(tl.DiT(SMALL, params))
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"sample_size": 4096}, "'sample_size' is 4096, not an integer in 1..1024"),
+    ({"sample_size": 1024}, "would make a 33554432-byte pos_embed, more than all the weights"),
+    ({"sample_size": 8.0}, "'sample_size' is 8.0, not an integer"),
+    ({"num_attention_heads": 2}, "attention_head_dim is 8, the tensors give 32 / 2 heads"),
+    ({"num_attention_heads": "4"}, "'num_attention_heads' is '4', not an integer"),
+    ({"num_layers": 3}, "num_layers is 3, the tensors give 2"),
+    ({"in_channels": [4]}, "in_channels is a list of 1 items, the tensors give 4"),
+])
+def test_diffusers_config_json_is_checked_before_anything_is_sized_by_it(tmp_path, config, match):
+    params = small_params()
+    diffusers_folder(tmp_path, SMALL, params, config)
+    with pytest.raises(WeightsError, match=match):
+        load_dit(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[1]", "not a JSON object"), ("{", "not valid JSON"), ("[" * 50000, "nested too deeply"),
+    ('{"sample_size": Infinity}', "not valid JSON"),
+])
+def test_diffusers_config_json_malformed(tmp_path, text, match):
+    diffusers_folder(tmp_path, SMALL, small_params())
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(WeightsError, match=match):
+        load_dit(tmp_path)
+
+
+def test_sharded_index_stays_inside_the_model_folder(tmp_path):
+    model = tmp_path / "model"
+    out = diffusers_folder(model, SMALL, small_params())
+    os.remove(model / "diffusion_pytorch_model.safetensors")
+    names = sorted(out)
+    half = len(names) // 2
+    shards = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        write_safetensors(model / shard, {k: out[k] for k in keys})
+    index = model / "diffusion_pytorch_model.safetensors.index.json"
+
+    def write_index(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    good = {k: s for s, keys in shards.items() for k in keys}
+    write_index(good)
+    assert load_dit(model).config == SMALL
+    write_safetensors(tmp_path / "outside.safetensors", {k: out[k] for k in shards["b.safetensors"]})
+    os.symlink(tmp_path / "outside.safetensors", model / "link.safetensors")
+    for shard, match in ((str(tmp_path / "outside.safetensors"), "not a .safetensors file name in the model folder"),
+                         ("../outside.safetensors", "not a .safetensors file name in the model folder"),
+                         ("link.safetensors", "leads outside the model folder"),
+                         ("config.json", "not a .safetensors file name")):
+        write_index(dict(good, **{k: shard for k in shards["b.safetensors"]}))
+        with pytest.raises(WeightsError, match=match):
+            load_dit(model)
+    write_index(dict(good, **{names[0]: "b.safetensors"}))
+    with pytest.raises(WeightsError, match="the index does not match its shards"):
+        load_dit(model)
+    index.write_text(json.dumps({"weight_map": [1, 2]}))
+    with pytest.raises(WeightsError, match="needs a non-empty 'weight_map' object"):
+        load_dit(model)

@@ -1,5 +1,4 @@
-"""examples/train_gates.py: an interrupted run resumes to the same gates; usage errors."""
-import importlib.util
+"""tinylazy train-gates (examples/train_gates.py): an interrupted run resumes to the same gates; usage errors."""
 import os
 import subprocess
 import sys
@@ -10,17 +9,11 @@ import pytest
 import tinylazy as tl
 from tinylazy.io import read_safetensors, save_dit
 from tinylazy.lazy_train import GateTrainer
+from tinylazy.train_gates import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_gates.py")
 CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_gates", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +34,7 @@ def _argv(files, out):
 
 
 def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
-    mod = _script()
-    mod.main(_argv(files, files / "straight.safetensors"))
+    assert main(_argv(files, files / "straight.safetensors")) == 0
     assert not os.path.exists(files / "straight.train-state.safetensors")     # removed when done
 
     real_step = GateTrainer.step
@@ -53,11 +45,11 @@ def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
         return real_step(self)
 
     monkeypatch.setattr(GateTrainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        mod.main(_argv(files, files / "resumed.safetensors"))
+    assert main(_argv(files, files / "resumed.safetensors")) == 130
+    assert "interrupted; continue with: tinylazy train-gates" in capsys.readouterr().err
     assert os.path.exists(files / "resumed.train-state.safetensors")          # the checkpoint of iteration 4
     monkeypatch.setattr(GateTrainer, "step", real_step)
-    mod.main(_argv(files, files / "resumed.safetensors") + ["--resume"])
+    assert main(_argv(files, files / "resumed.safetensors") + ["--resume"]) == 0
     assert "resuming at iteration 4" in capsys.readouterr().err
     a, meta_a = read_safetensors(files / "straight.safetensors")
     b, meta_b = read_safetensors(files / "resumed.safetensors")
@@ -68,8 +60,24 @@ def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
     assert gates.training["iterations"] == 7 and "measured_ratio" in gates.training
 
 
+def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
+    real_step = GateTrainer.step
+
+    def nan_gates_at_5(self):
+        res = real_step(self)
+        if self.iteration == 5:
+            self.gates.mlp[0, 0, 0] = np.nan           # the update broke the gates; the loss was still finite
+        return res
+
+    monkeypatch.setattr(GateTrainer, "step", nan_gates_at_5)
+    assert main(_argv(files, files / "nan.safetensors")) == 1
+    assert "error: gate training diverged at iteration 5" in capsys.readouterr().err.splitlines()[-1]
+    state = files / "nan.train-state.safetensors"
+    assert read_safetensors(state)[1]["iteration"] == "4" and not os.path.exists(files / "nan.safetensors")
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "1"], "--steps must be >= 2"),
+    (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
     (["--target-ratio", "1.5"], "--target-ratio must lie in"),
     (["--resume"], "no training state"),
     (["--data", "nowhere.npz"], "no such file"),
@@ -85,9 +93,9 @@ def test_sample_lazy_finds_the_gates_for_the_step_count(files, tmp_path):
     sample = os.path.join(ROOT, "examples", "sample.py")
     run = lambda *extra: subprocess.run([sys.executable, sample, "--weights", weights, "--out",
                                          str(tmp_path / "s.png"), "--lazy", *extra],
-                                        capture_output=True, text=True, cwd=ROOT)
+                                        capture_output=True, text=True, cwd=tmp_path)
     r = run("--steps", "6")
-    assert r.returncode == 2 and "no LazyDiT gates for 6 steps" in r.stderr and "train_gates.py" in r.stderr
+    assert r.returncode == 2 and "no LazyDiT gates for 6 steps" in r.stderr and "tinylazy train-gates" in r.stderr
     model = tl.io.load_dit(weights)
     gates = tl.LazyGates.zeros(model, 6)
     gates.attn[:4] = -1.0                          # non-zero gates: some modules reuse their cache

@@ -1,4 +1,6 @@
 """tinylazy.metrics: the digits judge, Frechet distance, accuracy, PSNR, and the CLI."""
+import json
+
 import numpy as np
 import pytest
 
@@ -81,11 +83,12 @@ def test_cli_samples_scores_and_compares(tmp_path, judge, judge_dir, capsys):
     save_dit(tl.DiT.from_config(cfg, seed=0, scheme="random"), tmp_path / "m.safetensors")
     args = ["--weights", str(tmp_path / "m.safetensors"), "--steps", "2", "--num", "20", "--batch-size", "8",
             "--cache-dir", str(judge_dir)]
-    first = metrics.main(args + ["--save", str(tmp_path / "s.safetensors"), "--cfg-scale", "1.5"])
-    second = metrics.main(args + ["--compare", str(tmp_path / "s.safetensors"), "--cfg-scale", "1.5"])
+    assert metrics.main(args + ["--save", str(tmp_path / "s.safetensors"), "--cfg-scale", "1.5", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert metrics.main(args + ["--compare", str(tmp_path / "s.safetensors"), "--cfg-scale", "1.5", "--json"]) == 0
+    out = capsys.readouterr().out
+    second = json.loads(out.splitlines()[-1])
     assert first["num"] == 20 and first["fd_count"] == 20
     assert second["psnr"] == float("inf") and second["max_abs_diff"] == 0.0
-    out = capsys.readouterr().out
     assert "FD floor (real halves)" in out and "class accuracy" in out and "PSNR vs --compare" in out
-    with pytest.raises(SystemExit):
-        metrics.main(["--help"])
+    assert metrics.main(["--help"]) == 0

@@ -3,8 +3,10 @@
 Sizes are chosen awkward on purpose (primes, not multiples of the GEMM's 6 x 16 tile, of the
 attention's 8-key tile or of the vector widths) so that every edge path runs.  Each check prints
 the relative error max|a - b| / max|b| and the NMSE sum((a - b)^2) / sum(b^2); float32 passes at
-relative error <= 1e-4.  Skips when PyOpenCL or an OpenCL device is missing.
+relative error <= 1e-4, except the constant tests, which hold the kernels to the float64 path at
+5e-7..1e-6.  Skips when PyOpenCL or an OpenCL device is missing.
 """
+import math
 import sys
 
 import numpy as np
@@ -153,6 +155,73 @@ def test_gate_score(rt):
     got = O.gate_score(rt, rt.to_device(z.reshape(B * T, D)), rt.to_device(gates), 2, B, T, rt.empty((B,))).get()
     want = 1.0 / (1.0 + np.exp(-(z @ gates[2]).sum(axis=1)))    # LazyDiT.scores
     check("gate_score", got, want)
+
+
+# ----------------------------------------------------------------------------
+# Each kernel constant on inputs where it matters, against the float64 path
+#
+# The checks above compare with NumPy in float32 at 1e-4, which a wrong constant can pass
+# (LayerNorm eps 1e-5 in the kernel did).  Here each input is chosen so that the constant
+# moves the result by far more than float32 rounding, the reference is the float64 path,
+# and the tolerance sits between the two: the kernels measured <= 1.8e-7 (PoCL on this
+# machine's CPU), the tolerances are 5-13x what each measured, and each test first asserts
+# that the named wrong constants would move the float64 result by more than 2x its tolerance.
+
+def _f64(*arrays):
+    return [np.asarray(a, np.float64) for a in arrays]
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("D", [36, 31])
+def test_layernorm_eps_on_low_variance_rows(rt, D):
+    """Row standard deviations 1e-4..1e-2 (variance 1e-8..1e-4 against eps 1e-6) and one of 1."""
+    rng = np.random.default_rng(D)
+    B, T = 3, 6
+    std = np.array([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1.0])[None, :, None]
+    x = (rng.standard_normal((B, T, D)) * std).astype(np.float32)     # mean ~0: float32 keeps the deviations
+    mod = rand(rng, B, 6 * D, scale=0.5)
+    out = rt.empty((B * T, D))
+    got = O.layernorm_modulate(rt, rt.to_device(x.reshape(B * T, D)), rt.to_device(mod), 3 * D, 4 * D, T, out).get()
+    x64, mod64 = _f64(x, mod)
+    ref = lambda eps: ops.modulate_forward(ops.layernorm_forward(x64, eps=eps), mod64[:, 3 * D:4 * D],  # noqa: E731
+                                           mod64[:, 4 * D:5 * D]).reshape(B * T, D)
+    want, tol = ref(1e-6), 1e-6                                       # DiT's eps; measured 7.7e-8
+    assert _rel(ref(1e-5), want) > 0.3 and _rel(ref(1.01e-6), want) > 2 * tol   # eps 1e-5: 0.40; 1% off: 2e-3
+    check(f"layernorm eps, low-variance rows D={D}", got, want, tol=tol)
+
+
+def test_gelu_constants(rt):
+    """tanh-GELU 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) on x in [-3, 3], where the cubic
+    term and the tanh are far from saturating; an identity weight makes the GEMM exact."""
+    M, K = 37, 45
+    x = np.random.default_rng(1).permutation(np.linspace(-3, 3, M * K)).astype(np.float32).reshape(M, K)
+    layer = O.PackedLinear(rt, np.eye(K, dtype=np.float32), np.zeros(K, np.float32))
+    assert np.array_equal(O.linear(rt, rt.to_device(x), layer).get(), x)
+    got = O.linear(rt, rt.to_device(x), layer, gelu=True).get()
+    x64, = _f64(x)
+    gelu = lambda k, c: 0.5 * x64 * (1 + np.tanh(k * (x64 + c * x64 ** 3)))   # noqa: E731
+    want, tol = ops.gelu_tanh_forward(x64), 5e-7                      # measured 7.4e-8
+    assert _rel(gelu(math.sqrt(2 / math.pi), 0.044715), want) < 1e-15  # the float64 path is that formula
+    assert _rel(gelu(math.sqrt(2 / math.pi), 0.0447), want) > 2 * tol  # 2.9e-6
+    assert _rel(gelu(0.7979, 0.044715), want) > 2 * tol                 # 1.6e-6
+    check("gelu constants", got, want, tol=tol)
+
+
+@pytest.mark.parametrize("B,T,H,Dh", [(2, 37, 3, 12), (1, 9, 2, 8)])
+def test_attention_softmax_scale(rt, B, T, H, Dh):
+    """Unit-variance q, k: logits q.k / sqrt(Dh) of order 1, where softmax is neither one-hot nor flat."""
+    D = H * Dh
+    qkv = rand(np.random.default_rng(T), B, T, 3 * D)
+    got = O.attention(rt, rt.to_device(qkv), B, T, H, rt.empty((B * T, D))).get()
+    q, k, v = _f64(*qkv.reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4))
+    ref = lambda c: ops.sdpa_forward(q * c, k, v).transpose(0, 2, 1, 3).reshape(B * T, D)  # noqa: E731
+    want, tol = ref(1.0), 1e-6                                        # scale 1 / sqrt(Dh); measured 1.8e-7
+    for wrong in (math.sqrt(Dh / D), 1 / math.sqrt(Dh), math.sqrt(Dh), 1.01):   # 1/sqrt(D), 1/Dh, none, 1% off
+        assert _rel(ref(wrong), want) > 2 * tol
+    check(f"attention scale B={B} T={T} H={H} Dh={Dh}", got, want, tol=tol)
 
 
 def test_gather_and_skip_select(rt):

@@ -69,12 +69,13 @@ def test_bundled_sampling_on_opencl_matches_the_numpy_golden(mode, tmp_path, cap
     from tinylazy import golden
     from tinylazy.lazy import gates_file
     from tinylazy.trace import load_trace
-    ref_path = golden.golden_path(f"{mode}.float64")
-    if not os.path.exists(ref_path) or not os.path.exists(golden.BUNDLED):
+    ref_path = golden.golden_path(f"{mode}.float64", os.path.join(ROOT, "tests", "golden"))
+    bundled = tl.resources.weights_path(tl.resources.DEFAULT_MODEL)
+    if not os.path.exists(ref_path) or not os.path.exists(bundled):
         pytest.fail(f"{ref_path} or the bundled weights are missing")
     ref = load_trace(ref_path)
-    gates = gates_file(golden.BUNDLED, golden.LAZY_GOLDEN_STEPS) if mode == "lazy" else None
-    other = golden.rerun(ref, golden.BUNDLED, gates=gates, backend="opencl", dtype="float32")
+    gates = gates_file(bundled, golden.LAZY_GOLDEN_STEPS) if mode == "lazy" else None
+    other = golden.rerun(ref, bundled, gates=gates, backend="opencl", dtype="float32")
     assert other.meta["backend"] == "opencl"
     out = tmp_path / f"opencl.{mode}.safetensors"
     other.save(out)

@@ -299,6 +299,31 @@ def test_load_errors(tmp_path, pair):
         load_vae(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"layers_per_block": 10 ** 8}, "layers_per_block must be an integer in 1..64, got 100000000"),
+    ({"layers_per_block": 2.0}, "layers_per_block must be an integer"),
+    ({"layers_per_block": True}, "layers_per_block must be an integer"),
+    ({"block_out_channels": [32] * 17}, "block_out_channels must list 1..16"),
+    ({"block_out_channels": [32, 10 ** 9]}, "must be integers in 1..65536"),
+    ('{"block_out_channels": [32, 1e999]}', "must be integers in 1..65536"),
+    ({"block_out_channels": "abc"}, "no block_out_channels list"),
+    ({"down_block_types": 3}, "down_block_types = 3 is not supported"),
+    ({"use_quant_conv": "yes"}, "use_quant_conv must be true or false"),
+    ({"scaling_factor": -1}, "scaling_factor must be a finite number > 0"),
+    ([1], "a list of 1 items, not a JSON object"),
+])
+def test_config_json_values_are_bounded_before_anything_is_sized(tmp_path, config, match):
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", {"x": np.zeros(1, np.float32)})
+    text = config if isinstance(config, str) else json.dumps(
+        dict({"block_out_channels": [32, 64]}, **config) if isinstance(config, dict) else config)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(WeightsError, match=match):
+        load_vae(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100000)
+    with pytest.raises(WeightsError, match="config.json: JSON nested too deeply"):
+        load_vae(tmp_path)
+
+
 def test_bad_input_shape(pair):
     cfg, _, sd = pair
     vae = AutoencoderKL(cfg, sd)

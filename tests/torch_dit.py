@@ -2,8 +2,10 @@
 
 Written for the tests from the official structure: same module names, so its
 state dict uses the official keys.  Test-only: the package never imports torch.
-The timestep features are patched (``patched_features=True``) to tinylazy's
-correctly rounded float32 features; ``False`` uses PyTorch's own float32 exp/cos/sin.
+The timestep features are PyTorch's own float32 exp/cos/sin, as in the official code.
+``pinned_features=True`` puts in the correctly rounded features of tests/official_features.py
+instead (independent of tinylazy): a test that compares at 1e-12 needs them, since PyTorch's
+float32 functions are an ulp off on some features, and says so where it asks for them.
 """
 import math
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinylazy.embeddings import timestep_features
+from official_features import official_timestep_features
 
 
 def modulate(x, shift, scale):
@@ -20,15 +22,15 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden, freq=256, patched_features=True):
+    def __init__(self, hidden, freq=256, pinned_features=False):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(freq, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.freq = freq
-        self.patched = patched_features
+        self.pinned = pinned_features
 
     def features(self, t):
-        if self.patched:
-            return torch.from_numpy(timestep_features(t.cpu().numpy(), self.freq))
+        if self.pinned:
+            return torch.from_numpy(official_timestep_features(t.cpu().numpy(), self.freq))
         half = self.freq // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
         args = t[:, None].float() * freqs[None]
@@ -112,20 +114,20 @@ class PatchEmbed(nn.Module):
 
 
 class TorchDiT(nn.Module):
-    def __init__(self, cfg, patched_features=True):
+    def __init__(self, cfg, pinned_features=False):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D, patched_features=patched_features)
+        self.t_embedder = TimestepEmbedder(D, pinned_features=pinned_features)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
     @classmethod
-    def from_params(cls, cfg, params, dtype=torch.float64, patched_features=True):
-        m = cls(cfg, patched_features=patched_features).to(dtype)
+    def from_params(cls, cfg, params, dtype=torch.float64, pinned_features=False):
+        m = cls(cfg, pinned_features=pinned_features).to(dtype)
         sd = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)).to(dtype) for k, v in params.items()}
         m.load_state_dict(sd, strict=True)
         return m

@@ -8,19 +8,28 @@ states the import directions that keep it so.
 """
 import numpy as np
 
-from . import io, sampling, vae
+from . import io, large_dit_io, sampling, vae
 from .backend import resolve_dtype
 from .diffusion import create_diffusion
 from .lazy import DEFAULT_THRESHOLD, LazyDiT
 from .opencl import DeviceLatents, OpenCLDiT, OpenCLLazyDiT
 
 OPENCL_DTYPE = "the OpenCL backend runs float32 only (use dtype='float32')"
+LARGE_DIT_BACKENDS = ("Large-DiT runs on the NumPy backend only (its RMSNorm, rotary embeddings and SwiGLU "
+                      "have no OpenCL or CuPy path yet): use backend='numpy'")
 
 
 def load_dit(path, dtype="float32", backend="numpy", num_heads=None, device=None):
     """Load a DiT (``io.load_dit``): backend "numpy" or "cupy" gives a ``DiT``, "opencl" an
     ``OpenCLDiT`` (float32 only) on ``device`` (see ``opencl.select_device``).  The model
-    carries the weights hash computed while reading."""
+    carries the weights hash computed while reading.
+
+    A Large-DiT file (``layers.*`` keys; ``large_dit_io``) gives a ``LargeDiT`` on NumPy,
+    its weights memory-mapped from the file."""
+    if large_dit_io.is_large_dit(path):
+        if backend != "numpy":
+            raise ValueError(LARGE_DIT_BACKENDS)
+        return large_dit_io.load_large_dit(path, dtype, backend, num_heads)
     if backend != "opencl":
         return io.load_dit(path, dtype, backend, num_heads)
     if resolve_dtype(dtype) != np.float32:

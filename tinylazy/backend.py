@@ -5,7 +5,8 @@ Everything else is written against ``xp`` (NumPy or CuPy), as Chainer's
 """
 import numpy as np
 
-BACKENDS = ("numpy", "cupy")
+BACKENDS = ("numpy", "cupy")                       # array modules (xp)
+MODEL_BACKENDS = BACKENDS + ("opencl",)             # what load_dit and the commands accept
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
@@ -23,7 +24,15 @@ def get_xp(backend="numpy"):
         except Exception as e:
             raise RuntimeError(f"backend='cupy': no usable CUDA device ({e})") from e
         return cupy
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError(f"unknown backend {backend!r}; the array backends are numpy and cupy "
+                     f"(opencl models come from load_dit(..., backend='opencl'))")
+
+
+def check_backend(backend):
+    """A model backend name: numpy, cupy or opencl (ValueError listing all three otherwise)."""
+    if backend not in MODEL_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(MODEL_BACKENDS)}")
+    return backend
 
 
 def cupy_available():

@@ -8,18 +8,8 @@ argument (input size, channels, classes) are fields with the official defaults;
 from dataclasses import dataclass, replace
 
 
-@dataclass(frozen=True)
-class DiTConfig:
-    input_size: int = 32          # latent H = W
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152       # D
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000       # the embedding table has one more (null) row
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1   # > 0 means the null row exists (official default)
+class LatentGeometry:
+    """What a latent-space transformer's config derives from its fields (DiT and Large-DiT)."""
 
     @property
     def out_channels(self):
@@ -36,6 +26,20 @@ class DiTConfig:
     @property
     def head_dim(self):
         return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class DiTConfig(LatentGeometry):
+    input_size: int = 32          # latent H = W
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152       # D
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000       # the embedding table has one more (null) row
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1   # > 0 means the null row exists (official default)
 
     @property
     def mlp_hidden(self):

@@ -14,12 +14,14 @@ soft blend; see protocol.py).  Each piece ``foo`` of ``DiT`` fills an optional `
 dict and has a ``foo_backward`` that reads it, written in the same order reversed with
 the same names.
 """
+
 import numpy as np
 
 from . import ops
 from .backend import get_xp, resolve_dtype, to_numpy
 from .config import DiTConfig
 from .embeddings import pos_embed_2d, timestep_features
+from .protocol import check_cfg_scale
 
 FREQ_DIM = 256          # TimestepEmbedder.frequency_embedding_size
 NUM_TIMESTEPS = 1000    # the model is called with original (0..999) timesteps
@@ -101,6 +103,25 @@ def _official_init(name, shape, rng):
 # ----------------------------------------------------------------------------
 # Model
 
+def _check_array(name, a):
+    """Model inputs are arrays (NumPy, or CuPy on that backend); lists and scalars are a TypeError."""
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array of shape (B, C, H, W), got {type(a).__name__}")
+
+
+def check_params(params, expected, config):
+    """A ValueError unless ``params`` has exactly the names of ``expected`` (name -> shape), in
+    those shapes; returns ``expected``."""
+    missing = [k for k in expected if k not in params]
+    unexpected = [k for k in params if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"parameters do not match {config}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, shape in expected.items():
+        if tuple(params[k].shape) != shape:
+            raise ValueError(f"parameter {k}: shape {tuple(params[k].shape)}, expected {shape}")
+    return expected
+
+
 def _sub(cache, name):
     """The part of ``cache`` that the piece ``name`` fills, or None when nothing is kept."""
     if cache is None:
@@ -123,6 +144,7 @@ class DiTSchema:
         condition(t, y, cache) -> c_act              SiLU(t_emb + y_emb) (B, D)
         block_modulation(l, c_act, cache) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
         modulated_input(x, shift, scale, cache) -> z     modulate(LN(x), shift, scale)
+        branch_input(l, kind, x, shift, scale, cache) -> z   a branch's Z (default: modulated_input)
         branch(l, kind, z, cache) -> out             the attention or MLP module (protocol.py)
         gated_residual(x, gate, out) -> x            x + gate * out
         final_layer(h, c_act, cache) -> out          final adaLN, linear and unpatchify
@@ -151,7 +173,7 @@ class DiTSchema:
     def block(self, l, x, c_act, cache=None, branch=None):
         """One adaLN-Zero block, x (B, T, D) -> (B, T, D): attention, then MLP.
 
-        cache: "modulation", and per kind "{kind}_in" (modulated_input's), "{kind}" (the
+        cache: "modulation", and per kind "{kind}_in" (branch_input's), "{kind}" (the
         branch's), "gate_{kind}" (B, D) and, without a hook, "out_{kind}" (B, T, D) the branch
         output (for the gate gradient)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.block_modulation(
@@ -159,9 +181,15 @@ class DiTSchema:
         x = self.residual_branch(l, "attn", x, shift_msa, scale_msa, gate_msa, cache, branch)
         return self.residual_branch(l, "mlp", x, shift_mlp, scale_mlp, gate_mlp, cache, branch)
 
+    def branch_input(self, l, kind, x, shift, scale, cache=None):
+        """The input Z of module ``kind`` of block l: modulate(norm(x), shift, scale).  DiT's
+        norm is one LayerNorm without parameters (``modulated_input``); a family whose norm has
+        per-block weights (large_dit.LargeDiT's RMSNorm) overrides this."""
+        return self.modulated_input(x, shift, scale, cache)
+
     def residual_branch(self, l, kind, x, shift, scale, gate, cache=None, branch=None):
         """x + gate * branch(l, kind, modulate(LN(x), shift, scale)): one half of a block."""
-        z = self.modulated_input(x, shift, scale, _sub(cache, f"{kind}_in"))
+        z = self.branch_input(l, kind, x, shift, scale, _sub(cache, f"{kind}_in"))
         if self.recorder is not None:
             self.record_branch_input(l, kind, x, z)
         out = (self.branch if branch is None else branch)(l, kind, z, _sub(cache, kind))
@@ -191,20 +219,17 @@ class DiT(DiTSchema):
     weights_hash: ``io.weights_hash`` of ``params`` when the caller knows it (``load_dit``).
     """
 
+    BLOCK = "blocks"                                  # official name of the block list: blocks.{l}.
+    X_EMBEDDER, POS_EMBED = "x_embedder.proj", True   # the patch embedder; a position table is added
+    OPS = {}                                          # trace op descriptions that differ from trace.OPS
+
     def __init__(self, config: DiTConfig, params, dtype="float32", backend="numpy", weights_hash=None):
         self.config = config.validate()
         self.weights_hash = weights_hash
         self.dtype = resolve_dtype(dtype)
         self.backend = backend
         self.xp = get_xp(backend)
-        expected = param_shapes(config)
-        missing = [k for k in expected if k not in params]
-        unexpected = [k for k in params if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"parameters do not match {config}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for k, shape in expected.items():
-            if tuple(params[k].shape) != shape:
-                raise ValueError(f"parameter {k}: shape {tuple(params[k].shape)}, expected {shape}")
+        expected = check_params(params, param_shapes(config), config)
         self.params = {k: self.xp.asarray(params[k], dtype=self.dtype) for k in expected}
 
     @classmethod
@@ -215,6 +240,7 @@ class DiT(DiTSchema):
     def check_inputs(self, x, t, y):
         """-> x as a model array, t and y (B,) on the host; a ValueError for bad shapes or values."""
         cfg, xp = self.config, self.xp
+        _check_array("x", x)
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {cfg.in_channels}, "
                              f"{cfg.input_size}, {cfg.input_size})")
@@ -237,24 +263,27 @@ class DiT(DiTSchema):
 
     # -- embeddings -------------------------------------------------------------
     def embed_tokens(self, x, cache=None):
-        """x (B, C, H, W) -> tokens (B, T, D): patch embedding plus the fixed position embedding.
+        """x (B, C, H, W) -> tokens (B, T, D): patch embedding plus the fixed position embedding
+        (``POS_EMBED``; Large-DiT has none).  The embedder's weight is a conv's (D, C, p, p) or a
+        Linear's (D, C*p*p): the same numbers in the same order.
 
         cache: x (referenced, not copied: leave it unchanged until the backward)."""
         P, p = self.params, self.config.patch_size
-        h = ops.patch_embed_forward(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], p)
-        h += P["pos_embed"]
+        h = ops.patch_embed_forward(x, P[self.X_EMBEDDER + ".weight"], P[self.X_EMBEDDER + ".bias"], p)
+        if self.POS_EMBED:
+            h += P["pos_embed"]
         if self.recorder is not None:
-            self.recorder("embed/tokens", h)
+            self.record("embed/tokens", h)
         if cache is not None:
             cache["x"] = x
         return h
 
     def embed_tokens_backward(self, dh, cache, grads=None):
         """dh (B, T, D) -> dx (B, C, H, W).  pos_embed is a frozen buffer (official), so it gets no gradient."""
-        dx, dw, db = ops.patch_embed_backward(dh, cache["x"], self.params["x_embedder.proj.weight"],
+        dx, dw, db = ops.patch_embed_backward(dh, cache["x"], self.params[self.X_EMBEDDER + ".weight"],
                                               self.config.patch_size, grads is not None)
         if grads is not None:
-            _put(grads, "x_embedder.proj", dw, db)
+            _put(grads, self.X_EMBEDDER, dw, db)
         return dx
 
     def timestep_embed(self, t, cache=None):
@@ -319,8 +348,8 @@ class DiT(DiTSchema):
 
         cache: c_act (referenced; every block shares the one array)."""
         P, D = self.params, self.config.hidden_size
-        m = ops.linear_forward(c_act, P[f"blocks.{l}.adaLN_modulation.1.weight"],
-                               P[f"blocks.{l}.adaLN_modulation.1.bias"])
+        m = ops.linear_forward(c_act, P[f"{self.BLOCK}.{l}.adaLN_modulation.1.weight"],
+                               P[f"{self.BLOCK}.{l}.adaLN_modulation.1.bias"])
         if cache is not None:
             cache["c_act"] = c_act
         mods = tuple(m[:, i * D:(i + 1) * D] for i in range(6))
@@ -332,8 +361,9 @@ class DiT(DiTSchema):
     def block_modulation_backward(self, l, dmods, cache, grads):
         """dmods: the six (B, D) gradients in forward order -> dc_act (B, D)."""
         dm = self.xp.concatenate(dmods, axis=1)                           # 6 x (B, D) -> (B, 6D)
-        dc_act, dw, db = ops.linear_backward(dm, cache["c_act"], self.params[f"blocks.{l}.adaLN_modulation.1.weight"])
-        _put(grads, f"blocks.{l}.adaLN_modulation.1", dw, db)
+        name = f"{self.BLOCK}.{l}.adaLN_modulation.1"
+        dc_act, dw, db = ops.linear_backward(dm, cache["c_act"], self.params[name + ".weight"])
+        _put(grads, name, dw, db)
         return dc_act
 
     @staticmethod
@@ -351,6 +381,11 @@ class DiT(DiTSchema):
         """dz (B, T, D) -> dx (B, T, D), dshift, dscale (B, D); the last two None without mod_grads."""
         dxhat, dshift, dscale = ops.modulate_backward(dz, cache["xhat"], cache["scale"], mod_grads)
         return ops.layernorm_backward(dxhat, cache["xhat"], cache["rstd"]), dshift, dscale
+
+    def branch_input_backward(self, l, kind, dz, cache, grads=None):
+        """dz (B, T, D), the gradient of ``branch_input``'s Z -> dx (B, T, D), dshift, dscale (B, D);
+        the last two None with grads=None (no parameter gradients asked for)."""
+        return self.modulated_input_backward(dz, cache, grads is not None)
 
     def attn(self, l, z, cache=None):
         """Attention branch of block l, before the gate_msa multiply: (B, T, D) -> (B, T, D).
@@ -437,13 +472,13 @@ class DiT(DiTSchema):
         # x = x + gate_mlp * m
         dm, dgate_mlp = ops.gated_residual_backward(dx, cache["gate_mlp"], cache["out_mlp"], pg)
         dz = self.mlp_backward(l, dm, cache["mlp"], grads)
-        dx_mlp, dshift_mlp, dscale_mlp = self.modulated_input_backward(dz, cache["mlp_in"], pg)
+        dx_mlp, dshift_mlp, dscale_mlp = self.branch_input_backward(l, "mlp", dz, cache["mlp_in"], grads)
         dx_mlp += dx
         dx = dx_mlp
         # x = x + gate_msa * a
         da, dgate_msa = ops.gated_residual_backward(dx, cache["gate_attn"], cache["out_attn"], pg)
         dz = self.attn_backward(l, da, cache["attn"], grads)
-        dx_attn, dshift_msa, dscale_msa = self.modulated_input_backward(dz, cache["attn_in"], pg)
+        dx_attn, dshift_msa, dscale_msa = self.branch_input_backward(l, "attn", dz, cache["attn_in"], grads)
         dx_attn += dx
         dx = dx_attn
         if not pg:
@@ -543,6 +578,8 @@ class DiT(DiTSchema):
         ``branch`` goes to the forward.
         """
         xp = self.xp
+        cfg_scale = check_cfg_scale(cfg_scale)
+        _check_array("x", x)
         x = xp.asarray(x, dtype=self.dtype)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
@@ -557,6 +594,10 @@ class DiT(DiTSchema):
         return xp.concatenate([xp.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
 
     # -- trace recording (tinylazy.trace; called only while ``recorder`` is set) --------
+    def record(self, name, value):
+        """recorder(name, value) with this family's description of the op where it has its own (``OPS``)."""
+        self.recorder(name, value, op=self.OPS.get(name.split("/", 1)[1] if name.startswith("block.") else name))
+
     def record_inputs(self, x, t, y):
         self.recorder("input/x", x)
         self.recorder("input/t", t)
@@ -569,8 +610,8 @@ class DiT(DiTSchema):
 
     def record_branch_output(self, l, kind, out, x):
         """The branch output before the gate multiply, and the residual stream after it."""
-        self.recorder(f"block.{l:02d}/{kind}/out", out)
-        self.recorder(f"block.{l:02d}/{kind}/residual", x)
+        self.record(f"block.{l:02d}/{kind}/out", out)
+        self.record(f"block.{l:02d}/{kind}/residual", x)
 
     def _record_qkv(self, l, qkv):
         """q, k, v as (B, T, D) (head h at columns h*Dh..(h+1)*Dh) and, if asked, softmax(q k^T / sqrt(Dh))."""

@@ -1,9 +1,12 @@
 """Golden traces: record every intermediate of a sampling run, and compare two runs tensor by tensor.
 
-    python -m tinylazy.golden dump --weights W [--gates G] [--dtype float32|float64]
+    tinylazy golden dump [--weights W] [--gates G] [--dtype float32|float64]
         [--backend numpy|cupy|opencl] --steps 4 --seed 0 --batch 2 --out trace.safetensors
-    python -m tinylazy.golden compare REF OTHER [--rtol R] [--max-rtol M] [--atol A]
+    tinylazy golden compare REF OTHER [--rtol R] [--max-rtol M] [--atol A]
         [--per-tensor-tolerances FILE]
+    tinylazy golden goldens              # from the checkout's root: rewrite tests/golden/
+
+(``python -m tinylazy.golden ...`` is the same command.)
 
 ``compare`` walks REF's tensors in execution order and reports the first that
 OTHER does not match (name, step, layer, rms / max error and where), gate
@@ -19,42 +22,32 @@ errors measured against the tensor's own scale, so elements that happen to be
 near zero do not make float32 rounding look like a bug.  docs/golden.md says how
 the defaults were chosen and describes the file format for other languages.
 """
-import argparse
 import dataclasses
 import fnmatch
-import hashlib
-import json
 import math
 import os
 import sys
 
 import numpy as np
 
-from . import __version__
+from . import __version__, cli, large_dit
 from .backend import to_numpy
 from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, LazyStats, load_gates, model_weights_hash
+from .large_dit_io import save_large_dit
+from .lazy import (DEFAULT_THRESHOLD, LazyGates, LazyStats, gates_file, gates_hash, load_gates, model_weights_hash,
+                   save_gates)
+from .resources import DEFAULT_MODEL, weights_path
 from .sampling import check_cfg_scale, check_labels, check_steps, make_noise, sample_labels
 from .trace import Recorder, Trace, TraceError, kind_of, load_trace, position
 
 DEFAULT_RTOL = 3e-4
 DEFAULT_MAX_RTOL = 2e-3
 DEFAULT_ATOL = 1e-7
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED = os.path.join(ROOT, "weights", "tiny-dit-digits.safetensors")
 
 
 # ----------------------------------------------------------------------------
 # Recording a run
-
-def gates_hash(gates):
-    """sha256 of a LazyGates' timestep map and float32 gate vectors: which gates a lazy run used."""
-    h = hashlib.sha256(b"tinylazy-gates-v1\0")
-    for a in (gates.timestep_map.astype("<i8"), gates.attn.astype("<f4"), gates.mlp.astype("<f4")):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
 
 def model_meta(model, weights_file=None):
     return {"weights_hash": model_weights_hash(model), "file": os.path.basename(weights_file) if weights_file else None,
@@ -140,7 +133,7 @@ def trace_forward(model, x, t, y, recorder=None, weights_file=None):
 # ----------------------------------------------------------------------------
 # The checked-in goldens (tests/golden/) and re-running a trace's run
 
-GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
+GOLDEN_DIR = os.path.join("tests", "golden")          # relative: the checkout's, when run from its root
 GOLDEN_MAX_ELEMENTS = 64          # values kept per tensor in the checked-in goldens (strided)
 LAZY_GOLDEN_STEPS = 20            # the bundled gates' schedule (weights/tiny-dit-digits.gates-ddim20)
 # The lazy goldens run all 20 steps and keep the first 4 whole, every step's decisions,
@@ -154,13 +147,22 @@ GOLDENS = {
 }
 
 
-def golden_path(name, directory=GOLDEN_DIR):
-    return os.path.join(directory, f"tiny-dit-digits.{name}.safetensors")
+def golden_path(name, directory=GOLDEN_DIR, stem="tiny-dit-digits"):
+    """tests/golden/<stem>.<name>.safetensors: the golden ``name`` of the weights file <stem>.safetensors."""
+    return os.path.join(directory, f"{stem}.{name}.safetensors")
 
 
-def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
-    """(Re)write the checked-in goldens of the bundled model: seed 0, batch 2, cfg 4 (``GOLDENS``)."""
-    from .lazy import gates_file
+def weights_stem(weights):
+    """The name of a weights file without its folder and ``.safetensors``: its goldens' stem."""
+    stem = os.path.basename(os.path.normpath(os.fspath(weights)))
+    return stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
+
+
+def write_goldens(weights=DEFAULT_MODEL, directory=GOLDEN_DIR, names=None):
+    """(Re)write the checked-in goldens of a weights file (default: the bundled model): seed 0,
+    batch 2, cfg 4 (``GOLDENS``), named after the weights file (``golden_path``)."""
+    weights = weights_path(weights)
+    stem = weights_stem(weights)
     names = list(names or GOLDENS)
     for name in names:
         gpath = gates_file(weights, GOLDENS[name]["steps"]) if GOLDENS[name].get("lazy") else None
@@ -177,8 +179,25 @@ def write_goldens(weights=BUNDLED, directory=GOLDEN_DIR, names=None):
         trace = trace_sampling(model, steps=spec["steps"], seed=0, batch=2, cfg_scale=4.0, gates=gates, recorder=rec,
                                weights_file=weights, gates_file=gpath)
         os.makedirs(directory, exist_ok=True)
-        written.append(trace.save(golden_path(name, directory)))
+        written.append(trace.save(golden_path(name, directory, stem)))
     return written
+
+
+def write_tiny_large_dit(folder=GOLDEN_DIR, steps=LAZY_GOLDEN_STEPS):
+    """Write the tiny random Large-DiT of the Large-DiT goldens (``large_dit.TINY``, seed 0,
+    float32) and random gates for ``steps`` DDIM steps beside it -> (weights, gates) paths.
+    The same bytes on every machine; its goldens are then ``write_goldens(weights)``."""
+    weights = os.path.join(os.fspath(folder), "tiny-large-dit.safetensors")
+    save_large_dit(large_dit.init_params(large_dit.TINY, seed=0, scheme="random", dtype=np.float32),
+                   large_dit.TINY, weights, metadata={"about": "random weights of the Large-DiT goldens"})
+    gates = LazyGates.zeros(load_dit(weights), steps, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    scale = 1.0 / np.sqrt(large_dit.TINY.num_tokens * large_dit.TINY.hidden_size)   # scores spread around 0.5
+    gates.attn[:] = rng.normal(0.0, scale, gates.attn.shape)
+    gates.mlp[:] = rng.normal(0.0, scale, gates.mlp.shape)
+    path = gates_file(weights, steps)
+    save_gates(gates, path, training={"source": "random (tinylazy.golden.write_tiny_large_dit)"})
+    return weights, path
 
 
 def rerun(trace, weights, gates=None, backend="numpy", dtype=None):
@@ -230,7 +249,9 @@ def check_compatible(ref, other):
     problems = []
     if rm.get("weights_hash") != om.get("weights_hash"):
         problems.append(f"they come from different models: REF has weights {str(rm.get('weights_hash'))[:12]} "
-                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')})")
+                        f"({rm.get('file')}), OTHER {str(om.get('weights_hash'))[:12]} ({om.get('file')}); a trace "
+                        f"written before the weights hash covered the configuration records the older hash "
+                        f"(the bundled model's was 397f10f1478e): regenerate it")
     elif rm.get("config") != om.get("config"):
         problems.append(f"the model configs differ: REF {rm.get('config')}, OTHER {om.get('config')}")
     if r.get("kind") != o.get("kind"):
@@ -273,13 +294,8 @@ _TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 def load_tolerances(path):
     """A JSON object {fnmatch pattern: {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; the first
     matching pattern (in file order) sets a tensor's tolerances, missing keys keep the global ones."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read the tolerances file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path}: the tolerances file is not valid JSON ({e})") from None
+    from .io import describe_value, read_json_file
+    table = read_json_file(path, TraceError)             # a regular file, bounded, valid JSON
     if not isinstance(table, dict):
         raise TraceError(f"{path}: the tolerances file must be a JSON object "
                          f"{{pattern: {{rtol, max_rtol, atol}} | \"skip\"}}")
@@ -289,9 +305,11 @@ def load_tolerances(path):
             rules.append((pattern, None))
             continue
         if not isinstance(rule, dict) or not set(rule) <= _TOLERANCE_KEYS or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):
-            raise TraceError(f"{path}: pattern {pattern!r}: expected {{\"rtol\": r, \"max_rtol\": m, \"atol\": a}} "
-                             f"(any of them) with numbers >= 0, or \"skip\"; got {rule!r}")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in rule.values()):
+            raise TraceError(f"{path}: pattern {pattern[:100]!r}: expected {{\"rtol\": r, \"max_rtol\": m, "
+                             f"\"atol\": a}} (any of them) with finite numbers >= 0, or \"skip\"; "
+                             f"got {describe_value(rule)}")
         rules.append((pattern, rule))
     return rules
 
@@ -466,8 +484,8 @@ class Comparison:
         out = [f"REF    {self.ref.label}: {_describe(self.ref)}",
                f"OTHER  {self.other.label}: {_describe(self.other)}",
                f"run    {_run_summary(self.ref.meta)}",
-               f"check  per tensor: rms(OTHER - REF) <= atol + rtol * rms(REF) and "
-               f"max|OTHER - REF| <= atol + max-rtol * max|REF|",
+               "check  per tensor: rms(OTHER - REF) <= atol + rtol * rms(REF) and "
+               "max|OTHER - REF| <= atol + max-rtol * max|REF|",
                f"       ({self.tol}; step.KK/eps scaled by its conditioning, see docs/golden.md)", ""]
         n_cmp = sum(r.status not in ("missing", "skipped") for r in self.results)
         n_skip = sum(r.status == "skipped" for r in self.results)
@@ -602,9 +620,14 @@ def compare(ref, other, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, max_rtol=DEFAULT_M
 # Command line
 
 def _dump(args):
-    weights = args.weights or BUNDLED
-    if not os.path.exists(weights):
-        raise TraceError(f"{weights}: no such weights file (give --weights)")
+    weights = cli.weights_input(args.weights)
+    cli.input_file(args.gates, "--gates")
+    cli.input_file(args.vae, "--vae", folder=True)
+    cli.output_file(args.out, "--out", (".safetensors",),
+                    inputs={"--weights": weights, "--gates": args.gates, "--vae": args.vae})
+    cli.check_backend(args.backend)
+    if args.backend == "opencl" and args.dtype != "float32":
+        raise cli.UsageError("the OpenCL backend runs float32 only (drop --dtype or use --dtype float32)")
     model = load_dit(weights, dtype=args.dtype, backend=args.backend, device=args.device)
     gates = load_gates(args.gates, model, steps=args.steps) if args.gates else None
     vae = load_vae(args.vae, dtype=args.dtype, backend=args.backend) if args.vae else None
@@ -622,6 +645,9 @@ def _dump(args):
 
 
 def _compare(args):
+    cli.input_file(args.ref, "REF")
+    cli.input_file(args.other, "OTHER")
+    cli.input_file(args.per_tensor_tolerances, "--per-tensor-tolerances")
     tolerances = load_tolerances(args.per_tensor_tolerances) if args.per_tensor_tolerances else None
     result = compare(args.ref, args.other, rtol=args.rtol, max_rtol=args.max_rtol, atol=args.atol,
                      tolerances=tolerances, require_all=args.require_all)
@@ -630,61 +656,76 @@ def _compare(args):
 
 
 def _goldens(args):
+    weights = cli.weights_input(args.weights)
+    if not os.path.isdir(args.dir):
+        raise cli.UsageError(f"--dir {args.dir}: no such folder (run from the checkout's root, where tests/golden "
+                             f"is, or pass --dir)")
     names = [n for n in GOLDENS if args.only is None or n.startswith(args.only + ".")]
-    for path in write_goldens(args.weights or BUNDLED, args.dir, names):
+    inputs = {"--weights": weights, "the gates": gates_file(weights, LAZY_GOLDEN_STEPS)}
+    for name in names:
+        cli.output_file(golden_path(name, args.dir, weights_stem(weights)), "--dir", (".safetensors",),
+                        inputs=inputs)
+    for path in write_goldens(weights, args.dir, names):
         print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
     return 0
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m tinylazy.golden", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def add_arguments(p):
+    n = cli.number
+    sub = p.add_subparsers(dest="command", required=True, metavar="{dump,compare,goldens}")
     d = sub.add_parser("dump", help="record every intermediate of a DDIM sampling run into a trace file")
-    d.add_argument("--weights", help="DiT safetensors file or folder (default: the bundled tiny-dit-digits)")
+    d.add_argument("--weights", default=DEFAULT_MODEL,
+                   help=f"DiT safetensors file or folder, or a bundled model's name (default: {DEFAULT_MODEL})")
     d.add_argument("--gates", help="LazyDiT gates file: record a lazy run (its step count must match --steps)")
-    d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="gate threshold (default 0.5)")
+    d.add_argument("--threshold", type=n(float, 0, 1), default=DEFAULT_THRESHOLD, help="gate threshold (default 0.5)")
     d.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     d.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy")
     d.add_argument("--device", help="OpenCL device (index or name substring; default: the first)")
-    d.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4)")
+    d.add_argument("--steps", type=n(int, 1, 1000), default=4, help="DDIM steps, 1..1000 (default 4)")
     d.add_argument("--seed", type=int, default=0, help="seed of the noise and the labels (default 0)")
-    d.add_argument("--batch", type=int, default=2, help="samples (default 2; guidance doubles the model batch)")
+    d.add_argument("--batch", type=n(int, 1), default=2, help="samples (default 2; guidance doubles the model batch)")
     d.add_argument("--classes", type=int, nargs="+", help="class ids, one per sample (default: drawn from --seed)")
-    d.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0; 1 = none)")
+    d.add_argument("--cfg-scale", type=n(float, 1), default=4.0, help="guidance scale, >= 1 (default 4.0; 1 = none)")
     d.add_argument("--vae", help="AutoencoderKL folder: also record the decoded image")
     d.add_argument("--attn-probs", action="store_true", help="also record attention probabilities (large)")
     d.add_argument("--include", nargs="+", metavar="PATTERN", help="record only names matching these patterns")
     d.add_argument("--exclude", nargs="+", metavar="PATTERN", help="do not record names matching these patterns")
-    d.add_argument("--max-elements", type=int, help="store larger tensors strided, keeping about this many values")
-    d.add_argument("--out", required=True, help="output trace (.safetensors)")
+    d.add_argument("--max-elements", type=n(int, 1),
+                   help="store larger tensors strided, keeping about this many values")
+    d.add_argument("--out", default="trace.safetensors",
+                   help="output trace (.safetensors), replaced if it exists (default: trace.safetensors)")
     c = sub.add_parser("compare", help="compare trace OTHER against REF; exit 0 match, 1 diverged, 2 not comparable")
     c.add_argument("ref")
     c.add_argument("other")
-    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+    c.add_argument("--rtol", type=n(float, 0), default=DEFAULT_RTOL,
                    help=f"bound on rms(OTHER - REF) / rms(REF) (default {DEFAULT_RTOL:g})")
-    c.add_argument("--max-rtol", type=float, default=DEFAULT_MAX_RTOL,
+    c.add_argument("--max-rtol", type=n(float, 0), default=DEFAULT_MAX_RTOL,
                    help=f"bound on max|OTHER - REF| / max|REF| (default {DEFAULT_MAX_RTOL:g})")
-    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute (default {DEFAULT_ATOL:g})")
+    c.add_argument("--atol", type=n(float, 0), default=DEFAULT_ATOL, help=f"absolute (default {DEFAULT_ATOL:g})")
     c.add_argument("--per-tensor-tolerances", metavar="FILE",
                    help='JSON {"pattern": {"rtol": r, "max_rtol": m, "atol": a} | "skip"}; '
                         'the first match in file order wins')
     c.add_argument("--require-all", action="store_true", help="tensors of REF that OTHER lacks are failures")
-    c.add_argument("--max-listed", type=int, default=10, help="list at most this many failures and flips")
-    g = sub.add_parser("goldens", help="rewrite the checked-in goldens of the bundled model (tests/golden/)")
-    g.add_argument("--weights", help="DiT weights (default: the bundled tiny-dit-digits; its gates-ddim20 beside it)")
-    g.add_argument("--dir", default=GOLDEN_DIR, help="output folder (default: tests/golden)")
+    c.add_argument("--max-listed", type=n(int, 1), default=10, help="list at most this many failures and flips")
+    g = sub.add_parser("goldens", help="rewrite the checked-in goldens of a model (tests/golden/<weights' name>.*)")
+    g.add_argument("--weights", default=DEFAULT_MODEL,
+                   help="DiT or Large-DiT weights (default: the bundled tiny-dit-digits; its gates-ddim20 "
+                        "beside it); the goldens are named after the file")
+    g.add_argument("--dir", default=GOLDEN_DIR,
+                   help="output folder, which must exist (default: tests/golden, i.e. run from the checkout's root)")
     g.add_argument("--only", choices=("full", "lazy"), help="write only the full or only the lazy goldens")
-    return p
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
+def run(args):
     try:
         return {"dump": _dump, "compare": _compare, "goldens": _goldens}[args.command](args)
-    except (TraceError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:                   # unreadable traces; labels, gates or a VAE that do not fit the run
+        raise cli.UsageError(str(e)) from e
+
+
+def main(argv=None, prog=None):
+    return cli.run_command("golden", argv, prog)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m tinylazy.golden"))

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from . import atomic
 from .backend import to_numpy
 
 
@@ -44,6 +45,13 @@ def make_grid(images, nrow=4, padding=2, value_range=(-1.0, 1.0)):
     return grid
 
 
+def save_png(image, path):
+    """Write a PIL image as PNG atomically (``tinylazy.atomic``): a reader never sees half a file."""
+    with atomic.writing(path) as f:
+        image.save(f, format="PNG")
+    return path
+
+
 def save_grid(images, path, nrow=4, padding=2, min_size=64):
     """Write a PNG grid; images smaller than min_size are enlarged by an integer nearest factor.
 
@@ -54,5 +62,5 @@ def save_grid(images, path, nrow=4, padding=2, min_size=64):
     scale = max(1, math.ceil(min_size / images.shape[-2]))
     if scale > 1:
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    Image.fromarray(grid).save(path)
+    save_png(Image.fromarray(grid), path)
     return grid.shape[:2]

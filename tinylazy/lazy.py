@@ -17,37 +17,57 @@ official ``DiTBlock.forward(accelerate=True)`` does.
 
 Gates live in ``LazyGates`` ((steps, depth, D) arrays per kind) and are stored in
 safetensors under the official names ``blocks.{l}.attn_lazy_learning.{s}.weight``
-and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D)), with metadata that
+and ``blocks.{l}.mlp_lazy_learning.{s}.weight`` (shape (1, D); ``layers.{l}...`` for
+Large-DiT, whose block list has that name), with metadata that
 ties them to one DiT (its weights hash), one step count and one timestep map.
 Training the gates is ``lazy_train.py``.
 """
+import glob
+import hashlib
 import json
 import numbers
+import os
 import re
 
 import numpy as np
 
 from .backend import array_module_of, to_numpy
-from .diffusion import create_diffusion
-from .io import read_safetensors, weights_hash, write_safetensors
+from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion
+from .errors import FileError
+from .io import FLOAT_DTYPES, SafetensorsFile, weights_hash, write_safetensors
 from .protocol import KINDS
 
 FORMAT = "tinylazy-lazydit-gates-v1"
 DEFAULT_THRESHOLD = 0.5                      # official attn_threshold / mlp_threshold
 
 
-class GatesError(ValueError):
+class GatesError(FileError):
     """Gates that do not fit a model or a sampling run; the message names the file and the reason."""
 
 
-def gate_key(kind, layer, step):
-    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``."""
-    return f"blocks.{layer}.{kind}_lazy_learning.{step}.weight"
+def gate_key(kind, layer, step, blocks="blocks"):
+    """Official state-dict name of a gate: ``blocks.{l}.{kind}_lazy_learning.{s}.weight``
+    (``blocks``: the model's block list, "layers" for Large-DiT)."""
+    return f"{blocks}.{layer}.{kind}_lazy_learning.{step}.weight"
 
 
-_OFFICIAL_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp)_lazy_learning\.(\d+)\.weight")
+def block_prefix(config):
+    """The official name of a model's block list: "blocks" (DiT) or "layers" (Large-DiT)."""
+    return getattr(config, "block_prefix", "blocks")
+
+
+# Indices of at most 6 digits: a longer number is not a gate name (and sizes nothing).
+_OFFICIAL_KEY = re.compile(r"(blocks|layers)\.(\d{1,6})\.(attn|mlp)_lazy_learning\.(\d{1,6})\.weight")
 # The official LazyDiT checkpoint dict ("model" entry of its .pt files, as tinylazy.convert writes it).
-_CHECKPOINT_KEY = re.compile(r"block_(\d+)_(attn|mlp)_lazy_learning_weight_(\d+)")
+_CHECKPOINT_KEY = re.compile(r"block_(\d{1,6})_(attn|mlp)_lazy_learning_weight_(\d{1,6})")
+
+
+def gates_hash(gates):
+    """sha256 of a LazyGates' timestep map and float32 gate vectors: which gates a lazy run used."""
+    h = hashlib.sha256(b"tinylazy-gates-v1\0")
+    for a in (gates.timestep_map.astype("<i8"), gates.attn.astype("<f4"), gates.mlp.astype("<f4")):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def gates_file(weights_path, steps):
@@ -56,6 +76,23 @@ def gates_file(weights_path, steps):
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     return f"{stem.rstrip('/')}.gates-ddim{int(steps)}.safetensors"
+
+
+def _gate_places(weights, steps):
+    """Where --lazy looks, in order: the current folder (what train-gates writes), then beside the weights."""
+    beside = gates_file(weights, steps)
+    return list(dict.fromkeys([os.path.basename(beside), beside]))
+
+
+def find_gates(weights, steps):
+    """The gates file --lazy uses for ``steps`` sampling steps, or None."""
+    return next((p for p in _gate_places(weights, steps) if os.path.isfile(p)), None)
+
+
+def gate_step_counts(weights):
+    """The step counts that gates exist for in those places (for error messages)."""
+    found = [f for p in _gate_places(weights, 0) for f in glob.glob(glob.escape(p[: -len("0.safetensors")]) + "*")]
+    return sorted({int(m.group(1)) for f in found if (m := re.search(r"ddim(\d+)\.safetensors$", f))})
 
 
 def model_weights_hash(model):
@@ -74,10 +111,11 @@ class LazyGates:
     ``create_lazy_learning`` indexes its ModuleLists through ``timestep_map``.
     timestep_map: (num_steps,) original timesteps of the schedule.  weights_hash:
     the DiT they were trained for (None when unknown, e.g. a converted official
-    checkpoint).  training: a dict of facts about how they were made.
+    checkpoint).  training: a dict of facts about how they were made.  blocks: the official
+    name of the model's block list, the prefix of the gates' names ("layers" for Large-DiT).
     """
 
-    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None):
+    def __init__(self, attn, mlp, timestep_map, weights_hash=None, training=None, blocks="blocks"):
         attn, mlp = np.asarray(attn), np.asarray(mlp)
         if attn.ndim != 3 or attn.shape != mlp.shape:
             raise GatesError(f"gate arrays must both be (num_steps, depth, D), got {attn.shape} and {mlp.shape}")
@@ -88,6 +126,7 @@ class LazyGates:
         self.timestep_map = timestep_map
         self.weights_hash = weights_hash
         self.training = dict(training or {})
+        self.blocks = blocks
 
     @classmethod
     def zeros(cls, model, steps, dtype=None):
@@ -96,7 +135,8 @@ class LazyGates:
         tmap = create_diffusion(steps).timestep_map
         shape = (len(tmap), cfg.depth, cfg.hidden_size)
         dt = model.dtype if dtype is None else np.dtype(dtype)
-        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model))
+        return cls(np.zeros(shape, dt), np.zeros(shape, dt), tmap, model_weights_hash(model),
+                   blocks=block_prefix(cfg))
 
     @property
     def num_steps(self):
@@ -115,7 +155,7 @@ class LazyGates:
 
     def state_dict(self):
         """Official names -> (1, D) arrays (views)."""
-        return {gate_key(kind, l, s): self.of(kind)[s, l][None]
+        return {gate_key(kind, l, s, self.blocks): self.of(kind)[s, l][None]
                 for s in range(self.num_steps) for l in range(self.depth) for kind in KINDS}
 
     def metadata(self):
@@ -136,7 +176,7 @@ class LazyGates:
         tmap = np.asarray(timestep_map)
         if len(tmap) != self.num_steps:
             raise GatesError(f"gates were made for {self.num_steps} sampling steps; this run uses {len(tmap)} "
-                             f"(train gates for {len(tmap)} steps: examples/train_gates.py --steps {len(tmap)})")
+                             f"(train gates for {len(tmap)} steps: tinylazy train-gates --steps {len(tmap)})")
         if not np.array_equal(tmap, self.timestep_map):
             raise GatesError(f"gates were made for another respacing of {self.num_steps} steps "
                              f"(timestep map {self.timestep_map.tolist()[:4]}..., run {tmap.tolist()[:4]}...)")
@@ -158,23 +198,73 @@ def save_gates(gates, path, training=None):
     write_safetensors(path, tensors, gates.metadata())
 
 
-def _parse_keys(path, tensors):
-    """-> {(kind, l, s): (1, D) array} from official names or the official checkpoint's names."""
+def _parse_keys(path, entries, blocks="blocks"):
+    """-> {(kind, l, s): file key} from official names (of a model whose block list is ``blocks``)
+    or the official checkpoint's names (the same for both families); header only."""
     found = {}
-    for name, a in tensors.items():
-        m = _OFFICIAL_KEY.fullmatch(name) or _CHECKPOINT_KEY.fullmatch(name)
-        if m is None:
-            raise GatesError(f"{path}: {name!r} is not a LazyDiT gate "
-                             f"(expected blocks.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
-        l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
-        if a.ndim != 2 or a.shape[0] != 1:
-            raise GatesError(f"{path}: {name!r} has shape {tuple(a.shape)}, expected (1, D)")
+    for name in entries:
+        m = _OFFICIAL_KEY.fullmatch(name)
+        if m is not None:
+            if m.group(1) != blocks:
+                raise GatesError(f"{path}: {name!r} is a gate of a model whose blocks are {m.group(1)}.*, "
+                                 f"this model's are {blocks}.* (gates of another model family)")
+            l, kind, s = int(m.group(2)), m.group(3), int(m.group(4))
+        else:
+            m = _CHECKPOINT_KEY.fullmatch(name)
+            if m is None:
+                shown = name if len(name) <= 120 else name[:120] + "..."
+                raise GatesError(f"{path}: {shown!r} is not a LazyDiT gate "
+                                 f"(expected {blocks}.{{l}}.attn_lazy_learning.{{s}}.weight or the mlp one)")
+            l, kind, s = int(m.group(1)), m.group(2), int(m.group(3))
         if (kind, l, s) in found:
             raise GatesError(f"{path}: gate {kind} layer {l} step {s} appears twice")
-        found[(kind, l, s)] = a
+        found[(kind, l, s)] = name
     if not found:
         raise GatesError(f"{path}: no gates in the file")
     return found
+
+
+_GATES_METADATA = {"format", "num_sampling_steps", "timestep_map", "depth", "hidden_size", "training", "weights_hash"}
+
+
+def _meta_int(path, meta, key):
+    v = meta[key]
+    if not re.fullmatch(r"[0-9]{1,9}", v):
+        raise GatesError(f"{path}: metadata {key!r} is {v[:40]!r}, not a whole number")
+    return int(v)
+
+
+def _meta_json(path, meta, key, kind):
+    from .io import parse_json
+    v = parse_json(meta[key], f"{path}: metadata {key!r}", GatesError)
+    if not isinstance(v, kind):
+        raise GatesError(f"{path}: metadata {key!r} is a JSON {type(v).__name__}, not a {kind.__name__}")
+    return v
+
+
+def _check_gates_metadata(path, meta, S, cfg):
+    """The metadata must describe the tensors it travels with; -> (timestep map or None, training dict)."""
+    if "format" in meta and meta["format"] != FORMAT:
+        raise GatesError(f"{path}: metadata format {meta['format'][:40]!r}, expected {FORMAT!r}")
+    unknown = sorted(set(meta) - _GATES_METADATA) if "format" in meta else []
+    if unknown:                                 # e.g. a damaged 'weights_hash' key would silently drop the check
+        raise GatesError(f"{path}: unknown metadata {unknown[0][:40]!r} in a {FORMAT} file")
+    for key, have in (("num_sampling_steps", S), ("depth", cfg.depth), ("hidden_size", cfg.hidden_size)):
+        if key in meta and _meta_int(path, meta, key) != have:
+            raise GatesError(f"{path}: metadata says {key} {meta[key]}, the tensors hold {have}")
+    tmap = None
+    if "timestep_map" in meta:
+        tmap = _meta_json(path, meta, "timestep_map", list)
+        if (len(tmap) != S or not all(type(t) is int and 0 <= t < NUM_TRAIN_TIMESTEPS for t in tmap)
+                or any(a >= b for a, b in zip(tmap, tmap[1:]))):
+            raise GatesError(f"{path}: metadata timestep_map must list {S} increasing timesteps in "
+                             f"0..{NUM_TRAIN_TIMESTEPS - 1}, one per step")
+        tmap = np.asarray(tmap, dtype=np.int64)
+    training = _meta_json(path, meta, "training", dict) if "training" in meta \
+        else {"source": meta.get("source", "unknown")[:200]}
+    if "weights_hash" in meta and not re.fullmatch(r"[0-9a-f]{64}", meta["weights_hash"]):
+        raise GatesError(f"{path}: metadata weights_hash {meta['weights_hash'][:70]!r} is not a sha256 hex digest")
+    return tmap, training
 
 
 def load_gates(path, model, steps=None):
@@ -185,38 +275,52 @@ def load_gates(path, model, steps=None):
     names; such a file carries no weights hash, so only its shapes and step count are
     checked and the timestep map is the official ``create_diffusion(str(steps))`` one).
     steps: the number of sampling steps the caller will use (checked when given).
+    Names, dtypes (floating point only), shapes, indices (layers 0..depth-1, steps
+    0..S-1, every one present once) and metadata are checked from the header before
+    any gate is read; a file that does not fit is a GatesError (a malformed file a
+    WeightsError), never a partial or shifted load.
     """
     path = str(path)
-    tensors, meta = read_safetensors(path)
-    found = _parse_keys(path, tensors)
     cfg = model.config
-    S = 1 + max(s for _, _, s in found)
-    missing = [gate_key(kind, l, s) for s in range(S) for l in range(cfg.depth) for kind in KINDS
-               if (kind, l, s) not in found]
-    if missing:
-        raise GatesError(f"{path}: missing {len(missing)} gates for a depth-{cfg.depth} model with {S} steps, "
-                         f"e.g. {missing[0]!r}")
-    extra = sorted({l for _, l, _ in found if l >= cfg.depth})
-    if extra:
-        raise GatesError(f"{path}: gates for block {extra[0]} but the model has depth {cfg.depth}")
-    D = {a.shape[1] for a in found.values()}
-    if D != {cfg.hidden_size}:
-        raise GatesError(f"{path}: gates of width {sorted(D)}, the model has hidden size {cfg.hidden_size}")
-    if "num_sampling_steps" in meta and int(meta["num_sampling_steps"]) != S:
-        raise GatesError(f"{path}: metadata says {meta['num_sampling_steps']} steps, the tensors hold {S}")
-    if steps is not None and int(steps) != S:
-        raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
-    file_hash = meta.get("weights_hash")
-    model_hash = model_weights_hash(model) if file_hash is not None else None
-    if file_hash is not None and file_hash != model_hash:
-        raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
-                         f"are {model_hash[:12]} (different weights file)")
-    tmap = np.asarray(json.loads(meta["timestep_map"]), dtype=np.int64) if "timestep_map" in meta \
-        else create_diffusion(S).timestep_map
-    stack = lambda kind: np.stack([np.stack([found[(kind, l, s)][0] for l in range(cfg.depth)])
-                                   for s in range(S)]).astype(np.float32)       # (S, L, D)
-    training = json.loads(meta["training"]) if "training" in meta else {"source": meta.get("source", "unknown")}
-    return LazyGates(stack("attn"), stack("mlp"), tmap, file_hash, training)
+    with SafetensorsFile(path) as f:
+        found = _parse_keys(path, f.entries, block_prefix(cfg))
+        bad = next(((k, f.entries[k]) for k in found.values()
+                    if f.entries[k].dtype not in FLOAT_DTYPES or len(f.entries[k].shape) != 2
+                    or f.entries[k].shape[0] != 1), None)
+        if bad is not None:
+            raise GatesError(f"{path}: {bad[0]!r} is {bad[1].dtype} {bad[1].shape}, a gate is a floating-point "
+                             f"(1, D) vector")
+        layers = {l for _, l, _ in found}
+        if max(layers) >= cfg.depth:
+            raise GatesError(f"{path}: gates for block {max(layers)} but the model has depth {cfg.depth}")
+        step_ids = {s for _, _, s in found}
+        S = len(step_ids)
+        if S > NUM_TRAIN_TIMESTEPS or step_ids != set(range(S)):
+            hole = min(set(range(S)) - step_ids, default=S)
+            raise GatesError(f"{path}: gate steps are numbered up to {max(step_ids)} (no step {hole}): they must "
+                             f"run 0..S-1 without holes, S <= {NUM_TRAIN_TIMESTEPS}")
+        if len(found) != S * cfg.depth * len(KINDS):
+            missing = next(gate_key(kind, l, s, block_prefix(cfg)) for s in range(S) for l in range(cfg.depth)
+                           for kind in KINDS if (kind, l, s) not in found)
+            raise GatesError(f"{path}: missing {S * cfg.depth * len(KINDS) - len(found)} gates for a "
+                             f"depth-{cfg.depth} model with {S} steps, e.g. {missing!r}")
+        D = {f.entries[k].shape[1] for k in found.values()}
+        if D != {cfg.hidden_size}:
+            raise GatesError(f"{path}: gates of width {sorted(D)[:4]}, the model has hidden size {cfg.hidden_size}")
+        tmap, training = _check_gates_metadata(path, f.metadata, S, cfg)
+        if steps is not None and int(steps) != S:
+            raise GatesError(f"{path}: gates were made for {S} sampling steps, not {steps}")
+        file_hash = f.metadata.get("weights_hash")
+        if file_hash is not None and file_hash != model_weights_hash(model):
+            raise GatesError(f"{path}: gates were trained for DiT weights {file_hash[:12]}, this model's weights "
+                             f"are {model_weights_hash(model)[:12]} (different weights file, or gates recorded with the "
+                             f"tensors-only hash of tinylazy before the hash covered the config)")
+        gates = {kind: np.empty((S, cfg.depth, cfg.hidden_size), np.float32) for kind in KINDS}
+        for (kind, l, s), key in found.items():
+            f.read(key, np.float32, out=gates[kind][s, l][None])
+    if tmap is None:
+        tmap = create_diffusion(S).timestep_map
+    return LazyGates(gates["attn"], gates["mlp"], tmap, file_hash, training, block_prefix(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -305,7 +409,11 @@ def gate_score(z, w):
 # Cost model and statistics
 
 def module_macs(cfg):
-    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention)."""
+    """Multiply-accumulates per sample row of each part of one forward pass (GEMMs and attention).
+
+    A config of another family (large_dit.LargeDiTConfig) counts its own (``cfg.module_macs()``)."""
+    if hasattr(cfg, "module_macs"):
+        return cfg.module_macs()
     T, D, F, C = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels
     p = cfg.patch_size
     return {
@@ -415,6 +523,7 @@ class LazyStats:
         lazy ratio over all steps; white = always computed, dark = always reused.
         """
         from PIL import Image, ImageDraw, ImageFont
+        from .image import save_png
         ratios = self.ratio_map()                                  # (S, L, 2)
         S, L, _ = ratios.shape
         cell, gap, left, top, label_h = 16, 24, 44, 34, 18
@@ -443,8 +552,7 @@ class LazyStats:
                     draw.text((4, y + 2), f"L{l}", fill="black", font=font)
             draw.rectangle([x0 - 1, top - 1, x0 + S * cell, top + L * cell], outline=(120, 120, 120))
             draw.text((x0, top + L * cell + 4), f"step 1..{S}  | all", fill="black", font=font)
-        img.save(path)
-        return path
+        return save_png(img, path)
 
 
 # ----------------------------------------------------------------------------

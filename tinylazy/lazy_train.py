@@ -27,13 +27,14 @@ import numpy as np
 
 from .backend import to_numpy
 from .diffusion import create_diffusion
-from .io import read_safetensors, write_safetensors
+from .io import write_safetensors
 from .lazy import LazyDiT, LazyGates, LazyStats, gate_score
 from .optim import AdamW
 from .protocol import KINDS
 from .sampling import ddim_sample, ddim_step, make_noise
 
 LABEL_DROP = 0.1                    # official DiT class_dropout_prob, used for CFG
+CHECKPOINT_FORMAT = "tinylazy-gate-training-v1"
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def soft_backward(model, dout, dscores, w, caches, tape):
                 break                                                    # no gate upstream of the first module
             dz = backwards[j](l, do * s[:, None, None], block[kind])    # o = s F(Z) + (1 - s) cache
             dz += du[:, None, None] * w[kind][l]                         # score = sigmoid(sum_t Z @ w)
-            dx, _, _ = model.modulated_input_backward(dz, block[f"{kind}_in"], mod_grads=False)
+            dx, _, _ = model.branch_input_backward(l, kind, dz, block[f"{kind}_in"])
             dh = dh + dx
     return grads
 
@@ -271,7 +272,7 @@ class GateTrainer:
             for kind in KINDS:
                 tensors[f"opt.{s}.exp_avg.{kind}"] = sd["exp_avg"][kind]
                 tensors[f"opt.{s}.exp_avg_sq.{kind}"] = sd["exp_avg_sq"][kind]
-        meta = {"format": "tinylazy-gate-training-v1", "iteration": str(self.iteration),
+        meta = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration),
                 "settings": json.dumps(self.settings, sort_keys=True), "log_scale": repr(self.log_scale),
                 "measured": json.dumps(self.measured),
                 "rng": json.dumps(self.rng.bit_generator.state), "opt_steps": json.dumps(steps_done),
@@ -283,31 +284,57 @@ class GateTrainer:
         write_safetensors(path, tensors, meta)
 
     def load(self, path):
-        """Continue from a checkpoint written by ``save`` with the same model and settings."""
-        tensors, meta = read_safetensors(path)
-        if meta.get("format") != "tinylazy-gate-training-v1":
-            raise ValueError(f"{path}: not a gate-training checkpoint")
-        if meta["weights_hash"] != self.gates.weights_hash:
-            raise ValueError(f"{path}: checkpoint is for DiT weights {meta['weights_hash'][:12]}, "
-                             f"this model is {self.gates.weights_hash[:12]}")
-        if meta["dtype"] != self.model.dtype.name:
-            raise ValueError(f"{path}: checkpoint was trained in {meta['dtype']}, the model is {self.model.dtype.name}")
-        saved = json.loads(meta["settings"])
-        diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"{path}: checkpoint settings differ from this run: " +
-                             ", ".join(f"{k} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items()))
+        """Continue from a checkpoint written by ``save`` with the same model and settings.
+
+        Every field is checked before anything changes (a CheckpointError names the file and the
+        field): the model's weights hash and dtype, the settings, the iteration and per-step AdamW
+        counts, the rho scale, the calibration ratio, the generator state, and exactly this run's
+        tensors (exp_avg_sq >= 0)."""
+        from .io import ResumeCheckpoint, describe_value
+        with ResumeCheckpoint(path, CHECKPOINT_FORMAT) as ck:
+            if ck.text("weights_hash") != self.gates.weights_hash:
+                raise ck.error(f"checkpoint is for DiT weights {ck.text('weights_hash')[:12]!r}, "
+                               f"this model is {self.gates.weights_hash[:12]}")
+            if ck.text("dtype") != self.model.dtype.name:
+                raise ck.error(f"checkpoint was trained in {describe_value(ck.text('dtype'))}, "
+                               f"the model is {self.model.dtype.name}")
+            saved = ck.json("settings", dict)
+            diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
+            if diff:
+                raise ck.error("checkpoint settings differ from this run: " + ", ".join(
+                    f"{k} {describe_value(a)} (checkpoint) vs {b}" for k, (a, b) in diff.items()))
+            st = self.settings
+            iteration = ck.integer("iteration", 0, 10 ** 12)
+            opt_steps = ck.json("opt_steps", list)
+            if len(opt_steps) != len(self.opts) or not all(type(n) is int and 0 <= n <= iteration
+                                                           for n in opt_steps):
+                raise ck.error(f"metadata opt_steps must list {len(self.opts)} step counts in 0..{iteration}")
+            if sum(opt_steps) != iteration:                           # each iteration steps one AdamW
+                raise ck.error(f"metadata opt_steps add up to {sum(opt_steps)}, not the {iteration} iterations")
+            log_scale = ck.number("log_scale", -700.0, 700.0)         # exp() of it scales rho
+            if st["target_ratio"] is None and log_scale != 0.0:
+                raise ck.error(f"metadata log_scale is {log_scale}, but without a target ratio rho is never scaled")
+            measured = ck.json("measured", (float, int, type(None)))
+            calibrated = st["calib_samples"] > 0 and iteration >= st["calib_every"]
+            if isinstance(measured, bool) or (measured is None) == calibrated or (
+                    measured is not None and not 0 <= measured <= 1):
+                raise ck.error(f"metadata measured is {describe_value(measured)}: after {iteration} iterations it "
+                               f"is " + ("a lazy ratio in [0, 1]" if calibrated else "null (no calibration yet)"))
+            rng_state = ck.rng_state("rng", self.rng)
+            tensors, _ = self.state()
+            tensors = ck.tensors({k: (a.shape, a.dtype) for k, a in tensors.items()})
+            negative = [k for k in tensors if ".exp_avg_sq." in k and (tensors[k] < 0).any()]
+            if negative:
+                raise ck.error(f"{negative[0]} has negative entries (a second moment is >= 0)")
         self.gates.attn[...] = tensors["gates.attn"]
         self.gates.mlp[...] = tensors["gates.mlp"]
-        for s, (opt, n) in enumerate(zip(self.opts, json.loads(meta["opt_steps"]))):
+        for s, (opt, n) in enumerate(zip(self.opts, opt_steps)):
             opt.load_state_dict({"step": n, "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
                                  "weight_decay": opt.weight_decay,
                                  "exp_avg": {k: tensors[f"opt.{s}.exp_avg.{k}"] for k in KINDS},
                                  "exp_avg_sq": {k: tensors[f"opt.{s}.exp_avg_sq.{k}"] for k in KINDS}})
-        self.rng.bit_generator.state = json.loads(meta["rng"])
-        self.log_scale = float(meta["log_scale"])
-        self.measured = json.loads(meta["measured"])
-        self.iteration = int(meta["iteration"])
+        self.rng.bit_generator.state = rng_state
+        self.log_scale, self.measured, self.iteration = log_scale, measured, iteration
 
     def training_facts(self):
         rho_attn, rho_mlp = self.rho()

@@ -1,6 +1,6 @@
 """Sample quality of digit models: a Frechet distance, class accuracy, and PSNR between sample sets.
 
-    python -m tinylazy.metrics --steps 50 --cfg-scale 1.5 --num 2000 --sampler ddim
+    tinylazy metrics --steps 50 --cfg-scale 1.5 --num 2000 --sampler ddim     # or python -m tinylazy.metrics
 
 The judge is a small MLP (16x16 -> 128 -> 64 -> 10, ReLU) that tinylazy trains on the real
 digits (80% of them; the other 20% measure its accuracy), deterministically from a fixed
@@ -19,7 +19,6 @@ Inception's role in FID:
 
 scikit-learn (for the data) is the ``[train]`` extra; the rest is NumPy and SciPy.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -28,9 +27,12 @@ import time
 
 import numpy as np
 
+from . import cli
 from .data import load_digits_dataset
 from .optim import AdamW
 from .parallel import serial_blas
+from .resources import DEFAULT_MODEL
+from .samplefile import SampleFileError, read_samples, saved_uint8
 
 RECIPE = {
     "name": "digits-mlp", "version": 1, "data": "load_digits, 1x16x16 nearest, [-1, 1]",
@@ -265,9 +267,18 @@ def max_abs_diff(a, b):
 
 def as_saved_image(x):
     """The image a user gets, as the official ``sample_ddp.py`` saves it for FID:
-    ``clamp(127.5 x + 128, 0, 255).to(uint8)``, mapped back to [-1, 1] as u / 127.5 - 1."""
-    u = np.trunc(np.clip(127.5 * np.asarray(x, dtype=np.float64) + 128.0, 0.0, 255.0))
-    return u / 127.5 - 1.0
+    ``clamp(127.5 x + 128, 0, 255).to(uint8)`` (``samplefile.saved_uint8``), mapped back to
+    [-1, 1] as u / 127.5 - 1."""
+    return saved_uint8(x) / 127.5 - 1.0
+
+
+def load_npz_samples(path):
+    """A sample file of a digits model in ADM's format (``tinylazy.sample_many``):
+    (samples (N, 1, 16, 16) in [-1, 1], labels (N,)).  Raises SampleFileError."""
+    images, labels = read_samples(path, size=(16, 16))
+    if not (np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])):
+        raise SampleFileError(f"{path}: colour images; the digits judge takes grey ones (three equal channels)")
+    return images[:, None, :, :, 0] / 127.5 - 1.0, labels           # (N, H, W, 3) -> (N, 1, H, W)
 
 
 def evaluate(samples, labels, classifier=None, splits=10, seed=0):
@@ -289,11 +300,6 @@ def evaluate(samples, labels, classifier=None, splits=10, seed=0):
 
 # ----------------------------------------------------------------------------
 # Command line
-
-def bundled_weights_path():
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
-                        "tiny-dit-digits.safetensors")
-
 
 def generate(model, num, steps, cfg_scale, sampler="ddim", seed=0, batch_size=500, progress=True):
     """``num`` samples of labels 0..9 in turn from the noise ``make_noise(model, num, seed)``."""
@@ -319,40 +325,80 @@ def _table(rows):
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m tinylazy.metrics",
-        description="Sample a digits DiT and score the samples: Frechet distance to the real digits "
-                    "(vs the real-halves floor) and class accuracy, in the feature space of a small "
-                    "classifier trained on the real digits (cached).")
-    p.add_argument("--weights", default=None, help="DiT safetensors (default: the bundled tiny-dit-digits)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    p.add_argument("--num", type=int, default=2000, help="number of samples (default 2000)")
+def _score_rows(res, splits):
+    return [("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {splits} splits)"),
+            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
+            ("FD ratio", f"{res['fd_ratio']:.3f}"),
+            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
+            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
+
+
+def add_arguments(p):
+    n = cli.number
+    p.add_argument("--weights", default=DEFAULT_MODEL,
+                   help=f"DiT safetensors file or a bundled model's name (default: {DEFAULT_MODEL})")
+    p.add_argument("--steps", type=n(int, 1, 1000), default=50, help="sampling steps, 1..1000 (default 50)")
+    p.add_argument("--cfg-scale", type=n(float, 1), default=1.5,
+                   help="classifier-free guidance scale, >= 1 (default 1.5)")
+    p.add_argument("--num", type=n(int, 4), default=2000, help="number of samples, >= 4 (default 2000)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=n(int, 1), default=500)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--splits", type=int, default=10, help="random real-data splits averaged for FD (default 10)")
+    p.add_argument("--splits", type=n(int, 1), default=10, help="random real-data splits averaged for FD (default 10)")
     p.add_argument("--cache-dir", default=None, help=f"where the judge is cached (default {default_cache_dir()})")
     p.add_argument("--save", default=None, help="write the samples and labels to this .safetensors file")
     p.add_argument("--compare", default=None,
                    help="a --save file from the same --seed/--num: print PSNR and max |diff| against it")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON line too")
-    args = p.parse_args(argv)
-    if args.num < 4:
-        p.error("--num must be at least 4")
+    p.add_argument("--npz", default=None, help="score this sample file (ADM format: arr_0 images, arr_1 "
+                   "labels, as `tinylazy sample-many` writes it) instead of sampling")
 
-    from .io import load_dit, read_safetensors, write_safetensors
 
-    weights = args.weights or bundled_weights_path()
-    if not os.path.exists(weights):
-        p.error(f"weights file {weights} not found")
+def _read_compare(args):
+    """The --compare sample set, checked against this run's seed and count before any sampling."""
+    from .io import read_safetensors
+    ref, meta = read_safetensors(args.compare)
+    shape = getattr(ref.get("samples"), "shape", None)
+    if shape != (args.num, 1, 16, 16) or "labels" not in ref or meta.get("seed") != str(args.seed):
+        raise cli.UsageError(f"--compare {args.compare}: not a sample set of the same noise (seed {meta.get('seed')}, "
+                             f"samples {shape}; this run: seed {args.seed}, {args.num} samples of (1, 16, 16))")
+    return ref
+
+
+def score_npz(args):
+    """``--npz``: the numbers for a sample file of a digits model (ADM format)."""
+    cli.input_file(args.npz, "--npz")
+    try:
+        samples, labels = load_npz_samples(args.npz)
+    except SampleFileError as e:
+        raise cli.UsageError(str(e)) from None
+    if len(samples) < 4:
+        raise cli.UsageError(f"--npz {args.npz}: {len(samples)} samples, the Frechet distance needs at least 4")
+    res = evaluate(samples, labels, load_classifier(args.cache_dir, verbose=True), splits=args.splits)
+    print(_table([("samples", f"{args.npz} ({len(samples)})")] + _score_rows(res, args.splits)))
+    if args.json:
+        print(json.dumps(res))
+
+
+def run(args):
+    from .io import load_dit, write_safetensors
+    cli.require("sklearn", "tinylazy metrics (the real digits)")
+    if args.npz:
+        cli.output_folder(default_cache_dir() if args.cache_dir is None else args.cache_dir, "--cache-dir")
+        return score_npz(args)
+    weights = cli.weights_input(args.weights)
+    cli.input_file(args.compare, "--compare")
+    if args.save:
+        cli.output_file(args.save, "--save", (".safetensors",), inputs={"--weights": weights, "--compare": args.compare})
+    cli.output_folder(default_cache_dir() if args.cache_dir is None else args.cache_dir, "--cache-dir")
+    cli.check_backend(args.backend)
+    ref = _read_compare(args) if args.compare else None
     model = load_dit(weights, dtype=args.dtype, backend=args.backend)
     if (model.config.in_channels, model.config.input_size) != (1, 16):
-        p.error(f"{weights}: the digits metrics need a 1x16x16 model, got "
-                f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size}")
+        raise cli.UsageError(f"--weights {args.weights}: the digits metrics need a 1x16x16 model, got "
+                             f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size}")
     clf = load_classifier(args.cache_dir, verbose=True)
     t0 = time.perf_counter()
     samples, labels = generate(model, args.num, args.steps, args.cfg_scale, args.sampler, args.seed, args.batch_size)
@@ -360,18 +406,10 @@ def main(argv=None):
     res = evaluate(samples, labels, clf, splits=args.splits)
     rows = [("weights", weights), ("sampler", f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, "
                                               f"seed {args.seed}, {args.dtype}"),
-            ("samples", f"{args.num} ({seconds:.1f} s)"),
-            ("FD", f"{res['fd']:.3f}  (n = {res['fd_count']} per side, {args.splits} splits)"),
-            ("FD floor (real halves)", f"{res['fd_floor']:.3f}"),
-            ("FD ratio", f"{res['fd_ratio']:.3f}"),
-            ("class accuracy", f"{100 * res['accuracy']:.2f}%"),
-            ("judge held-out accuracy", f"{100 * res['judge_heldout_accuracy']:.2f}%")]
-    if args.compare:
-        ref, meta = read_safetensors(args.compare)
-        if ref["samples"].shape != samples.shape or not np.array_equal(ref["labels"], labels) \
-                or int(meta.get("seed", -1)) != args.seed:
-            p.error(f"{args.compare}: not a sample set of the same noise (seed {meta.get('seed')}, "
-                    f"shape {ref['samples'].shape}; this run: seed {args.seed}, shape {samples.shape})")
+            ("samples", f"{args.num} ({seconds:.1f} s)")] + _score_rows(res, args.splits)
+    if ref is not None:
+        if not np.array_equal(ref["labels"], labels):
+            raise cli.UsageError(f"--compare {args.compare}: its labels are not this run's (labels 0..9 in turn)")
         res["psnr"], res["max_abs_diff"] = psnr(samples, ref["samples"]), max_abs_diff(samples, ref["samples"])
         rows += [("PSNR vs --compare", f"{res['psnr']:.2f} dB"),
                  ("max |diff| vs --compare", f"{res['max_abs_diff']:.4g}")]
@@ -382,8 +420,11 @@ def main(argv=None):
     print(_table(rows))
     if args.json:
         print(json.dumps(res))
-    return res
+
+
+def main(argv=None, prog=None):
+    return cli.run_command("metrics", argv, prog)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="python -m tinylazy.metrics"))

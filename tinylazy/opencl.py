@@ -21,8 +21,6 @@ Layers, bottom up:
 import collections
 import math
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -30,16 +28,11 @@ from .backend import to_numpy
 from .dit import FREQ_DIM, MODULATION_NAMES, DiT, DiTSchema, init_params
 from .embeddings import timestep_features
 from .lazy import LazyDiT
-from .protocol import KINDS
+from .protocol import KINDS, check_cfg_scale
+from .resources import kernel_dir
 
 
-def _kernel_dir():
-    """kernels_cl/ of the checkout (editable install), else the copy a wheel installs under <prefix>/share."""
-    here = Path(__file__).resolve().parent.parent / "kernels_cl"
-    return here if here.is_dir() else Path(sys.prefix) / "share" / "tinylazy" / "kernels_cl"
-
-
-KERNEL_DIR = _kernel_dir()
+KERNEL_DIR = kernel_dir()                 # the bundled kernels_cl/ (tinylazy.resources)
 DEVICE_ENV = "TINYLAZY_CL_DEVICE"
 INSTALL_HINT = "pip install pyopencl pocl-binary-distribution (PoCL runs OpenCL on the CPU)"
 
@@ -575,6 +568,7 @@ class OpenCLDiT(DiTSchema):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3, branch=None):
         """Official ``forward_with_cfg`` (see ``DiT.forward_with_cfg``), guidance on the device."""
+        cfg_scale = check_cfg_scale(cfg_scale)
         x = np.asarray(x, dtype=np.float32)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")

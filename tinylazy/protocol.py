@@ -30,9 +30,22 @@ which computes the module.  The variations are hooks: reuse of the previous step
 (``lazy.LazyDiT``), the soft blend of gate training and its teacher step that keeps every
 output (``lazy_train``).  A hook runs once per module call, never per token.
 """
+import math
+import numbers
 from typing import Protocol, runtime_checkable
 
 KINDS = ("attn", "mlp")                      # the branches of a block, in order; index 0, 1 in (..., 2) arrays
+
+
+def check_cfg_scale(cfg_scale):
+    """Guidance scale: a finite number >= 1 (1 = no guidance); the samplers and ``forward_with_cfg`` use it.
+    Not a number: TypeError; NaN, inf or below 1: ValueError."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real):
+        raise TypeError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {type(cfg_scale).__name__} "
+                        f"{cfg_scale!r}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
+    return float(cfg_scale)
 
 
 @runtime_checkable

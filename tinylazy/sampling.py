@@ -22,6 +22,7 @@ import numpy as np
 
 from .backend import array_module_of, to_numpy
 from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion, extract
+from .protocol import check_cfg_scale
 from .progress import Progress
 
 
@@ -65,14 +66,6 @@ def check_steps(steps):
     return int(steps)
 
 
-def check_cfg_scale(cfg_scale):
-    """Guidance scale: a finite number >= 1 (1 = no guidance)."""
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) \
-            or not np.isfinite(cfg_scale) or cfg_scale < 1:
-        raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
-    return float(cfg_scale)
-
-
 def check_labels(model, labels, cfg_scale=1.0):
     """Class ids (B,) as host int64; an id outside 0..num_classes-1 is a ValueError naming it."""
     n = model.config.num_classes
@@ -99,23 +92,31 @@ def _check_noise(model, noise, batch):
 
 
 def _noise_source(step_noise, shape, model, num_steps, who):
-    """Per-step noise draw(k) from an int seed, a NumPy Generator or a list of num_steps arrays."""
+    """Per-step noise draw(k) from an int seed, a NumPy Generator, a list of num_steps arrays or a
+    function k -> array (k = 0 the first step)."""
     xp, dtype = model.xp, model.dtype
     if step_noise is None:
         raise ValueError(f"{who} draws fresh noise every step: pass step_noise=<int seed | "
-                         f"numpy Generator | list of {num_steps} arrays of shape {shape}>")
+                         f"numpy Generator | list of {num_steps} arrays of shape {shape} | function of the step>")
     if isinstance(step_noise, numbers.Integral):
         step_noise = np.random.default_rng(step_noise)
     if isinstance(step_noise, np.random.Generator):
         rng = step_noise
         return lambda k: xp.asarray(rng.standard_normal(shape).astype(dtype))
+    if callable(step_noise):
+        return lambda k: xp.asarray(_check_shape(step_noise(k), shape, f"step_noise({k})"), dtype=dtype)
     arrays = list(step_noise)
     if len(arrays) != num_steps:
         raise ValueError(f"step_noise has {len(arrays)} arrays, expected one per step ({num_steps})")
     for k, a in enumerate(arrays):
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"step_noise[{k}] has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        _check_shape(a, shape, f"step_noise[{k}]")
     return lambda k: xp.asarray(arrays[k], dtype=dtype)
+
+
+def _check_shape(a, shape, name):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
 
 
 class HostLatents:
@@ -253,9 +254,10 @@ def ddpm_sample(model, noise, labels, steps=250, cfg_scale=1.0, step_noise=None,
                 progress=False, callback=None, guide_channels=3, clip_denoised=False):
     """Ancestral sampling (ADM ``p_sample_loop``, the official sampler, 250 steps by default).
 
-    Arguments as ``ddim_sample``; ``step_noise`` is required (int seed, NumPy Generator or a
-    list of one (B, C, H, W) array per step; one is drawn at every step, the last one unused
-    as in ADM, which draws noise at t == 0 and masks it).  callback info also has log_variance.
+    Arguments as ``ddim_sample``; ``step_noise`` is required (int seed, NumPy Generator, a
+    list of one (B, C, H, W) array per step or a function of the step k; one is drawn at
+    every step, the last one unused as in ADM, which draws noise at t == 0 and masks it).
+    callback info also has log_variance.
     """
     step = lambda d, out, x, i, z: ddpm_step(d, out, x, i, z, clip_denoised)
     return _sample_loop("DDPM", step, model, noise, labels, steps, cfg_scale, guide_channels,

@@ -24,7 +24,8 @@ import re
 import numpy as np
 
 from .backend import to_numpy
-from .io import SafetensorsFile, WeightsError, write_safetensors
+from .errors import FileError
+from .io import SafetensorsFile, WeightsError, parse_json, write_safetensors
 
 FORMAT = "tinylazy-trace"
 FORMAT_VERSION = 1
@@ -87,7 +88,7 @@ OPS = {
 _SCOPES = re.compile(r"(step|block)\.(\d+)/")
 
 
-class TraceError(ValueError):
+class TraceError(FileError):
     """A trace that cannot be written, read or compared; the message names the file and the reason."""
 
 
@@ -225,31 +226,101 @@ def _stored_shape(e):
     return (len(range(0, n, e["stride"])),) if e["stride"] > 1 else tuple(e["shape"])
 
 
+_MAX_ELEMENTS = 1 << 62          # a manifest shape's element count (int64 positions stay exact)
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _field(path, where, value, kinds, check=None, what=None):
+    """``value`` of manifest field ``where``: of one of ``kinds`` (bool is not an int here) and ``check``."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    ok = any(type(value) is k or (k is float and type(value) is int) for k in kinds)
+    if not ok or (check is not None and value is not None and not check(value)):
+        names = "/".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise TraceError(f"{path}: manifest field {where} is {_describe_value(value)}, expected "
+                         f"{what or names}: not a trace this tinylazy can compare")
+    return value
+
+
+def _describe_value(v):
+    from .io import describe_value
+    return describe_value(v)
+
+
+def _check_meta(path, m):
+    """Every manifest field that compare, rerun and the report read: present where needed, of its type."""
+    kind = _field(path, "kind", m.get("kind"), str, lambda v: v in ("sampling", "forward"), '"sampling" or "forward"')
+    model = _field(path, "model", m.get("model"), dict)
+    _field(path, "model.weights_hash", model.get("weights_hash"), (str, type(None)))
+    _field(path, "model.file", model.get("file"), (str, type(None)))
+    config = _field(path, "model.config", model.get("config"), (dict, type(None)))
+    for k, v in (config or {}).items():
+        _field(path, f"model.config.{k}", v, _SCALAR)
+    for key in ("dtype", "backend", "device", "tinylazy_version"):
+        _field(path, key, m.get(key), (str, type(None)))
+    _field(path, "seed", m.get("seed"), (int, type(None)))
+    finite = math.isfinite
+    sampler = _field(path, "sampler", m.get("sampler"), dict if kind == "sampling" else (dict, type(None)))
+    if sampler is not None:
+        ints = lambda v: all(type(x) is int for x in v)
+        for key, kinds, check, what in (
+                ("name", str, None, None), ("steps", int, lambda v: 1 <= v <= 1000, "an integer in 1..1000"),
+                ("eta", float, finite, None), ("cfg_scale", float, finite, None),
+                ("guide_channels", int, lambda v: v >= 1, None), ("clip_denoised", bool, None, None),
+                ("batch", int, lambda v: v >= 1, None), ("labels", list, ints, "a list of integers"),
+                ("timestep_map", list, ints, "a list of integers")):
+            _field(path, f"sampler.{key}", sampler.get(key), kinds if kind == "sampling" else (kinds, type(None)),
+                   check, what)
+    lazy = _field(path, "lazy", m.get("lazy"), (dict, type(None)))
+    if lazy is not None:
+        _field(path, "lazy.gates_hash", lazy.get("gates_hash"), (str, type(None)))
+        _field(path, "lazy.gates_file", lazy.get("gates_file"), (str, type(None)))
+        _field(path, "lazy.threshold", lazy.get("threshold", 0.5), float, finite)
+        _field(path, "lazy.forced_decisions", lazy.get("forced_decisions"), (bool, type(None)))
+        _field(path, "lazy.lazy_ratio", lazy.get("lazy_ratio"), (float, type(None)), finite)
+    vae = _field(path, "vae", m.get("vae"), (dict, type(None)))
+    if vae is not None:
+        _field(path, "vae.scaling_factor", vae.get("scaling_factor"), float, finite)
+    ops = _field(path, "ops", m.get("ops"), (dict, type(None)))
+    for k, v in (ops or {}).items():
+        _field(path, f"ops.{k}", v, str)
+    recorded = _field(path, "recorded", m.get("recorded"), (dict, type(None)))
+    if recorded is not None:
+        strings = lambda v: all(isinstance(x, str) for x in v)
+        for key in ("include", "exclude"):
+            _field(path, f"recorded.{key}", recorded.get(key), (list, type(None)), strings, "a list of patterns")
+        _field(path, "recorded.attn_probs", recorded.get("attn_probs", False), bool)
+        _field(path, "recorded.max_elements", recorded.get("max_elements"), (int, type(None)), lambda v: v >= 1)
+
+
 def _check_manifest(path, manifest):
     """-> (meta, entries) from a parsed manifest, or a TraceError naming what is wrong."""
     if not isinstance(manifest, dict):
         raise TraceError(f"{path}: the trace manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT:
-        raise TraceError(f"{path}: not a tinylazy trace (manifest format {manifest.get('format')!r}, "
+        raise TraceError(f"{path}: not a tinylazy trace (manifest format {_describe_value(manifest.get('format'))}, "
                          f"expected {FORMAT!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise TraceError(f"{path}: trace format version {version!r}; this tinylazy reads version {FORMAT_VERSION}")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise TraceError(f"{path}: trace format version {_describe_value(version)}; this tinylazy reads version "
+                         f"{FORMAT_VERSION}")
     entries = manifest.get("tensors")
     if not isinstance(entries, list):
         raise TraceError(f"{path}: manifest has no 'tensors' list")
     for i, e in enumerate(entries):
         ok = (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("op", ""), str)
-              and isinstance(e.get("shape"), list) and all(type(s) is int and s >= 0 for s in e["shape"])
-              and type(e.get("stride")) is int and e["stride"] >= 1)
+              and isinstance(e.get("shape"), list) and len(e["shape"]) <= 32
+              and all(type(s) is int and s >= 0 for s in e["shape"]) and math.prod(e["shape"]) <= _MAX_ELEMENTS
+              and type(e.get("stride")) is int and 1 <= e["stride"] <= max(1, math.prod(e["shape"])))
         if not ok:
-            raise TraceError(f"{path}: manifest tensor entry {i} is malformed "
-                             f"(needs name, op, shape and stride >= 1): {e!r}")
+            raise TraceError(f"{path}: manifest tensor entry {i} is malformed (needs name, op, shape of at most "
+                             f"32 sizes and 2^62 elements, and a stride in 1..elements): {_describe_value(e)}")
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise TraceError(f"{path}: manifest lists {dup!r} twice")
+        seen = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
+        raise TraceError(f"{path}: manifest lists {_describe_value(dup)} twice")
     meta = {k: v for k, v in manifest.items() if k not in ("tensors", "format", "format_version")}
+    _check_meta(path, meta)
     return meta, entries
 
 
@@ -269,30 +340,23 @@ def load_trace(path):
         if MANIFEST_KEY not in f.metadata:
             raise TraceError(f"{path}: a safetensors file without a trace manifest "
                              f"(no {MANIFEST_KEY!r} in its metadata): not a tinylazy trace")
-        try:
-            manifest = json.loads(f.metadata[MANIFEST_KEY])
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path}: the trace manifest is not valid JSON ({e})") from None
+        manifest = parse_json(f.metadata[MANIFEST_KEY], f"{path}: the trace manifest", TraceError)
         meta, entries = _check_manifest(path, manifest)
         listed, stored = {e["name"] for e in entries}, set(f.entries)
         if listed != stored:
             missing, extra = sorted(listed - stored), sorted(stored - listed)
             raise TraceError(f"{path}: manifest and tensors disagree: listed but not stored {missing[:5]}, "
                              f"stored but not listed {extra[:5]}")
-        arrays = {}
-        with open(path, "rb") as data:
-            for e in entries:
-                info = f.entries[e["name"]]
-                if info.dtype not in _STORED:
-                    raise TraceError(f"{path}: tensor {e['name']!r} has dtype {info.dtype}, "
-                                     f"not one a trace uses ({', '.join(_STORED)})")
-                if info.shape != _stored_shape(e):
-                    raise TraceError(f"{path}: tensor {e['name']!r} is stored as {info.shape}, but the manifest "
-                                     f"says shape {tuple(e['shape'])} with stride {e['stride']}")
-                data.seek(info.begin)
-                raw = data.read(info.end - info.begin)
-                if len(raw) != info.end - info.begin:
-                    raise TraceError(f"{path}: unexpected end of file in tensor {e['name']!r} (truncated file)")
-                arrays[e["name"]] = np.frombuffer(raw, dtype=_STORED[info.dtype]).astype(
-                    np.dtype(_STORED[info.dtype]).newbyteorder("="), copy=True).reshape(info.shape)
+        for e in entries:
+            info = f.entries[e["name"]]
+            if info.dtype not in _STORED:
+                raise TraceError(f"{path}: tensor {e['name']!r} has dtype {info.dtype}, "
+                                 f"not one a trace uses ({', '.join(_STORED)})")
+            if info.shape != _stored_shape(e):
+                raise TraceError(f"{path}: tensor {e['name']!r} is stored as {info.shape}, but the manifest "
+                                 f"says shape {tuple(e['shape'])} with stride {e['stride']}")
+        try:
+            arrays = {e["name"]: f.read(e["name"], finite=False) for e in entries}
+        except WeightsError as err:
+            raise TraceError(f"not a readable trace: {err}") from None
     return Trace(meta, entries, arrays, path=path)

@@ -1,7 +1,7 @@
 """Train a class-conditional DiT from scratch with the official DiT recipe, in NumPy.
 
-    python -m tinylazy.train --config tiny-dit-digits --steps 3000 --lr 1e-3 --ema-decay 0.999 \\
-        --out runs/digits --export weights/tiny-dit-digits.safetensors
+    tinylazy train --config tiny-dit-digits --steps 3000 --lr 1e-3 --ema-decay 0.999 --out runs/digits
+    tinylazy train --config tiny-dit-digits --steps 3000 --lr 1e-3 --ema-decay 0.999 --out runs/digits --resume
 
 One step, as facebookresearch/DiT ``train.py``: a batch of the data (shuffled every epoch, the
 last partial batch dropped), uniform t in 0..999, labels dropped to the null class with
@@ -15,7 +15,6 @@ with JSON metadata (no pickle), written to a temp file and renamed.
 At the end the EMA weights are exported with official keys, the configuration and the
 training facts in the file's metadata.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import memory
+from . import atomic, cli, memory
 from .config import DIT_CONFIGS, get_config
 from .diffusion import create_diffusion
 from .dit import DiT
@@ -39,6 +38,10 @@ FROZEN = ("pos_embed",)            # a fixed sin-cos buffer in the official mode
 # Settings that must not change when a run is resumed (the step count may grow).
 RECIPE_KEYS = ("config", "overrides", "data", "batch_size", "lr", "lr_decay_steps", "betas", "adam_eps",
                "weight_decay", "ema_decay", "ema_warmup", "snr_gamma", "class_dropout_prob", "seed", "dtype", "init")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; the last checkpoint is the last good state."""
 
 
 @dataclasses.dataclass
@@ -194,32 +197,58 @@ class Trainer:
         write_safetensors(path, tensors, meta)                # temp file + os.replace
 
     def load_checkpoint(self, path):
-        """Restore a checkpoint of the same recipe (the step count may differ) in place."""
-        from .io import read_safetensors
-        tensors, meta = read_safetensors(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a tinylazy training checkpoint (format {meta.get('format')!r})")
-        saved = json.loads(meta["recipe"])
-        mine = json.loads(self.recipe.to_json())
-        for k, v in json.loads(Recipe().to_json()).items():
-            saved.setdefault(k, v)                    # settings added since the checkpoint: their defaults
-        keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())     # the schedule ends at steps
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in keys if saved.get(k) != mine[k]]
-        if diff:
-            raise ValueError(f"{path}: the run's settings changed since the checkpoint ({'; '.join(diff)})")
-        for part, target in (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
-                             ("exp_avg_sq", self.opt.exp_avg_sq)):
+        """Restore a checkpoint of the same recipe (the step count may differ) in place.
+
+        Every field is checked before anything changes (a CheckpointError names the file and the
+        field): the recipe, step == adam_step in 0..steps, the epoch permutation (empty, or a
+        permutation of the dataset) and a position in it on a batch boundary, the generator
+        state, a finite training time, and exactly this model's tensors (exp_avg_sq >= 0); the epoch
+        position must be the one the step count implies."""
+        from .io import ResumeCheckpoint, describe_value
+        with ResumeCheckpoint(path, CHECKPOINT_FORMAT) as ck:
+            saved = ck.json("recipe", dict)
+            mine = json.loads(self.recipe.to_json())
+            for k, v in json.loads(Recipe().to_json()).items():
+                saved.setdefault(k, v)                    # settings added since the checkpoint: their defaults
+            keys = RECIPE_KEYS + (("steps",) if mine["lr_decay_steps"] > 0 else ())  # the schedule ends at steps
+            diff = [f"{k}: checkpoint {describe_value(saved.get(k))}, now {mine[k]!r}" for k in keys
+                    if saved.get(k) != mine[k]]
+            if diff:
+                raise ck.error(f"the run's settings changed since the checkpoint ({'; '.join(diff)})")
+            step = ck.integer("step", 0, self.recipe.steps)
+            if ck.integer("adam_step", 0, self.recipe.steps) != step:
+                raise ck.error(f"metadata adam_step {ck.text('adam_step')} differs from step {step} (one AdamW "
+                               f"step per training step)")
+            n = len(self.images)
+            expected = {f"{part}/{k}": (a.shape, a.dtype) for part, target in self._state_parts()
+                        for k, a in target.items()}
+            expected["data/perm"] = (None, np.int64)
+            tensors = ck.tensors(expected)
+            perm = tensors["data/perm"]
+            if len(perm) not in (0, n) or (len(perm) and not np.array_equal(np.sort(perm), np.arange(n))):
+                raise ck.error(f"data/perm is not a permutation of the {n} training images")
+            B = self.recipe.batch_size
+            pos = ck.integer("data_pos", 0, len(perm))
+            want = 0 if step == 0 else ((step - 1) % (n // B) + 1) * B          # next_batch: drop_last epochs
+            if pos != want or (len(perm) == 0) != (step == 0):
+                raise ck.error(f"metadata data_pos {pos} with {len(perm)} permuted images does not follow from "
+                               f"step {step} (batch {B} of {n} images: position {want})")
+            negative = [k for k in self.opt.exp_avg_sq if (tensors[f"exp_avg_sq/{k}"] < 0).any()]
+            if negative:
+                raise ck.error(f"exp_avg_sq/{negative[0]} has negative entries (a second moment is >= 0)")
+            rng_state = ck.rng_state("rng", self.rng)
+            seconds = ck.number("train_seconds", 0.0, 1e12)
+        for part, target in self._state_parts():
             for k, a in target.items():
-                src = tensors.get(f"{part}/{k}")
-                if src is None or src.shape != a.shape or src.dtype != a.dtype:
-                    raise ValueError(f"{path}: tensor {part}/{k} is missing or does not match "
-                                     f"{a.shape} {a.dtype}")
-                a[...] = src
-        self.opt.step_count = int(meta["adam_step"])
-        self.step_count = int(meta["step"])
-        self.perm, self.pos = tensors["data/perm"].astype(np.int64), int(meta["data_pos"])
-        self.rng.bit_generator.state = json.loads(meta["rng"])
-        self.train_seconds = float(meta["train_seconds"])
+                a[...] = tensors[f"{part}/{k}"]
+        self.opt.step_count = self.step_count = step
+        self.perm, self.pos = perm.astype(np.int64), pos
+        self.rng.bit_generator.state = rng_state
+        self.train_seconds = seconds
+
+    def _state_parts(self):
+        return (("model", self.trainable), ("ema", self.ema), ("exp_avg", self.opt.exp_avg),
+                ("exp_avg_sq", self.opt.exp_avg_sq))
 
     # -- export ---------------------------------------------------------------------------
     def export(self, path, extra=None):
@@ -256,29 +285,69 @@ def sample_grid(trainer, path, steps=20, cfg_scale=1.5, per_class=2, seed=0):
     save_grid(x, path, nrow=n)
 
 
+def _finite(arrays):
+    return all(bool(np.isfinite(a).all()) for a in arrays.values())
+
+
+def _logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):        # a line cut short by a killed run
+        return None
+
+
+def _trim_log(path, step):
+    """Keep the log lines of steps <= ``step``: a resumed (or restarted) run logs each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    kept = [line for line in lines if (n := _logged_step(line)) is not None and n <= step]
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
+        with atomic.writing(path) as f:
+            f.write("".join(line + "\n" for line in kept).encode())
+
+
 def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_every=50, export=None,
           progress=True, callback=None, images=None, labels=None):
     """Run (or resume) ``recipe`` to ``recipe.steps`` steps; returns the Trainer.
 
     out_dir receives checkpoint.safetensors, log.jsonl, samples/step_*.png and (unless
     ``export`` names another path) ema.safetensors.  ``callback(trainer)`` runs after every step.
+    resume: continue from out_dir's checkpoint (FileNotFoundError when there is none); without
+    it an existing checkpoint is a FileExistsError.  A loss or weights that stop being finite
+    raise ``TrainingDiverged``: the last checkpoint stays the last good state, nothing is exported.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    tr = Trainer(recipe, images, labels)
     ckpt = os.path.join(out_dir, CHECKPOINT)
-    if resume and os.path.exists(ckpt):
+    if resume and not os.path.exists(ckpt):
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume (drop --resume to start a new run)")
+    if not resume and os.path.exists(ckpt):
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or use another --out")
+    tr = Trainer(recipe, images, labels)
+    if resume:
         tr.load_checkpoint(ckpt)
         print(f"resumed {ckpt} at step {tr.step_count}", file=sys.stderr)
-    elif not resume and os.path.exists(ckpt):
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or use another --out")
-    log = open(os.path.join(out_dir, "log.jsonl"), "a")
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    _trim_log(log_path, tr.step_count)
+    log = open(log_path, "a")
     window = []
+    saved = tr.step_count if resume else None
+
+    def diverged(what):
+        kept = f"the checkpoint of step {saved} in {ckpt} is kept" if saved is not None else "no checkpoint was written"
+        return TrainingDiverged(f"training diverged at step {tr.step_count}: {what}; {kept} and nothing was "
+                                f"exported (a lower --lr may help)")
+
     try:
         steps = range(tr.step_count, recipe.steps)
         bar = Progress(steps, desc="train", disable=not progress)
         for _ in bar:
             terms = tr.step()
             window.append([float(terms[k].mean()) for k in ("loss", "mse", "vb")])
+            if not np.isfinite(window[-1][0]):
+                raise diverged(f"the loss is {window[-1][0]}")
             window = window[-log_every:]
             s = tr.step_count
             bar.set_postfix(step=s, loss=float(np.mean([w[0] for w in window])))
@@ -288,7 +357,10 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
                                       "train_seconds": round(tr.train_seconds, 2)}) + "\n")
                 log.flush()
             if s % ckpt_every == 0 or s == recipe.steps:
+                if not (_finite(tr.trainable) and _finite(tr.ema)):
+                    raise diverged("the weights are not finite")
                 tr.save_checkpoint(ckpt)
+                saved = s
             if sample_every and (s % sample_every == 0 or s == recipe.steps):
                 os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
                 sample_grid(tr, os.path.join(out_dir, "samples", f"step_{s:06d}.png"))
@@ -296,56 +368,59 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
                 callback(tr)
     finally:
         log.close()
+    if not _finite(tr.ema):
+        raise diverged("the EMA weights are not finite")
     tr.export(export or os.path.join(out_dir, "ema.safetensors"))
     return tr
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m tinylazy.train",
-        description="Train a class-conditional DiT from scratch (official DiT recipe: ADM learned-sigma loss, "
-                    "uniform t, 10%% label drop, AdamW, EMA) in NumPy, with resumable checkpoints.")
-    d = Recipe()
+# ----------------------------------------------------------------------------
+# Command line
+
+def add_arguments(p):
+    d, n = Recipe(), cli.number
     p.add_argument("--config", default=d.config, help=f"model configuration (default {d.config}; known: "
                    f"{', '.join(DIT_CONFIGS)})")
-    p.add_argument("--depth", type=int, help="override the configuration's depth")
-    p.add_argument("--hidden-size", type=int, help="override the configuration's hidden size")
-    p.add_argument("--num-heads", type=int, help="override the configuration's number of heads")
-    p.add_argument("--data", default=d.data, choices=("digits",), help="training data (default digits)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"total training steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr}, official)")
-    p.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps,
+    p.add_argument("--depth", type=n(int, 1), help="override the configuration's depth")
+    p.add_argument("--hidden-size", type=n(int, 1), help="override the configuration's hidden size")
+    p.add_argument("--num-heads", type=n(int, 1), help="override the configuration's number of heads")
+    p.add_argument("--data", default=d.data, choices=("digits",),
+                   help="training data (default digits: scikit-learn's, the [train] extra)")
+    p.add_argument("--steps", type=n(int, 1), default=d.steps, help=f"total training steps (default {d.steps})")
+    p.add_argument("--batch-size", type=n(int, 1), default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=n(float, 0, 1, low_open=True), default=d.lr,
+                   help=f"AdamW learning rate, in (0, 1] (default {d.lr}, official)")
+    p.add_argument("--lr-decay-steps", type=n(int, 0), default=d.lr_decay_steps,
                    help="decay the learning rate linearly to 0 over the last N steps (default 0: constant, "
                         "as official)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay} (official)")
+    p.add_argument("--weight-decay", type=n(float, 0), default=d.weight_decay, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema-decay", type=n(float, 0, 1), default=d.ema_decay, help=f"default {d.ema_decay} (official)")
     p.add_argument("--ema-warmup", action="store_true",
                    help="warm the EMA decay up as min(decay, (1+n)/(10+n)) so that a short run forgets its "
                         "initial weights (default off: official, the EMA starts as a copy of them)")
-    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma,
+    p.add_argument("--snr-gamma", type=n(float, 0), default=d.snr_gamma,
                    help="weight the eps MSE of each sample by min(SNR(t), G) / SNR(t) (Min-SNR-gamma, Hang et "
                         "al. 2023; e.g. 5); default 0: unweighted, official")
-    p.add_argument("--class-dropout", type=float, default=d.class_dropout_prob,
+    p.add_argument("--class-dropout", type=n(float, 0, 1), default=d.class_dropout_prob,
                    help="probability of the null label (default 0.1)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
                    "generator (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     p.add_argument("--out", default="runs/train", help="run folder: checkpoint, log.jsonl, sample grids "
-                   "(default runs/train)")
+                   "(default runs/train in the current folder)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval in steps (default 250)")
-    p.add_argument("--sample-every", type=int, default=500, help="sample-grid interval in steps (0 = never; "
-                   "default 500)")
-    p.add_argument("--log-every", type=int, default=50, help="log.jsonl interval in steps (default 50)")
-    p.add_argument("--export", default=None, help="where to write the EMA weights (default OUT/ema.safetensors)")
+    p.add_argument("--ckpt-every", type=n(int, 1), default=250, help="checkpoint interval in steps (default 250)")
+    p.add_argument("--sample-every", type=n(int, 0), default=500,
+                   help="sample-grid interval in steps (0 = never; default 500)")
+    p.add_argument("--log-every", type=n(int, 1), default=50, help="log.jsonl interval in steps (default 50)")
+    p.add_argument("--export", default=None,
+                   help="where to write the EMA weights, replaced if it exists (default OUT/ema.safetensors)")
+    p.add_argument("--force", action="store_true", help="let --export replace a file shipped with tinylazy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    for name in ("steps", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.snr_gamma >= 0:
-        p.error(f"--snr-gamma must be >= 0 (0: off), got {args.snr_gamma}")
+
+
+def check_args(args):
+    """The recipe, the extras, the folders and the checkpoint, before any training."""
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v is not None}
     recipe = Recipe(config=args.config, overrides=overrides, data=args.data, steps=args.steps,
@@ -355,14 +430,41 @@ def main(argv=None):
                     dtype=args.dtype)
     try:
         recipe.model_config()
+    except (KeyError, ValueError) as e:
+        raise cli.UsageError(str(e).strip('"')) from e
+    cli.require("sklearn", f"--data {args.data} (scikit-learn's digits)")
+    cli.output_folder(args.out, "--out")
+    ckpt = os.path.join(args.out, CHECKPOINT)
+    if args.resume and not os.path.isfile(ckpt):
+        raise cli.UsageError(f"--resume: no checkpoint at {ckpt} (nothing to resume); drop --resume to start")
+    if not args.resume and os.path.exists(ckpt):
+        raise cli.UsageError(f"{ckpt} exists: add --resume to continue that run, or give another --out")
+    args.export = args.export or os.path.join(args.out, "ema.safetensors")
+    cli.output_file(args.export, "--export", (".safetensors",), inputs={"the checkpoint": ckpt}, force=args.force,
+                    create_folder=True)
+    return recipe
+
+
+def run(args):
+    recipe = check_args(args)
+    try:
         tr = train(recipe, args.out, resume=args.resume, ckpt_every=args.ckpt_every, sample_every=args.sample_every,
                    log_every=args.log_every, export=args.export, progress=not args.no_progress)
-    except (KeyError, ValueError, FileExistsError) as e:
-        p.error(str(e).strip('"'))
-    print(f"{tr.step_count} steps in {tr.train_seconds:.1f} s of training; EMA weights: "
-          f"{args.export or os.path.join(args.out, 'ema.safetensors')}", file=sys.stderr)
-    return tr
+    except TrainingDiverged as e:
+        raise cli.RunError(str(e)) from e
+    except ValueError as e:                        # the data or a checkpoint that does not fit the recipe
+        raise cli.UsageError(str(e)) from e
+    print(f"{tr.step_count} steps in {tr.train_seconds:.1f} s of training; EMA weights: {args.export}",
+          file=sys.stderr)
+
+
+def resume_hint(args):
+    return cli.resume_hint(args, os.path.join(args.out, CHECKPOINT), f"{args.ckpt_every} steps")
+
+
+def main(argv=None, prog=None):
+    return cli.run_command("train", argv, prog)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="python -m tinylazy.train"))

@@ -14,8 +14,8 @@ keyed by its state-dict names.  One image at a time, (C, H, W):
 Every GroupNorm has eps 1e-6.  ``decode`` applies no latent scaling: the pipeline
 divides by ``config.scaling_factor`` (0.18215) as the official sample.py does.
 """
-import json
 import math
+import numbers
 import os
 import re
 import threading
@@ -25,13 +25,20 @@ import numpy as np
 
 from . import conv
 from .backend import array_module_of, get_xp, resolve_dtype
-from .io import FLOAT_DTYPES, SafetensorsFile, WeightsError
+from .io import FLOAT_DTYPES, SafetensorsFile, WeightsError, describe_value, read_json_file
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
 # ----------------------------------------------------------------------------
 # Configuration
+
+# Sane ranges (SD's VAE: 128..512 channels, 4 blocks, 2 layers, 32 groups), so that a config.json
+# cannot size the parameter table (a layers_per_block of 10^8 did) before the shapes are checked.
+_LIMITS = {"in_channels": 4096, "out_channels": 4096, "latent_channels": 4096, "layers_per_block": 64,
+           "norm_num_groups": 4096}
+_MAX_BLOCKS, _MAX_CHANNELS = 16, 65536
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -48,15 +55,27 @@ class VAEConfig:
     scaling_factor: float = 0.18215   # used by the pipeline, never inside decode/encode
 
     def validate(self):
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"VAE config: {name} must be >= 1, got {getattr(self, name)}")
-        if not self.block_out_channels:
-            raise ValueError("VAE config: block_out_channels is empty")
-        for c in self.block_out_channels:
-            if c < 1 or c % self.norm_num_groups:
-                raise ValueError(f"VAE config: block_out_channels {self.block_out_channels} must be positive "
-                                 f"multiples of norm_num_groups {self.norm_num_groups}")
+        """Every field in a sane range (so that nothing sized by a config can be huge), channels
+        multiples of the GroupNorm groups."""
+        for name, hi in _LIMITS.items():
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= hi):
+                raise ValueError(f"VAE config: {name} must be an integer in 1..{hi}, got {describe_value(v)}")
+        ch = self.block_out_channels
+        if not isinstance(ch, tuple) or not 1 <= len(ch) <= _MAX_BLOCKS:
+            raise ValueError(f"VAE config: block_out_channels must list 1..{_MAX_BLOCKS} channel counts, "
+                             f"got {describe_value(ch)}")
+        for c in ch:
+            if not (isinstance(c, numbers.Integral) and not isinstance(c, bool) and 1 <= c <= _MAX_CHANNELS) \
+                    or c % self.norm_num_groups:
+                raise ValueError(f"VAE config: block_out_channels {describe_value(ch)} must be integers in "
+                                 f"1..{_MAX_CHANNELS}, multiples of norm_num_groups {self.norm_num_groups}")
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VAE config: {name} must be true or false, got {describe_value(getattr(self, name))}")
+        sf = self.scaling_factor
+        if isinstance(sf, bool) or not isinstance(sf, numbers.Real) or not (math.isfinite(sf) and sf > 0):
+            raise ValueError(f"VAE config: scaling_factor must be a finite number > 0, got {describe_value(sf)}")
         return self
 
     def replace(self, **kw):
@@ -65,24 +84,26 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, d, source="config.json"):
         """From a parsed diffusers config.json; anything this implementation does not build is an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: {describe_value(d)}, not a JSON object")
         fixed = {"act_fn": "silu", "norm_type": "group"}
         for key, value in fixed.items():
             if d.get(key, value) != value:
-                raise ValueError(f"{source}: {key} = {d[key]!r} is not supported (only {value!r})")
-        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if any(t != block for t in d.get(key, [block])):
-                raise ValueError(f"{source}: {key} = {d[key]} is not supported (only {block})")
-        if "block_out_channels" not in d:
-            raise ValueError(f"{source}: no block_out_channels")
+                raise ValueError(f"{source}: {key} = {describe_value(d[key])} is not supported (only {value!r})")
+        if not isinstance(d.get("block_out_channels"), list):
+            raise ValueError(f"{source}: no block_out_channels list")
         n = len(d["block_out_channels"])
-        for key in ("down_block_types", "up_block_types"):
-            if key in d and len(d[key]) != n:
-                raise ValueError(f"{source}: {key} has {len(d[key])} entries for {n} block_out_channels")
+        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = d.get(key, [block] * n)
+            if not isinstance(types, list) or any(t != block for t in types):
+                raise ValueError(f"{source}: {key} = {describe_value(types)} is not supported (only {block})")
+            if len(types) != n:
+                raise ValueError(f"{source}: {key} has {len(types)} entries for {n} block_out_channels")
         kw = {f: d[f] for f in cls.__dataclass_fields__ if f in d and d[f] is not None}
-        kw["block_out_channels"] = tuple(int(c) for c in kw["block_out_channels"])
+        kw["block_out_channels"] = tuple(kw["block_out_channels"])
         try:
             return cls(**kw).validate()
-        except (TypeError, ValueError) as e:
+        except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
 
@@ -186,7 +207,7 @@ def convert_state_dict(names, num_up_blocks=None):
     if any(k.startswith("first_stage_model.") for k in names):
         names = [k for k in names if k.startswith("first_stage_model.")]
     if num_up_blocks is None:
-        up = re.compile(r"(?:first_stage_model\.)?decoder\.up\.(\d+)\.")
+        up = re.compile(r"(?:first_stage_model\.)?decoder\.up\.(\d{1,6})\.")
         ups = {int(m.group(1)) for k in names for m in [up.match(k)] if m}
         num_up_blocks = max(ups) + 1 if ups else 0
     out = {}
@@ -213,7 +234,7 @@ def _rename(k, n_up):
         if m[2] == "downsample":
             return f"encoder.down_blocks.{m[1]}.downsamplers.0.{m[4]}"
         return f"encoder.down_blocks.{m[1]}.resnets.{m[3]}.{m[4].replace('nin_shortcut', 'conv_shortcut')}"
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.+)", k)
+    m = re.fullmatch(r"decoder\.up\.(\d{1,6})\.(block\.(\d+)|upsample)\.(.+)", k)
     if m:
         i = n_up - 1 - int(m[1])                  # LDM counts up blocks from the lowest resolution
         if m[2] == "upsample":
@@ -232,7 +253,7 @@ def infer_config(shapes, source="weights"):
             raise WeightsError(f"{source}: cannot infer the VAE configuration: missing {name!r}")
         return shapes[name]
 
-    blocks = sorted({int(m[1]) for k in shapes for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    blocks = sorted({int(m[1]) for k in shapes for m in [re.match(r"encoder\.down_blocks\.(\d{1,6})\.", k)] if m})
     if not blocks or blocks != list(range(len(blocks))):
         raise WeightsError(f"{source}: cannot infer the VAE configuration: encoder.down_blocks numbered {blocks}")
     ch = tuple(need(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in blocks)
@@ -473,10 +494,9 @@ def load_vae(path, dtype="float32", backend="numpy", config=None):
             if not os.path.isfile(cfg_file):
                 raise WeightsError(f"{path}: no config.json (a diffusers AutoencoderKL folder has one)")
             try:
-                with open(cfg_file) as f:
-                    config = VAEConfig.from_diffusers(json.load(f), source=cfg_file)
-            except json.JSONDecodeError as e:
-                raise WeightsError(f"{cfg_file}: not valid JSON ({e})") from None
+                config = VAEConfig.from_diffusers(read_json_file(cfg_file), source=cfg_file)
+            except WeightsError:
+                raise
             except ValueError as e:
                 raise WeightsError(str(e)) from None
     elif os.path.isfile(path):

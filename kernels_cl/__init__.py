@@ -1,0 +1,1 @@
+"""The OpenCL kernel sources: package data of tinylazy (see tinylazy/resources.py)."""

@@ -1,0 +1,195 @@
+"""Train LazyDiT gates for a frozen DiT (the official lazy-learning recipe, paper section 3.3).
+
+    tinylazy train-gates                          # the bundled digits model, 20 steps, a few minutes
+    tinylazy train-gates --steps 10 --target-ratio 0.3
+    tinylazy train-gates --resume                 # continue an interrupted run
+
+Writes ``<model>.gates-ddim<steps>.safetensors`` in the current folder (official gate names,
+tied to the DiT's weights hash and the step count), where ``tinylazy sample --lazy`` looks
+first; it never replaces an existing file (shipped gates included) without --force.  A
+training state (gates, optimizer, RNG) is written every --checkpoint-every iterations to
+``<out>.train-state.safetensors``; ``--resume`` continues from it to the same result as an
+uninterrupted run, and it is removed when the run finishes.  The shipped gates are rewritten,
+from the checkout, only by ``tinylazy train-gates --out weights/tiny-dit-digits.gates-ddim20.safetensors --force``.
+"""
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+from . import cli
+from .resources import DEFAULT_MODEL
+
+STATE_SUFFIX = ".train-state.safetensors"
+
+
+def _ratio(v):
+    return None if v == "none" else cli.number(float)(v)
+
+
+def add_arguments(p):
+    n = cli.number
+    p.add_argument("--weights", default=DEFAULT_MODEL,
+                   help=f"DiT safetensors file or a bundled model's name (default: {DEFAULT_MODEL})")
+    p.add_argument("--data", default="digits",
+                   help="training images: 'digits' (scikit-learn's digits as the bundled model sees them; the "
+                        "[train] extra) or a .safetensors/.npz file with 'images' (N, C, H, W) in the model's input "
+                        "range and 'labels' (N,) (default: digits)")
+    p.add_argument("--steps", type=n(int, 2, 1000), default=20,
+                   help="DDIM sampling steps the gates are for, 2..1000 (default: 20)")
+    p.add_argument("--rho-attn", type=n(float, 0), default=1e-5,
+                   help="lazy-loss weight of attention, or its start value under --target-ratio (default: 1e-5, "
+                        "below the bundled model's one-module reuse errors; the paper sweeps 1e-7..1e-2)")
+    p.add_argument("--rho-mlp", type=n(float, 0), default=1e-5, help="the same for the MLP (default: 1e-5)")
+    p.add_argument("--target-ratio", type=_ratio, default=0.5,
+                   help="search rho for this lazy ratio of a sampling run, in [0, 1): every 25 iterations 8 guided "
+                        "samples are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
+                        "'none' keeps rho fixed (default: 0.5)")
+    p.add_argument("--all-steps", action="store_true",
+                   help="extension beyond the paper: train the gates of every step (any t >= 1), not only the "
+                        "official odd-t draw, which caps the lazy ratio at 50%%")
+    p.add_argument("--loss", choices=("official", "x"), default="official",
+                   help="official: MSE over every output channel (eps and variance) at x_next; x (extension): the "
+                        "error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
+                        "step's d x_prev / d eps (default: official)")
+    p.add_argument("--iters", type=n(int, 1), default=500, help="training iterations (default: 500, as official)")
+    p.add_argument("--lr", type=n(float, 0, 1, low_open=True), default=1e-4,
+                   help="AdamW learning rate, in (0, 1] (default: 1e-4, the official run script's; larger rates "
+                        "saturate the token-summed scores within a few updates)")
+    p.add_argument("--batch", type=n(int, 1), default=16, help="batch size (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches, label drop, timesteps, noise (default: 0)")
+    p.add_argument("--out", help="output gates file (default: <model>.gates-ddim<steps>.safetensors in the current "
+                                 "folder)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (shipped gates included) and start over a run whose training "
+                        "state is there")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.train-state.safetensors")
+    p.add_argument("--checkpoint-every", type=n(int, 1), default=50,
+                   help="iterations between training states (default: 50)")
+    p.add_argument("--eval-samples", type=n(int, 0), default=32,
+                   help="samples drawn at the end (cfg 1.5) to measure the lazy ratio (default: 32; 0 = skip)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+
+
+def default_out(weights, steps):
+    """Where gates go unless --out says otherwise: the current folder, named after the weights."""
+    from .lazy import gates_file
+    return os.path.basename(gates_file(weights, steps))
+
+
+def state_path(out):
+    return out[: -len(".safetensors")] + STATE_SUFFIX
+
+
+def load_data(spec, model):
+    if spec == "digits":
+        from .data import load_digits_dataset
+        return load_digits_dataset()
+    if spec.endswith(".npz") and not zipfile.is_zipfile(spec):
+        raise cli.UsageError(f"--data {spec}: not an .npz archive (numpy.savez writes a zip of .npy files)")
+    try:
+        if spec.endswith(".npz"):
+            with np.load(spec, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        else:
+            from .io import read_safetensors
+            arrays, _ = read_safetensors(spec)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise cli.UsageError(f"--data {spec}: cannot read it ({e})") from e
+    if "images" not in arrays or "labels" not in arrays:
+        raise cli.UsageError(f"--data {spec}: needs arrays 'images' and 'labels', found {sorted(arrays)}")
+    labels = np.asarray(arrays["labels"])
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= model.config.num_classes:
+        raise cli.UsageError(f"--data {spec}: labels must be integers in 0..{model.config.num_classes - 1}")
+    return np.asarray(arrays["images"], dtype=np.float32), labels.astype(np.int64)
+
+
+def check_args(args):
+    """Everything that needs no training: numbers, extras, the inputs, the output and the state file."""
+    if args.target_ratio is not None and not 0 <= args.target_ratio < 1:
+        raise cli.UsageError(f"--target-ratio must lie in [0, 1), got {args.target_ratio}")
+    if args.target_ratio is not None and args.rho_attn + args.rho_mlp == 0:
+        raise cli.UsageError("--target-ratio scales rho, so --rho-attn and --rho-mlp cannot both be 0")
+    weights = cli.weights_input(args.weights)
+    if args.data == "digits":
+        cli.require("sklearn", "--data digits (scikit-learn's digits)")
+    elif not args.data.endswith((".npz", ".safetensors")):
+        raise cli.UsageError(f"--data {args.data}: give 'digits', a .safetensors or a .npz file")
+    else:
+        cli.input_file(args.data, "--data")
+    args.out = args.out or default_out(args.weights, args.steps)
+    inputs = {"--weights": weights, "--data": None if args.data == "digits" else args.data}
+    cli.output_file(args.out, "--out", (".safetensors",), inputs=inputs, force=args.force, replace=False)
+    args.state = state_path(args.out)
+    cli.output_file(args.state, "the training state", (".safetensors",), inputs=inputs)
+    if args.resume and not os.path.isfile(args.state):
+        raise cli.UsageError(f"--resume: no training state at {args.state} (nothing to resume: the run finished "
+                             f"or never wrote one); drop --resume to start")
+    if not args.resume and not args.force and os.path.isfile(args.state):
+        raise cli.UsageError(f"{args.state} holds an interrupted run: add --resume to continue it, or --force to "
+                             f"start over")
+    return weights
+
+
+def run(args):
+    import tinylazy as tl
+    from .io import load_dit
+    from .lazy_train import GateTrainer
+    from .progress import Progress
+    weights = check_args(args)
+    model = load_dit(weights, dtype=args.dtype)
+    images, labels = load_data(args.data, model)
+    try:
+        trainer = GateTrainer(model, images, labels, args.steps, args.rho_attn, args.rho_mlp, args.lr, args.batch,
+                              args.seed, all_steps=args.all_steps, target_ratio=args.target_ratio, loss=args.loss)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from e
+    if args.resume:
+        try:
+            trainer.load(args.state)
+        except ValueError as e:
+            raise cli.UsageError(f"--resume: {e}") from e
+        print(f"resuming at iteration {trainer.iteration} from {args.state}", file=sys.stderr)
+    print(f"{model} from {weights}; gates for {args.steps} DDIM steps "
+          f"({'all steps' if args.all_steps else 'official odd-t recipe'}), {len(images)} images", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    bar = Progress(range(trainer.iteration, args.iters), desc="gates")
+    for _ in bar:
+        res = trainer.step()
+        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
+                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
+            kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
+            raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
+                               f"{kept}; lower --lr (now {args.lr:g})")
+        lazy = "-" if trainer.measured is None else f"{trainer.measured:.1%}"
+        bar.set_postfix(loss=res["loss"], mse=res["mse"], lazy=lazy, rho=trainer.rho()[0])
+        if trainer.iteration % args.checkpoint_every == 0 and trainer.iteration < args.iters:
+            trainer.save(args.state)
+    facts = trainer.training_facts()
+    facts.update(data=args.data if args.data == "digits" else os.path.basename(args.data),
+                 weights=os.path.basename(weights))
+    print(f"trained {args.iters} iterations in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.eval_samples > 0:
+        stats = trainer.measure(num=args.eval_samples, seed=args.seed + 2)
+        facts.update(measured_ratio=stats.lazy_ratio, measured_attn=stats.ratio_by_kind()["attn"],
+                     measured_mlp=stats.ratio_by_kind()["mlp"], measured_macs_ratio=stats.summary()["macs_ratio"])
+        print(f"{args.eval_samples} guided samples: {stats}", file=sys.stderr)
+    tl.save_gates(trainer.gates, args.out, training=facts)
+    if os.path.exists(args.state):
+        os.unlink(args.state)
+    print(f"wrote {args.out}")
+
+
+def resume_hint(args):
+    return cli.resume_hint(args, getattr(args, "state", None), f"{args.checkpoint_every} iterations")
+
+
+def main(argv=None, prog=None):
+    return cli.run_command("train-gates", argv, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m tinylazy.train_gates"))
