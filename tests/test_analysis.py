@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy import analysis
+from tinylazy import analysis, cli
 from tinylazy.analysis import Probe, oracle_decisions
 from tinylazy.lazy import LazyGates, module_macs
 from tinylazy.protocol import KINDS
@@ -266,17 +266,22 @@ def run_main(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "1"], "--steps must be >= 2"),
-    (["--num", "0"], "--num must be >= 1"),
-    (["--cfg-scale", "0.5"], "--cfg-scale must be"),
-    (["--threshold", "2"], "--threshold"),
-    (["--out", "/nonexistent/dir/a"], "does not exist"),
-    (["--weights", "/nonexistent.safetensors", "--no-plots"], "no such file"),
+    (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
+    (["--num", "0"], "--num must be an integer >= 1, got 0"),
+    (["--cfg-scale", "0.5"], "--cfg-scale must be a finite number >= 1, got 0.5"),
+    (["--threshold", "2"], "--threshold must be a finite number in [0, 1], got 2"),
+    (["--out", "/nonexistent/dir/a"], "does not exist; create it first"),
+    (["--json", "r.txt"], "unknown extension '.txt'; give a .json file"),
+    (["--weights", "/nonexistent.safetensors", "--no-plots"], "no such file or folder, nor a bundled model"),
     (["--random", "DiT-Q/3", "--no-plots"], "unknown DiT configuration"),
-    (["--gates", "/nonexistent.safetensors", "--no-plots"], "no such file"),
+    (["--random", "DiT-S/2", "--lazy", "--no-plots"], "--lazy with --random needs --gates"),
+    (["--gates", "/nonexistent.safetensors", "--no-plots"], "--gates /nonexistent.safetensors: no such file"),
+    (["--gates", "/dev/null", "--no-plots"], "--gates /dev/null: "),                  # not a gates file
+    (["--no-gates", "--lazy"], "--no-gates contradicts"),
     (["--bogus"], "unrecognized arguments"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, message, weights, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(argv, message, weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     if "--weights" not in argv and "--random" not in argv:
         argv = argv + ["--weights", weights]
     code, out, err = run_main(argv + (["--out", tmp_path / "a"] if "--out" not in argv else []), capsys)
@@ -285,11 +290,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, weights, tmp_path, caps
 
 
 def test_missing_matplotlib_is_exit_2_before_any_work(weights, tmp_path, capsys, monkeypatch):
-    real = analysis.importlib.util.find_spec
-    monkeypatch.setattr(analysis.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
                         else real(name, *a))
-    code, _, err = run_main(["--weights", weights, "--out", tmp_path / "a"], capsys)
-    assert code == 2 and "needs matplotlib" in err and "tinylazy[analysis]" in err
+    assert cli.main(["analyze", "--weights", weights, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the figures (or pass --no-plots) needs matplotlib: pip install 'tinylazy[analysis]'\n"
     code, _, err = run_main(["--weights", weights, "--out", tmp_path / "a", "--num", 2, "--steps", 3,
                              "--no-plots"], capsys)
     assert code == 0 and os.listdir(tmp_path) == ["a.json"]
@@ -297,7 +303,7 @@ def test_missing_matplotlib_is_exit_2_before_any_work(weights, tmp_path, capsys,
 
 def test_the_command_writes_its_report_and_figures(weights, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from tinylazy.lazy import gates_file, save_gates
+    from tinylazy.lazy import gates_file, gates_hash, save_gates
     model = tl.load_dit(weights)
     save_gates(mixed_gates(model), gates_file(weights, STEPS))          # found beside the weights
     code, out, err = run_main(["--weights", weights, "--steps", STEPS, "--num", 3, "--out", tmp_path / "r",
@@ -307,6 +313,7 @@ def test_the_command_writes_its_report_and_figures(weights, tmp_path, capsys):
     with open(tmp_path / "r.json") as f:
         rep = json.load(f)
     assert rep["run"]["gates"].endswith(f"gates-ddim{STEPS}.safetensors") and rep["rows"] == 6
+    assert rep["run"]["gates_hash"] == gates_hash(mixed_gates(model))
     assert "| attn |" in out and "Spearman" in out
     assert rep["damage"]["by_step"][0] is None and all(d > 0 for d in rep["damage"]["by_step"][1:])
     for name in ("r-heatmap.png", "r-lipschitz.png", "r-gates.png", "r-damage.png"):
@@ -314,6 +321,9 @@ def test_the_command_writes_its_report_and_figures(weights, tmp_path, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_module_runs_as_a_script_and_refuses_bad_input():
-    r = subprocess.run([sys.executable, "-m", "tinylazy.analysis", "--steps", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: --steps must") and r.stderr.count("\n") == 1
+def test_the_console_command_and_the_module_refuse_bad_input():
+    for argv in (["-m", "tinylazy", "analyze"], ["-m", "tinylazy.analysis"]):
+        r = subprocess.run([sys.executable, *argv, "--steps", "0"], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: --steps must") and r.stderr.count("\n") == 1
+    r = subprocess.run([sys.executable, "-m", "tinylazy", "analyze", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: tinylazy analyze" in r.stdout

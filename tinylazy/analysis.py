@@ -1,7 +1,8 @@
 """The paper's section 3.2, measured: how alike a module's outputs are at consecutive sampling steps,
 how that follows the distance of its inputs, whether the lazy gates see it, and an oracle.
 
-    python -m tinylazy.analysis --steps 20 --cfg-scale 1.5 --out docs/img/analysis-ddim20
+    tinylazy analyze --steps 20 --cfg-scale 1.5 --out docs/img/analysis-ddim20
+    tinylazy analyze --random DiT-XL/2 --steps 3 --num 2 --no-gates --out xl
 
 LazyDiT (arXiv 2412.12444, section 3.2) argues in three steps about the output Y_k of the
 attention or MLP module of block l at sampling step k and its modulated input
@@ -45,8 +46,6 @@ The oracle (``oracle_decisions``) reuses, from such a record of a full run on th
 reuse by the similarity of the output it really gets: an upper baseline for learned gates, not a
 deployable method.  Figures need matplotlib (``pip install 'tinylazy[analysis]'``).
 """
-import argparse
-import importlib.util
 import json
 import numbers
 import os
@@ -56,11 +55,13 @@ import warnings
 
 import numpy as np
 
+from . import atomic, cli
 from .api import ddim_sample
 from .backend import array_module_of, to_numpy
 from .diffusion import create_diffusion
-from .lazy import DEFAULT_THRESHOLD, gate_logit, module_macs, score_of_logit
+from .lazy import DEFAULT_THRESHOLD, find_gates, gate_logit, gates_hash, module_macs, score_of_logit
 from .protocol import KINDS
+from .resources import DEFAULT_MODEL
 from .sampling import check_cfg_scale, check_steps
 
 VALUES = ("sim", "dist", "dy", "zdist", "dz", "logit", "score")     # float64 (steps, depth, 2, rows), NaN = none
@@ -771,78 +772,31 @@ def save_png(fig, file, dpi=100):
 
 
 # ----------------------------------------------------------------------------
-# Command-line helpers: the project's CLI convention in small (tinylazy.cli will hold them)
-
-class UsageError(Exception):
-    """Bad input: one line ``error: ...``, exit status 2, before any work."""
-
-
-class RunError(Exception):
-    """A run that failed on its own: one line, exit status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def default_weights():
-    """The bundled digits model (weights/tiny-dit-digits.safetensors beside the package), or None."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
-                        "tiny-dit-digits.safetensors")
-    return path if os.path.isfile(path) else None
-
-
-def _require(module, extra, what):
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{what} needs {module}: pip install 'tinylazy[{extra}]'")
-
-
-def _check_output(path, option):
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a folder: give a file name")
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: the folder {folder} does not exist (create it first)")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{option} {path}: the folder {folder} is not writable")
-
-
-def _write_atomic(path, write, mode="wb"):
-    """write(file) into a temp file beside ``path``, then rename it over ``path``."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# ----------------------------------------------------------------------------
-# The command
+# The command (``tinylazy analyze``, on tinylazy.cli's convention)
 
 def add_arguments(p):
-    p.add_argument("--weights", help="DiT safetensors file or diffusers folder (default: the bundled "
-                   "weights/tiny-dit-digits.safetensors)")
+    n = cli.number
+    p.add_argument("--weights", help=f"DiT safetensors file, diffusers folder, or a bundled model's name "
+                   f"(default: {DEFAULT_MODEL})")
     p.add_argument("--random", metavar="CONFIG", help="analyse a randomly initialised model of this registered "
                    "configuration instead (e.g. DiT-XL/2; every tensor random, adaLN included)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps, 2..1000 (default: 20)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale >= 1; 1 = none (default: 1.5)")
-    p.add_argument("--num", type=int, default=64, help="samples (default: 64)")
-    p.add_argument("--batch", type=int, help="samples per sampling run (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
-    p.add_argument("--gates", help="LazyDiT gates to score (default: <weights>.gates-ddim<steps>.safetensors "
-                   "where it exists)")
+    p.add_argument("--steps", type=n(int, 2, 1000), default=20, help="DDIM steps, 2..1000 (default: 20)")
+    p.add_argument("--cfg-scale", type=n(float, 1), default=1.5, help="guidance scale >= 1; 1 = none (default: 1.5)")
+    p.add_argument("--num", type=n(int, 1), default=64, help="samples (default: 64)")
+    p.add_argument("--batch", type=n(int, 1), help="samples per sampling run (default: all)")
+    p.add_argument("--seed", type=n(int, 0), default=0, help="seed of the noise (default: 0)")
+    p.add_argument("--gates", help="LazyDiT gates to score (default: the gates `tinylazy sample --lazy` would use "
+                   "for --steps, where there are any)")
     p.add_argument("--no-gates", action="store_true", help="score no gates")
     p.add_argument("--lazy", action="store_true", help="sample lazily with the gates and analyse that run "
                    "(default: a plain run, the gates only scored)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="gate threshold (default: 0.5)")
+    p.add_argument("--threshold", type=n(float, 0, 1), default=DEFAULT_THRESHOLD,
+                   help="gate threshold (default: 0.5)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--out", default="analysis", help="prefix of the outputs: PREFIX-heatmap.png, "
-                   "PREFIX-lipschitz.png, PREFIX-gates.png (with gates) and PREFIX.json (default: analysis)")
+    p.add_argument("--out", default="analysis", help="prefix of the outputs, replaced if they exist: "
+                   "PREFIX-heatmap.png, PREFIX-lipschitz.png, PREFIX-gates.png (with gates), PREFIX-damage.png "
+                   "(with --damage) and PREFIX.json (default: analysis, in the current folder)")
     p.add_argument("--json", help="the report (default: PREFIX.json)")
     p.add_argument("--no-plots", action="store_true", help="write the JSON report only (no matplotlib needed)")
     p.add_argument("--damage", action="store_true", help="also measure what reusing every module at one step "
@@ -850,79 +804,58 @@ def add_arguments(p):
 
 
 def _check_args(args):
-    try:
-        check_steps(args.steps)
-        check_cfg_scale(args.cfg_scale)
-    except ValueError as e:
-        raise UsageError(str(e).replace("steps must", "--steps must").replace("cfg_scale", "--cfg-scale")) from e
-    if args.steps < 2:
-        raise UsageError("--steps must be >= 2: a similarity needs two consecutive steps")
-    for name in ("num", "batch"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name} must be >= 1, got {v}")
-    if not 0 <= args.threshold <= 1:
-        raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    """Everything before any file is read: -> (weights path or None, the outputs: [json, heatmap, lipschitz,
+    gates, damage] (the PNGs only without --no-plots))."""
     if args.random and args.weights:
-        raise UsageError("give --weights or --random, not both")
+        raise cli.UsageError("give --weights or --random, not both")
     if args.no_gates and (args.gates or args.lazy):
-        raise UsageError("--no-gates contradicts --gates / --lazy")
+        raise cli.UsageError("--no-gates contradicts --gates / --lazy")
+    if args.random and args.lazy and not args.gates:
+        raise cli.UsageError("--lazy with --random needs --gates PATH (a random model has no gates of its own)")
     if not args.no_plots:
-        _require("matplotlib", "analysis", "the figures")
-    if args.backend == "cupy":
-        from .backend import get_xp
-        try:
-            get_xp("cupy")
-        except RuntimeError as e:
-            raise UsageError(f"--backend cupy: {e}") from e
-    outputs = [args.json or args.out + ".json"]
+        cli.require("matplotlib", "the figures (or pass --no-plots)")
+    cli.check_backend(args.backend)
+    cli.input_file(args.gates, "--gates")
+    path = None if args.random else cli.weights_input(args.weights or DEFAULT_MODEL)
+    inputs = {"--weights": path, "--gates": args.gates}
+    outputs = [cli.output_file(args.json or args.out + ".json", "--json" if args.json else "--out", (".json",),
+                               inputs=inputs)]
     if not args.no_plots:
-        outputs += [f"{args.out}-{name}.png" for name in ("heatmap", "lipschitz", "gates", "damage")]
-    for path in outputs:
-        _check_output(path, "--json" if path == args.json else "--out")
-    return outputs
+        outputs += [cli.output_file(f"{args.out}-{name}.png", "--out", (".png",), inputs=inputs)
+                    for name in ("heatmap", "lipschitz", "gates", "damage")]
+    return path, outputs
 
 
-def _load(args):
-    """-> (model, where it came from, gates or None, gates path or None); bad files are UsageErrors."""
+def _load(args, path):
+    """-> (model, where it came from, gates or None, gates path or None); files that do not fit are UsageErrors."""
     from . import api
     from .config import get_config
     from .dit import DiT
-    from .lazy import GatesError, gates_file, load_gates
+    from .lazy import load_gates
     if args.random:
         try:
             cfg = get_config(args.random)
         except KeyError as e:
-            raise UsageError(f"--random: {e.args[0]}") from e
+            raise cli.UsageError(f"--random: {e.args[0]}") from e
         model = DiT.from_config(cfg, seed=args.seed, scheme="random", dtype=args.dtype, backend=args.backend)
-        source, path = f"random {args.random} (seed {args.seed})", None
+        source = f"random {args.random} (seed {args.seed})"
     else:
-        path = args.weights or default_weights()
-        if path is None:
-            raise UsageError("no --weights given and the bundled weights/tiny-dit-digits.safetensors is not there")
-        if not os.path.exists(path):
-            raise UsageError(f"--weights {path}: no such file or folder")
         try:
             model = api.load_dit(path, dtype=args.dtype, backend=args.backend)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot load the DiT from {path}: {e}") from e
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise cli.UsageError(f"cannot load the DiT from {path}: {e}") from e
         source = path
-    gpath = None
-    if not args.no_gates:
-        gpath = args.gates or (gates_file(path, args.steps) if path else None)
-        if gpath is not None and not os.path.isfile(gpath):
-            if args.gates or args.lazy:
-                raise UsageError(f"--gates {gpath}: no such file (train gates: tinylazy train-gates --steps "
-                                 f"{args.steps})")
-            gpath = None
+    gpath = None if args.no_gates else args.gates or (find_gates(path, args.steps) if path else None)
     if args.lazy and gpath is None:
-        raise UsageError("--lazy needs gates (--gates PATH)")
+        raise cli.UsageError(f"--lazy: no LazyDiT gates for {args.steps} steps of {path} in the current folder or "
+                             f"beside the weights; give --gates PATH or train them: tinylazy train-gates "
+                             f"--steps {args.steps}")
     gates = None
     if gpath is not None:
         try:
             gates = load_gates(gpath, model, args.steps)
-        except (GatesError, OSError, ValueError) as e:
-            raise UsageError(f"--gates: {e}") from e
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--gates {gpath}: {e}") from e
     return model, source, gates, gpath
 
 
@@ -962,8 +895,8 @@ def markdown(report):
 
 
 def run(args):
-    outputs = _check_args(args)
-    model, source, gates, gpath = _load(args)
+    path, outputs = _check_args(args)
+    model, source, gates, gpath = _load(args, path)
     n = args.num
     from .sampling import make_noise
     noise = make_noise(model, n, seed=args.seed)
@@ -986,10 +919,12 @@ def run(args):
     report["run"] = {"model": source if args.random else os.path.basename(source),
                      "weights_hash": model.weights_hash, "steps": args.steps,
                      "cfg_scale": args.cfg_scale, "num": n, "seed": args.seed, "labels": "i % num_classes",
-                     "dtype": args.dtype, "gates": os.path.basename(gpath) if gpath else None, "lazy": args.lazy,
+                     "dtype": args.dtype, "gates": os.path.basename(gpath) if gpath else None,
+                     "gates_hash": gates_hash(gates) if gates is not None else None, "lazy": args.lazy,
                      "threshold": args.threshold, "seconds": round(seconds, 1)}
     text = json.dumps(_json_ready(report), indent=1, allow_nan=False)
-    _write_atomic(outputs[0], lambda f: f.write(text), mode="w")
+    with atomic.writing(outputs[0]) as f:
+        f.write(text.encode())
     written = [outputs[0]]
     if not args.no_plots:
         what = (f"{source if args.random else os.path.basename(source)}, DDIM {args.steps}, cfg {args.cfg_scale}, "
@@ -1002,29 +937,16 @@ def run(args):
         if args.damage:
             figs.append((outputs[4], plot_damage(report["damage"], f"one step of reuse: {what}")))
         for path, fig in figs:
-            _write_atomic(path, lambda f, fig=fig: save_png(fig, f))
+            with atomic.writing(path) as f:
+                save_png(fig, f)
             written.append(path)
     print(markdown(report))
     print(f"{seconds:.1f} s; wrote {', '.join(written)}", file=sys.stderr)
 
 
-def main(argv=None):
-    parser = _Parser(prog="python -m tinylazy.analysis", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-        return 0
-    except UsageError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RunError, OSError, MemoryError) as e:
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
+def main(argv=None, prog=None):
+    return cli.run_command("analyze", argv, prog)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m tinylazy.analysis"))

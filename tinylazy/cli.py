@@ -50,6 +50,8 @@ COMMANDS = {
     "metrics": ("tinylazy.metrics", "sample a digits model and score it (Frechet distance, class accuracy)"),
     "sample-many": ("tinylazy.sample_many", "sample N images on a Dask cluster into ADM's .npz (resumable, "
                                             "the same file for any number of workers)"),
+    "analyze": ("tinylazy.analysis", "measure the paper's section 3.2 on a run: consecutive-step similarity, "
+                                     "the Lipschitz fit, gates against similarity (JSON report and PNGs)"),
 }
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -60,6 +62,7 @@ EXTRAS = {
     "pyopencl": ("PyOpenCL (and PoCL for the CPU)", "opencl"),
     "cupy": ("CuPy", "gpu"),
     "distributed": ("Dask distributed", "distributed"),
+    "matplotlib": ("matplotlib", "analysis"),
 }
 
 
