@@ -4,7 +4,8 @@
     python docs/tables.py --check    # exit 1 if a table in README.md or docs/lazy.md differs from its JSON
 
 docs/data/lazy_quality-*.json are what ``benchmarks/lazy_quality.py --json`` wrote (one
-row per method: lazy ratios, MACs, FD, accuracy, the gates file used).  The full tables
+row per method: lazy ratios, MACs, FD, accuracy, the gates file used); docs/data/analysis-*.json
+what ``tinylazy analyze`` wrote (docs/lazy.md's tables of the paper's analysis).  The full tables
 are formatted as ``lazy_quality.py --report-only`` prints them; the README's short table
 takes the N = 5 and 10 pairs of the current model.  tests/test_docs.py runs the check, so
 a number in those tables can only change together with the JSON it comes from.
@@ -63,11 +64,63 @@ def short_table(data, pairs=((5, 10), (10, 20))):
     return lines
 
 
+# ----------------------------------------------------------------------------
+# The paper's analysis (tinylazy analyze: docs/data/analysis-*.json)
+
+ANALYSIS = (("DDIM 20, guidance 1.5", "analysis-ddim20-cfg1.5.json"),
+            ("DDIM 20, guidance 1", "analysis-ddim20-cfg1.json"),
+            ("DDIM 10, guidance 1.5", "analysis-ddim10-cfg1.5.json"),
+            ("DDIM 10, guidance 1", "analysis-ddim10-cfg1.json"),
+            ("random DiT-XL/2, DDIM 3, guidance 1.5, 2 samples", "analysis-xl-random-ddim3.json"))
+KINDS = ("attn", "mlp")
+
+
+def analysis_similarity_table():
+    """Theorem 2: min / 5th percentile / median of f(Y_k-1, Y_k) per module kind, and the lowest cell."""
+    lines = ["| run | attention min / p5 / median | MLP min / p5 / median | lowest mean cell (step, layer) attn / MLP |",
+             "|---|---|---|---|"]
+    for name, file in ANALYSIS:
+        s = load(file)["summary"]
+        cells = [f"{s[k]['min']:.3f} / {s[k]['p5']:.3f} / {s[k]['median']:.4f}" for k in KINDS]
+        low = " / ".join(f"{s[k]['lowest_cell']['mean']:.3f} ({s[k]['lowest_cell']['step']}, "
+                         f"{s[k]['lowest_cell']['layer']})" for k in KINDS)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {low} |")
+    return lines
+
+
+def analysis_fit_table():
+    """Dist <= C ||dZ|| and Theorem 3: the fitted C over the layers, and the gates' correlation with f."""
+    lines = ["| run | attention C_max / C_0.95 (range over layers) | MLP C_max / C_0.95 | gates: Spearman(-logit, f) "
+             "all / attention / MLP | within a (step, layer) cell |", "|---|---|---|---|---|"]
+    for name, file in ANALYSIS:
+        d = load(file)
+        fit = [f"{min(d['lipschitz'][k]['C_max']):.2f}-{max(d['lipschitz'][k]['C_max']):.2f} / "
+               f"{min(d['lipschitz'][k]['C_q']):.2f}-{max(d['lipschitz'][k]['C_q']):.2f}" for k in KINDS]
+        g = d["gates"]
+        gates = ["no gates", "-"] if g is None else [
+            f"{g['overall']['spearman']:.2f} / {g['attn']['spearman']:.2f} / {g['mlp']['spearman']:.2f}",
+            f"{g['overall']['spearman_within']:.2f}"]
+        lines.append(f"| {name} | {fit[0]} | {fit[1]} | {gates[0]} | {gates[1]} |")
+    return lines
+
+
+def analysis_layer_table(file="analysis-ddim20-cfg1.5.json"):
+    """The fitted C per layer of one run."""
+    fit = load(file)["lipschitz"]
+    depth = len(fit["attn"]["C_max"])
+    lines = ["| layer | " + " | ".join(map(str, range(depth))) + " |", "|---" * (depth + 1) + "|"]
+    for k, label in zip(KINDS, ("attention", "MLP")):
+        lines.append(f"| {label} C_max / C_0.95 | " + " | ".join(
+            f"{fit[k]['C_max'][l]:.2f} / {fit[k]['C_q'][l]:.2f}" for l in range(depth)) + " |")
+    return lines
+
+
 def tables():
     """[(file the table appears in, its lines)]"""
     current, first = load(CURRENT), load(FIRST)
     return [("README.md", short_table(current)), ("docs/lazy.md", full_table(current)),
-            ("docs/lazy.md", full_table(first))]
+            ("docs/lazy.md", full_table(first)), ("docs/lazy.md", analysis_similarity_table()),
+            ("docs/lazy.md", analysis_layer_table()), ("docs/lazy.md", analysis_fit_table())]
 
 
 def check():
