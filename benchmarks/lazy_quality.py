@@ -288,13 +288,15 @@ def main():
                                                                      args.gates_dir, args.iters))))
         plans.append((group, "rule (spread steps)", lazy_steps, light, ("rule", ratio)))
         plans.append((group, "random", lazy_steps, light, ("random", ratio)))
-    for N in args.oracle_steps:
-        for ratio in args.oracle_ratios:
-            group = f"Lazy {N} @{ratio:.0%}"
-            plans.append((group, "rule (spread steps)", N, False, ("rule", ratio)))
-            for name, (per_sample, chains) in ORACLES.items():
-                if chains or ratio in args.consecutive_ratios:
-                    plans.append((group, name, N, False, ("oracle", (ratio, per_sample, chains))))
+    # method by method, so that one kind of row is complete at every point before the next starts (a
+    # process keeps the analysed full runs, which all oracle rows of one N share)
+    for method in ("rule (spread steps)", *ORACLES):
+        for N in args.oracle_steps:
+            for ratio in args.oracle_ratios:
+                if method in ORACLES and (ORACLES[method][1] or ratio in args.consecutive_ratios):
+                    plans.append((f"Lazy {N} @{ratio:.0%}", method, N, False, ("oracle", (ratio, *ORACLES[method]))))
+                elif method not in ORACLES:
+                    plans.append((f"Lazy {N} @{ratio:.0%}", method, N, False, ("rule", ratio)))
 
     rows = []
     if os.path.isfile(args.json):
