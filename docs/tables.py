@@ -115,12 +115,28 @@ def analysis_layer_table(file="analysis-ddim20-cfg1.5.json"):
     return lines
 
 
+ORACLE = "oracle-seed0.json"                     # lazy_quality.py --oracle-steps: the similarity oracle's rows
+
+
+def oracle_table(data):
+    """The oracle rows (and any rule rows beside them) at each N and lazy target."""
+    lines = ["| guidance | steps | lazy target | method | lazy (attn / MLP) | MACs | FD | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = ("rule (spread steps)", "oracle (per sample)", "oracle (shared)", "oracle (consecutive f)")
+    for r in sorted(data["rows"], key=lambda r: (-r["cfg"], r["steps"], r["group"], order.index(r["method"]))):
+        lines.append(f"| {r['cfg']:g} | {r['steps']} | {r['group'].rsplit('@', 1)[1]} | {r['method']} | "
+                     f"{r['lazy_ratio']:.1%} ({r['attn']:.0%} / {r['mlp']:.0%}) | {r['macs_vs_ddim']:.2f} | "
+                     f"{r['fd']:.3f} | {r['accuracy']:.1%} |")
+    return lines
+
+
 def tables():
     """[(file the table appears in, its lines)]"""
     current, first = load(CURRENT), load(FIRST)
     return [("README.md", short_table(current)), ("docs/lazy.md", full_table(current)),
             ("docs/lazy.md", full_table(first)), ("docs/lazy.md", analysis_similarity_table()),
-            ("docs/lazy.md", analysis_layer_table()), ("docs/lazy.md", analysis_fit_table())]
+            ("docs/lazy.md", analysis_layer_table()), ("docs/lazy.md", analysis_fit_table())] + \
+        ([("docs/lazy.md", oracle_table(load(ORACLE)))] if os.path.isfile(os.path.join(DOCS, "data", ORACLE)) else [])
 
 
 def check():
