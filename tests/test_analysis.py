@@ -45,22 +45,27 @@ def plain_outputs(model, x, t, y, cfg_scale):
     if cfg_scale == 1:
         model(x, np.full(len(x), t), y, branch=keep)
     else:
-        null = np.full(len(y), CFG.num_classes)
+        null = np.full(len(y), model.config.num_classes)
         model.forward_with_cfg(np.concatenate([x, x]), np.full(2 * len(x), t), np.concatenate([y, null]),
                                cfg_scale, branch=keep)
     return seen
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_similarities_are_those_of_two_plain_forward_passes(models, cfg_scale):
-    model = models["float64"]
+@pytest.mark.parametrize("family, cfg_scale", [("DiT", 1.0), ("DiT", 3.0), ("Large-DiT", 3.0)])
+def test_similarities_are_those_of_two_plain_forward_passes(models, family, cfg_scale):
+    if family == "DiT":
+        model = models["float64"]
+    else:                                   # the second family, on the same block schema and branch hook
+        from tinylazy.large_dit import TINY, LargeDiT
+        model = LargeDiT.from_config(TINY, seed=0, scheme="random", dtype="float64")
+    depth = model.config.depth
     noise, y = tl.make_noise(model, 3, seed=1), np.array([0, 4, 9])
     xs = {}
     probe = Probe(model, STEPS, history=True)
     tl.ddim_sample(probe, noise, y, STEPS, cfg_scale, callback=lambda i, info: xs.__setitem__(info["step"], info))
     sim = probe.result()
     rows = 3 if cfg_scale == 1 else 6
-    assert sim.sim.shape == (STEPS, CFG.depth, 2, rows) and sim.guided == (cfg_scale > 1)
+    assert sim.sim.shape == (STEPS, depth, 2, rows) and sim.guided == (cfg_scale > 1)
     assert np.isnan(sim.sim[0]).all() and np.isfinite(sim.sim[1:]).all() and sim.computed.all() and sim.fresh[1:].all()
     np.testing.assert_array_equal(sim.uncond, np.arange(rows) >= 3 if cfg_scale > 1 else np.zeros(rows, bool))
     plain = [plain_outputs(model, xs[k]["x"], xs[k]["t"], y, cfg_scale) for k in range(STEPS)]
