@@ -329,11 +329,23 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
         tr.load_checkpoint(ckpt)
         print(f"resumed {ckpt} at step {tr.step_count}", file=sys.stderr)
     os.makedirs(out_dir, exist_ok=True)
+
+    def grid(s):                         # the sample grid of step s, or None when that step has none
+        if sample_every and (s % sample_every == 0 or s == recipe.steps):
+            return os.path.join(out_dir, "samples", f"step_{s:06d}.png")
+        return None
+
+    def samples(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sample_grid(tr, path)
+
     log_path = os.path.join(out_dir, "log.jsonl")
     _trim_log(log_path, tr.step_count)
     log = open(log_path, "a")
     window = []
     saved = tr.step_count if resume else None
+    if resume and grid(saved) and not os.path.exists(grid(saved)):
+        samples(grid(saved))           # killed while writing the checkpointed step's grid: write it now
 
     def diverged(what):
         kept = f"the checkpoint of step {saved} in {ckpt} is kept" if saved is not None else "no checkpoint was written"
@@ -361,9 +373,8 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
                     raise diverged("the weights are not finite")
                 tr.save_checkpoint(ckpt)
                 saved = s
-            if sample_every and (s % sample_every == 0 or s == recipe.steps):
-                os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-                sample_grid(tr, os.path.join(out_dir, "samples", f"step_{s:06d}.png"))
+            if grid(s):
+                samples(grid(s))
             if callback is not None:
                 callback(tr)
     finally:
