@@ -341,7 +341,9 @@ def test_existing_cluster_writes_the_same_bytes_even_when_a_worker_dies(clean, d
 
 @pytest.mark.parametrize("args,said", [
     (("--num", 0), "--num must be >= 1"),
-    (("--seed", -1), "--seed must be in 0..2**64-1"),
+    (("--seed", -1), "--seed must be an integer in 0..18446744073709551615, got -1"),
+    (("--seed", 2 ** 64), "--seed must be an integer in 0..18446744073709551615"),
+    (("--workers", 0), "--workers must be >= 1, got 0"),
     (("--sampler", "ddpm", "--lazy"), "--lazy works with --sampler ddim"),
     (("--out", "/no/such/folder/x.npz"), "the folder /no/such/folder does not exist"),
     (("--lazy", "--steps", 7), "no gates for 7 steps"),

@@ -374,7 +374,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default: 50 for ddim, 250 for ddpm)")
     p.add_argument("--cfg-scale", type=float, default=1.5,
                    help="classifier-free guidance scale, >= 1; 1 = none (default: 1.5, the FID setting)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise, 0..2**64-1 (default: 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the noise, 0..2**64-1 (default: 0)")
     p.add_argument("--batch", type=int, default=32,
                    help="images per shard, sampled as one batch by one worker (default: 32); the file's bits "
                         "depend on it")
@@ -410,15 +410,15 @@ def _check_args(args):
             check(value)
         except ValueError as e:
             raise UsageError(f"{flag}: {e}") from None
-    for name, value in (("--num", args.num), ("--batch", args.batch), ("--workers", args.workers or 1)):
+    for name, value in (("--num", args.num), ("--batch", args.batch), ("--workers", 1 if args.workers is None else args.workers)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
-    if not 0 <= args.seed < 1 << 64:
-        raise UsageError(f"--seed must be in 0..2**64-1, got {args.seed}")
     if (args.lazy or args.gates) and args.sampler != "ddim":
         raise UsageError("--lazy works with --sampler ddim (the gates are trained for DDIM steps)")
     if args.backend == "opencl" and (args.sampler != "ddim" or args.dtype != "float32"):
         raise UsageError("--backend opencl runs --sampler ddim in --dtype float32")
+    if args.backend == "opencl":
+        cli.check_backend("opencl")
     if args.backend == "cupy" and args.scheduler is None:
         from .backend import cupy_available
         if not cupy_available():

@@ -381,7 +381,9 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
         log.close()
     if not _finite(tr.ema):
         raise diverged("the EMA weights are not finite")
-    tr.export(export or os.path.join(out_dir, "ema.safetensors"))
+    export = export or os.path.join(out_dir, "ema.safetensors")
+    os.makedirs(os.path.dirname(os.path.abspath(export)), exist_ok=True)      # --export may name a new folder
+    tr.export(export)
     return tr
 
 
@@ -414,7 +416,7 @@ def add_arguments(p):
                         "al. 2023; e.g. 5); default 0: unweighted, official")
     p.add_argument("--class-dropout", type=n(float, 0, 1), default=d.class_dropout_prob,
                    help="probability of the null label (default 0.1)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
+    p.add_argument("--seed", type=cli.SEED, default=d.seed, help="seed of the initialisation and of the data/noise "
                    "generator (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     p.add_argument("--out", default="runs/train", help="run folder: checkpoint, log.jsonl, sample grids "
