@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 
-from tinylazy import sample_many
+from tinylazy import cli, sample_many
 
 
 def parse(argv):
-    p = sample_many._Parser()
+    p = cli.ArgumentParser()
     sample_many.add_arguments(p)
     return p.parse_args(argv)
 

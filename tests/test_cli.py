@@ -35,6 +35,7 @@ def files(tmp_path_factory):
     np.savez(d / "data.npz", images=rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32), labels=np.arange(8) % 4)
     (d / "old.safetensors").write_bytes(b"kept")
     os.makedirs(d / "folder.png")
+    os.mkfifo(d / "fifo.npz")                 # a reader would block on it
     return d
 
 
@@ -52,6 +53,11 @@ def _cases(f):
         (["sample", "--weights", m, "--out", "x.txt"], "unknown extension '.txt'; give a .png file"),
         (["sample", "--weights", m, "--out", "/proc/x.png"], "cannot write in /proc"),
         (["sample", "--weights", m, "--lazy"], "no LazyDiT gates for 20 steps"),
+        (["sample", "--gates", bundled_gates, "--steps", "10"], "gates were made for 20"),    # one line, no info
+        (["sample", "--seed", "-1"], "--seed must be an integer in 0..18446744073709551615, got -1"),
+        (["metrics", "--seed", "-1"], "--seed must be an integer in 0..18446744073709551615, got -1"),
+        (["metrics", "--npz", f / "fifo.npz"], "fifo.npz is not a regular file (a FIFO or a device)"),
+        (["train-gates", "--weights", m, "--data", f / "fifo.npz"], "is not a regular file (a FIFO"),
         (["train", "--lr", "nan"], "--lr must be a finite number in (0, 1], got nan"),
         (["train", "--lr", "100"], "--lr must be a finite number in (0, 1], got 100"),
         (["train", "--steps", "x"], "--steps must be an integer >= 1, got 'x'"),
@@ -102,6 +108,15 @@ sys.meta_path.insert(0, Block())
 from tinylazy.cli import main
 print([main(argv) for argv in (['train', '--out', 'run'], ['train-gates'], ['metrics'])])
 """
+
+
+def test_train_creates_the_folder_of_its_export(files, tmp_path, monkeypatch):
+    # the export's folder is checked to be creatable up front, and made by the run (it used to fail
+    # at the end, after all the training)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--out", "run", "--export", "new/e.safetensors",
+                     "--steps", "2", *TINY_TRAIN]) == 0
+    assert read_safetensors(tmp_path / "new" / "e.safetensors")[1]["steps"] == "2"
 
 
 def test_missing_extra_names_the_pip_command(tmp_path):

@@ -167,6 +167,20 @@ def test_two_workers_write_the_same_bytes(clean, tmp_path, capsys):
     assert not os.path.exists(f"{out}.shards")                     # removed once the file is assembled
 
 
+def test_local_workers_compute_on_one_thread_each(tmp_path):
+    # A worker process re-imports the client's main module (multiprocessing's spawn), so a main
+    # that imports tinylazy (the console command, a script) sized the pool before Dask applied its
+    # env: 2 pool threads per worker, and 2 workers sampled only 1.1x as fast as one on 2 cores.
+    script = tmp_path / "pools.py"
+    script.write_text("import tinylazy\nfrom tinylazy import sample_many\n\n"
+                      "if __name__ == '__main__':\n"
+                      "    with sample_many.cluster_client(2, log=lambda msg: None) as client:\n"
+                      "        print(sorted(client.run(lambda: tinylazy.parallel.get_num_threads()).values()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TINYLAZY_NUM_THREADS"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "[1, 1]", out.stderr[-2000:]
+
+
 def test_another_batch_moves_a_pixel_by_at_most_one_and_no_label(clean, tmp_path, capsys):
     out = tmp_path / "b3.npz"
     code, err = run_main(capsys, "--batch", 3, "--workers", 2, "--out", out)
@@ -327,7 +341,9 @@ def test_existing_cluster_writes_the_same_bytes_even_when_a_worker_dies(clean, d
 
 @pytest.mark.parametrize("args,said", [
     (("--num", 0), "--num must be >= 1"),
-    (("--seed", -1), "--seed must be in 0..2**64-1"),
+    (("--seed", -1), "--seed must be an integer in 0..18446744073709551615, got -1"),
+    (("--seed", 2 ** 64), "--seed must be an integer in 0..18446744073709551615"),
+    (("--workers", 0), "--workers must be >= 1, got 0"),
     (("--sampler", "ddpm", "--lazy"), "--lazy works with --sampler ddim"),
     (("--out", "/no/such/folder/x.npz"), "the folder /no/such/folder does not exist"),
     (("--lazy", "--steps", 7), "no gates for 7 steps"),

@@ -162,6 +162,30 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert not np.array_equal(a["model/final_layer.linear.weight"], a["ema/final_layer.linear.weight"])
 
 
+def test_resume_writes_the_grid_of_a_run_killed_while_writing_it(tmp_path, monkeypatch):
+    # The checkpoint of the last step comes before its grid: a run killed in between resumed with
+    # nothing left to train and never wrote the grid (found by a kill -9 test).
+    images, labels = _fake_digits()
+    kw = dict(ckpt_every=2, sample_every=2, log_every=2, progress=False, images=images, labels=labels)
+    T.train(_recipe(steps=4), tmp_path / "a", **kw)
+    real = T.sample_grid
+
+    def killed_at_4(tr, path):
+        if tr.step_count == 4:
+            raise _Stop
+        real(tr, path)
+    monkeypatch.setattr(T, "sample_grid", killed_at_4)
+    with pytest.raises(_Stop):
+        T.train(_recipe(steps=4), tmp_path / "b", **kw)
+    monkeypatch.setattr(T, "sample_grid", real)
+    assert read_safetensors(tmp_path / "b" / T.CHECKPOINT)[1]["step"] == "4"
+    assert not (tmp_path / "b" / "samples" / "step_000004.png").exists()
+    T.train(_recipe(steps=4), tmp_path / "b", resume=True, **kw)
+    for s in (2, 4):
+        name = f"samples/step_{s:06d}.png"
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+
+
 def test_lr_schedule():
     images, labels = _fake_digits()
     const = T.Trainer(_recipe(steps=10), images, labels)

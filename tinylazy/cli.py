@@ -192,6 +192,9 @@ def number(kind=float, low=None, high=None, low_open=False):
     return parse
 
 
+SEED = number(int, 0, 2 ** 64 - 1)         # the --seed of every command: NumPy's and Philox's key range
+
+
 def require(module, purpose):
     """Raise a UsageError naming the extra that installs ``module`` unless it is installed.
 
@@ -228,6 +231,8 @@ def input_file(path, option, folder=False):
         raise UsageError(f"{option} {path}: no such {what}")
     if not folder and os.path.isdir(path):
         raise UsageError(f"{option} {path} is a folder; give a file")
+    if not (os.path.isdir(path) or os.path.isfile(path)):            # a FIFO would block the reader
+        raise UsageError(f"{option} {path} is not a regular file (a FIFO or a device); give a file")
     return path
 
 

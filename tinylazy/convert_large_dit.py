@@ -75,7 +75,8 @@ def find_shards(src, ema=None):
     if os.path.isfile(src):
         return [src]
     if not os.path.isdir(src):
-        raise ConvertError(f"{src}: no such file or folder")
+        raise ConvertError(f"{src}: no such file or folder" if not os.path.exists(src) else
+                           f"{src} is not a regular file (a FIFO or a device); give a file or a folder")
     found = {}
     for n in os.listdir(src):
         m = SHARD.fullmatch(n)

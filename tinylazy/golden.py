@@ -682,7 +682,7 @@ def add_arguments(p):
     d.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy")
     d.add_argument("--device", help="OpenCL device (index or name substring; default: the first)")
     d.add_argument("--steps", type=n(int, 1, 1000), default=4, help="DDIM steps, 1..1000 (default 4)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the noise and the labels (default 0)")
+    d.add_argument("--seed", type=cli.SEED, default=0, help="seed of the noise and the labels (default 0)")
     d.add_argument("--batch", type=n(int, 1), default=2, help="samples (default 2; guidance doubles the model batch)")
     d.add_argument("--classes", type=int, nargs="+", help="class ids, one per sample (default: drawn from --seed)")
     d.add_argument("--cfg-scale", type=n(float, 1), default=4.0, help="guidance scale, >= 1 (default 4.0; 1 = none)")

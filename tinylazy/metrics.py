@@ -342,7 +342,7 @@ def add_arguments(p):
                    help="classifier-free guidance scale, >= 1 (default 1.5)")
     p.add_argument("--num", type=n(int, 4), default=2000, help="number of samples, >= 4 (default 2000)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=n(int, 1), default=500)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")

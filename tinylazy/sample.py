@@ -43,7 +43,7 @@ def add_arguments(p):
                    "(default: one per class)")
     p.add_argument("--cfg-scale", type=float, default=4.0,
                    help="classifier-free guidance scale, >= 1; 1 = no guidance (default: 4.0, as official)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial and per-step noise (default: 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the initial and per-step noise (default: 0)")
     p.add_argument("--out", default="sample.png", help="output PNG, replaced if it exists (default: sample.png)")
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="numpy",
                    help="numpy (CPU), cupy (GPU) or opencl (PyOpenCL; DDIM only; the VAE runs in NumPy)")
@@ -66,11 +66,12 @@ def load_lazy_gates(args, path, model, steps):
             f"no LazyDiT gates for {steps} steps of {args.weights} in the current folder or beside the weights "
             f"({'gates exist for --steps ' + have if have else 'no gates for these weights'}); train them: "
             f"tinylazy train-gates --weights {args.weights} --steps {steps}")
-    print(f"gates: {gpath}", file=sys.stderr)
     try:
-        return tl.load_gates(gpath, model, steps)
+        gates = tl.load_gates(gpath, model, steps)
     except (OSError, ValueError) as e:
         raise cli.UsageError(f"--lazy: {e}") from e
+    print(f"gates: {gpath}", file=sys.stderr)
+    return gates
 
 
 def load_model(args, path):

@@ -51,7 +51,11 @@ WORKER_ENV = {THREADS_ENV: "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": 
 # Set before a worker process starts (the nanny's pre-spawn environment).  Dask's default adds
 # MALLOC_TRIM_THRESHOLD_=65536, which returns freed pages at once: measured on the digits
 # model, 2.5x the page faults and ~25% more CPU time per sampling step.
-PRE_SPAWN_ENV = {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+# TINYLAZY_NUM_THREADS must be there too: tinylazy sizes its pool when the worker imports it (the
+# preload), before Dask applies ``env``; measured: with it only in ``env``, each worker ran a pool of
+# 2 threads (1.5 cores busy per worker) and 2 workers sampled only 1.1x as fast as one.
+PRE_SPAWN_ENV = {"MALLOC_TRIM_THRESHOLD_": None, THREADS_ENV: 1, "OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
+                 "OPENBLAS_NUM_THREADS": 1}
 CONNECT_TIMEOUT = 20                                  # seconds to reach a --scheduler
 
 
@@ -131,14 +135,16 @@ def dask_setup(worker):
 
 
 def worker_setup(dask_worker=None):
-    """(TINYLAZY_NUM_THREADS, Dask threads) of the worker this runs on (``Client.run``)."""
-    return os.environ.get(THREADS_ENV), getattr(dask_worker, "nthreads", None)
+    """(tinylazy's pool threads, Dask threads) of the worker this runs on (``Client.run``): the pool as
+    sized at import (``parallel``), which is what the images' bits depend on, not the variable now."""
+    from . import parallel
+    return parallel.get_num_threads(), getattr(dask_worker, "nthreads", None)
 
 
 def sample_shard(spec, start, stop):
     """The Dask task: images start..stop-1 -> dict(start, stop, images, labels, seconds, load_seconds, lazy)."""
-    threads = os.environ.get(THREADS_ENV)
-    if threads != "1":
+    threads, _ = worker_setup()
+    if threads != 1:
         raise RuntimeError(f"this worker computes with {THREADS_ENV}={threads}; the images' bits depend on "
                            f"it: start workers with {THREADS_ENV}=1 (docs/distributed.md)")
     with _WORKER_LOCK:
@@ -197,7 +203,7 @@ def cluster_client(workers=None, scheduler=None, log=None):
         except Exception as e:
             raise UsageError(f"the workers of {scheduler} cannot run tinylazy ({type(e).__name__}: {e}): install "
                              f"the same tinylazy on every worker") from None
-        bad = sorted(addr for addr, (threads, _) in setup.items() if threads != "1")
+        bad = sorted(addr for addr, (threads, _) in setup.items() if threads != 1)
         if bad:
             raise UsageError(f"worker{'s' if len(bad) > 1 else ''} {', '.join(bad[:3])} without {THREADS_ENV}=1, "
                              f"and the images' bits depend on it: restart them as "
@@ -368,7 +374,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default: 50 for ddim, 250 for ddpm)")
     p.add_argument("--cfg-scale", type=float, default=1.5,
                    help="classifier-free guidance scale, >= 1; 1 = none (default: 1.5, the FID setting)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise, 0..2**64-1 (default: 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the noise, 0..2**64-1 (default: 0)")
     p.add_argument("--batch", type=int, default=32,
                    help="images per shard, sampled as one batch by one worker (default: 32); the file's bits "
                         "depend on it")
@@ -404,15 +410,15 @@ def _check_args(args):
             check(value)
         except ValueError as e:
             raise UsageError(f"{flag}: {e}") from None
-    for name, value in (("--num", args.num), ("--batch", args.batch), ("--workers", args.workers or 1)):
+    for name, value in (("--num", args.num), ("--batch", args.batch), ("--workers", 1 if args.workers is None else args.workers)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
-    if not 0 <= args.seed < 1 << 64:
-        raise UsageError(f"--seed must be in 0..2**64-1, got {args.seed}")
     if (args.lazy or args.gates) and args.sampler != "ddim":
         raise UsageError("--lazy works with --sampler ddim (the gates are trained for DDIM steps)")
     if args.backend == "opencl" and (args.sampler != "ddim" or args.dtype != "float32"):
         raise UsageError("--backend opencl runs --sampler ddim in --dtype float32")
+    if args.backend == "opencl":
+        cli.check_backend("opencl")
     if args.backend == "cupy" and args.scheduler is None:
         from .backend import cupy_available
         if not cupy_available():

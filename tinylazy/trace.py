@@ -331,7 +331,8 @@ def load_trace(path):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise TraceError(f"{path}: no such file")
+        raise TraceError(f"{path}: no such file" if not os.path.exists(path) else
+                         f"{path} is not a regular file (a folder, a FIFO or a device)")
     try:
         f = SafetensorsFile(path)
     except WeightsError as e:

@@ -329,11 +329,23 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
         tr.load_checkpoint(ckpt)
         print(f"resumed {ckpt} at step {tr.step_count}", file=sys.stderr)
     os.makedirs(out_dir, exist_ok=True)
+
+    def grid(s):                         # the sample grid of step s, or None when that step has none
+        if sample_every and (s % sample_every == 0 or s == recipe.steps):
+            return os.path.join(out_dir, "samples", f"step_{s:06d}.png")
+        return None
+
+    def samples(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sample_grid(tr, path)
+
     log_path = os.path.join(out_dir, "log.jsonl")
     _trim_log(log_path, tr.step_count)
     log = open(log_path, "a")
     window = []
     saved = tr.step_count if resume else None
+    if resume and grid(saved) and not os.path.exists(grid(saved)):
+        samples(grid(saved))           # killed while writing the checkpointed step's grid: write it now
 
     def diverged(what):
         kept = f"the checkpoint of step {saved} in {ckpt} is kept" if saved is not None else "no checkpoint was written"
@@ -361,16 +373,17 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
                     raise diverged("the weights are not finite")
                 tr.save_checkpoint(ckpt)
                 saved = s
-            if sample_every and (s % sample_every == 0 or s == recipe.steps):
-                os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-                sample_grid(tr, os.path.join(out_dir, "samples", f"step_{s:06d}.png"))
+            if grid(s):
+                samples(grid(s))
             if callback is not None:
                 callback(tr)
     finally:
         log.close()
     if not _finite(tr.ema):
         raise diverged("the EMA weights are not finite")
-    tr.export(export or os.path.join(out_dir, "ema.safetensors"))
+    export = export or os.path.join(out_dir, "ema.safetensors")
+    os.makedirs(os.path.dirname(os.path.abspath(export)), exist_ok=True)      # --export may name a new folder
+    tr.export(export)
     return tr
 
 
@@ -403,7 +416,7 @@ def add_arguments(p):
                         "al. 2023; e.g. 5); default 0: unweighted, official")
     p.add_argument("--class-dropout", type=n(float, 0, 1), default=d.class_dropout_prob,
                    help="probability of the null label (default 0.1)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the data/noise "
+    p.add_argument("--seed", type=cli.SEED, default=d.seed, help="seed of the initialisation and of the data/noise "
                    "generator (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     p.add_argument("--out", default="runs/train", help="run folder: checkpoint, log.jsonl, sample grids "

@@ -59,7 +59,7 @@ def add_arguments(p):
                    help="AdamW learning rate, in (0, 1] (default: 1e-4, the official run script's; larger rates "
                         "saturate the token-summed scores within a few updates)")
     p.add_argument("--batch", type=n(int, 1), default=16, help="batch size (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of batches, label drop, timesteps, noise (default: 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of batches, label drop, timesteps, noise (default: 0)")
     p.add_argument("--out", help="output gates file (default: <model>.gates-ddim<steps>.safetensors in the current "
                                  "folder)")
     p.add_argument("--force", action="store_true",
