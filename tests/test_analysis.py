@@ -273,6 +273,7 @@ def run_main(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
     (["--num", "0"], "--num must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..18446744073709551615, got -1"),
     (["--cfg-scale", "0.5"], "--cfg-scale must be a finite number >= 1, got 0.5"),
     (["--threshold", "2"], "--threshold must be a finite number in [0, 1], got 2"),
     (["--out", "/nonexistent/dir/a"], "does not exist; create it first"),
@@ -281,12 +282,14 @@ def run_main(argv, capsys):
     (["--random", "DiT-Q/3", "--no-plots"], "unknown DiT configuration"),
     (["--random", "DiT-S/2", "--lazy", "--no-plots"], "--lazy with --random needs --gates"),
     (["--gates", "/nonexistent.safetensors", "--no-plots"], "--gates /nonexistent.safetensors: no such file"),
-    (["--gates", "/dev/null", "--no-plots"], "--gates /dev/null: "),                  # not a gates file
+    (["--gates", "/dev/null", "--no-plots"], "--gates /dev/null is not a regular file"),
+    (["--gates", "WEIGHTS", "--no-plots"], "--gates WEIGHTS: "),                        # not a gates file
     (["--no-gates", "--lazy"], "--no-gates contradicts"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, weights, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    argv, message = [weights if a == "WEIGHTS" else a for a in argv], message.replace("WEIGHTS", weights)
     if "--weights" not in argv and "--random" not in argv:
         argv = argv + ["--weights", weights]
     code, out, err = run_main(argv + (["--out", tmp_path / "a"] if "--out" not in argv else []), capsys)

@@ -784,7 +784,7 @@ def add_arguments(p):
     p.add_argument("--cfg-scale", type=n(float, 1), default=1.5, help="guidance scale >= 1; 1 = none (default: 1.5)")
     p.add_argument("--num", type=n(int, 1), default=64, help="samples (default: 64)")
     p.add_argument("--batch", type=n(int, 1), help="samples per sampling run (default: all)")
-    p.add_argument("--seed", type=n(int, 0), default=0, help="seed of the noise (default: 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the noise (default: 0)")
     p.add_argument("--gates", help="LazyDiT gates to score (default: the gates `tinylazy sample --lazy` would use "
                    "for --steps, where there are any)")
     p.add_argument("--no-gates", action="store_true", help="score no gates")
