@@ -20,9 +20,11 @@ import zipfile
 import numpy as np
 
 from . import cli
+from .lazy_train import LOSSES, RECIPES
 from .resources import DEFAULT_MODEL
 
 STATE_SUFFIX = ".train-state.safetensors"
+CHAIN_ITERS = 40                       # sampling runs of the chain recipe: about the compute of 500 official iterations
 
 
 def _ratio(v):
@@ -47,14 +49,19 @@ def add_arguments(p):
                    help="search rho for this lazy ratio of a sampling run, in [0, 1): every 25 iterations 8 guided "
                         "samples are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
                         "'none' keeps rho fixed (default: 0.5)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="official",
+                   help="how the gates are trained (default: official, the paper's); the others are extensions "
+                        "measured in docs/lazy.md: " + "; ".join(f"{k}: {v[1]}" for k, v in RECIPES.items()))
     p.add_argument("--all-steps", action="store_true",
-                   help="extension beyond the paper: train the gates of every step (any t >= 1), not only the "
-                        "official odd-t draw, which caps the lazy ratio at 50%%")
-    p.add_argument("--loss", choices=("official", "x"), default="official",
-                   help="official: MSE over every output channel (eps and variance) at x_next; x (extension): the "
-                        "error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
-                        "step's d x_prev / d eps (default: official)")
-    p.add_argument("--iters", type=n(int, 1), default=500, help="training iterations (default: 500, as official)")
+                   help="train the gates of every step (any t >= 1), not only the official odd-t draw, which caps "
+                        "the lazy ratio at 50%% (--recipe all-steps)")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="override the recipe's loss: official: MSE over every output channel (eps and variance); x: "
+                        "the error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
+                        "step's d x_prev / d eps; x-norm: x with the gains divided by their RMS over the trained steps")
+    p.add_argument("--iters", type=n(int, 1),
+                   help=f"training iterations (default: 500, as official; {CHAIN_ITERS} sampling runs for the chain "
+                        f"recipe)")
     p.add_argument("--lr", type=n(float, 0, 1, low_open=True), default=1e-4,
                    help="AdamW learning rate, in (0, 1] (default: 1e-4, the official run script's; larger rates "
                         "saturate the token-summed scores within a few updates)")
@@ -66,8 +73,8 @@ def add_arguments(p):
                    help="replace an existing --out (shipped gates included) and start over a run whose training "
                         "state is there")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train-state.safetensors")
-    p.add_argument("--checkpoint-every", type=n(int, 1), default=50,
-                   help="iterations between training states (default: 50)")
+    p.add_argument("--checkpoint-every", type=n(int, 1),
+                   help="iterations between training states (default: 50; 5 for the chain recipe)")
     p.add_argument("--eval-samples", type=n(int, 0), default=32,
                    help="samples drawn at the end (cfg 1.5) to measure the lazy ratio (default: 32; 0 = skip)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -106,8 +113,20 @@ def load_data(spec, model):
     return np.asarray(arrays["images"], dtype=np.float32), labels.astype(np.int64)
 
 
+def recipe_settings(args):
+    """GateTrainer keywords of --recipe, --all-steps and --loss."""
+    kw = dict(RECIPES[args.recipe][0])
+    kw["all_steps"] |= args.all_steps
+    if args.loss is not None:
+        kw["loss"] = args.loss
+    return kw
+
+
 def check_args(args):
     """Everything that needs no training: numbers, extras, the inputs, the output and the state file."""
+    chain = RECIPES[args.recipe][0]["trajectory"]
+    args.iters = args.iters or (CHAIN_ITERS if chain else 500)
+    args.checkpoint_every = args.checkpoint_every or (5 if chain else 50)
     if args.target_ratio is not None and not 0 <= args.target_ratio < 1:
         raise cli.UsageError(f"--target-ratio must lie in [0, 1), got {args.target_ratio}")
     if args.target_ratio is not None and args.rho_attn + args.rho_mlp == 0:
@@ -143,7 +162,7 @@ def run(args):
     images, labels = load_data(args.data, model)
     try:
         trainer = GateTrainer(model, images, labels, args.steps, args.rho_attn, args.rho_mlp, args.lr, args.batch,
-                              args.seed, all_steps=args.all_steps, target_ratio=args.target_ratio, loss=args.loss)
+                              args.seed, target_ratio=args.target_ratio, **recipe_settings(args))
     except ValueError as e:
         raise cli.UsageError(str(e)) from e
     if args.resume:
@@ -152,8 +171,8 @@ def run(args):
         except ValueError as e:
             raise cli.UsageError(f"--resume: {e}") from e
         print(f"resuming at iteration {trainer.iteration} from {args.state}", file=sys.stderr)
-    print(f"{model} from {weights}; gates for {args.steps} DDIM steps "
-          f"({'all steps' if args.all_steps else 'official odd-t recipe'}), {len(images)} images", file=sys.stderr)
+    print(f"{model} from {weights}; gates for {args.steps} DDIM steps ({trainer.recipe} recipe), "
+          f"{len(images)} images", file=sys.stderr)
 
     t0 = time.perf_counter()
     bar = Progress(range(trainer.iteration, args.iters), desc="gates")
