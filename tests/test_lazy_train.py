@@ -195,7 +195,7 @@ def _trainer(model, **kw):
 
 @pytest.mark.parametrize("kw", [{}, {"all_steps": True, "target_ratio": 0.4, "calib_every": 2, "calib_samples": 2,
                                  "loss": "x"},
-                                {"all_steps": True, "trajectory": True, "loss": "x-norm", "target_ratio": 0.4}])
+                                {"all_steps": True, "trajectory": True, "loss": "x-norm", "target_ratio": 0.4, "budget": "macs"}])
 def test_resume_continues_bit_for_bit(setup, tmp_path, kw):
     model = tl.DiT(CFG, setup["params"], dtype="float32")
     straight = _trainer(model, **kw)

@@ -42,19 +42,26 @@ from .sampling import HostLatents, ddim_sample, ddim_step, make_noise
 LABEL_DROP = 0.1                    # official DiT class_dropout_prob, used for CFG
 CHECKPOINT_FORMAT = "tinylazy-gate-training-v1"
 LOSSES = ("official", "x", "x-norm")
+# A MACs budget steers the share of the modules' MACs reused to target + this margin: one point
+# lazier than asked, so that the gates' own cost (0.1% of a step on the digits model) and the
+# spread between the small calibration runs and a large sampling run stay within the rules' MACs.
+MACS_MARGIN = 0.01
+BUDGETS = ("ratio", "macs")
 
 # name -> (GateTrainer settings, one line); "official" is the paper's and the default
 RECIPES = {
-    "official": (dict(all_steps=False, loss="official", trajectory=False),
+    "official": (dict(all_steps=False, loss="official", trajectory=False, budget="ratio"),
                  "the paper's: odd t, one full DDIM step as the cache, MSE of every output channel"),
-    "all-steps": (dict(all_steps=True, loss="official", trajectory=False),
+    "all-steps": (dict(all_steps=True, loss="official", trajectory=False, budget="ratio"),
                   "the official loss on every step's gates (any t >= 1)"),
-    "x-loss": (dict(all_steps=True, loss="x", trajectory=False),
+    "x-loss": (dict(all_steps=True, loss="x", trajectory=False, budget="ratio"),
                "every step, the error in the next DDIM latent (eps channels times d x_prev / d eps)"),
-    "x-norm": (dict(all_steps=True, loss="x-norm", trajectory=False),
-               "x-loss with the gains divided by their RMS over the trained steps (one rho scale at any N)"),
-    "chain": (dict(all_steps=True, loss="x-norm", trajectory=True),
-              "the gates' own guided sampling runs: chained caches, the guided eps error, x-norm weights"),
+    "x-norm": (dict(all_steps=True, loss="x-norm", trajectory=False, budget="macs"),
+               "x-loss with the gains divided by their RMS over the trained steps (one rho scale at any N), "
+               "rho steered to a MACs budget"),
+    "chain": (dict(all_steps=True, loss="x-norm", trajectory=True, budget="macs"),
+              "the gates' own guided sampling runs: chained caches, the guided eps error, x-norm weights, a MACs "
+              "budget"),
 }
 
 
@@ -240,13 +247,17 @@ class GateTrainer:
     is, with the current gates deciding (``LazyDiT``); at every step after the first, the
     soft-lazy output against the full output at the run's own latent, with the run's own
     caches (stale by several steps where the gates reused in a row), trains that step's gates
-    (``trajectory_loss``), and the run's lazy ratio is ``measured`` (rho is steered each
+    (``trajectory_loss``), and the run itself is the calibration run (rho is steered each
     iteration).  No real images are drawn.
+
+    budget: what rho steers to target_ratio: "ratio", the lazy ratio (official), or "macs", the
+    share of the modules' MACs reused (``LazyStats.macs_lazy_ratio``; an MLP costs more than
+    attention here) plus ``MACS_MARGIN``: the rules' budget is compute.
     """
 
     def __init__(self, model, images, labels, steps, rho_attn=1e-2, rho_mlp=1e-2, lr=1e-2, batch=32, seed=0,
                  all_steps=False, target_ratio=None, ratio_gain=2.0, label_drop=LABEL_DROP, threshold=0.5,
-                 calib_every=25, calib_samples=8, calib_cfg=1.5, loss="official", trajectory=False):
+                 calib_every=25, calib_samples=8, calib_cfg=1.5, loss="official", trajectory=False, budget="ratio"):
         self.model = model
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -263,6 +274,8 @@ class GateTrainer:
             raise ValueError("gate training needs at least 2 sampling steps")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
         if trajectory and not all_steps:
             raise ValueError("trajectory training trains every step's gates (all_steps=True)")
         if target_ratio is not None and not 0.0 <= target_ratio < 1.0:
@@ -273,7 +286,7 @@ class GateTrainer:
                          "ratio_gain": float(ratio_gain), "label_drop": float(label_drop),
                          "threshold": float(threshold), "calib_every": int(calib_every),
                          "calib_samples": int(calib_samples), "calib_cfg": float(calib_cfg), "loss": loss,
-                         "trajectory": bool(trajectory)}
+                         "trajectory": bool(trajectory), "budget": budget}
         self.gates = LazyGates.zeros(model, S, dtype=model.dtype)
         self.opts = [AdamW({"attn": self.gates.attn[s], "mlp": self.gates.mlp[s]}, lr=lr, weight_decay=0.0)
                      for s in range(S)]                                # views: AdamW updates the gates in place
@@ -347,15 +360,18 @@ class GateTrainer:
         self.opts[s].step({kind: to_numpy(g) for kind, g in res["grads"].items()})
         self.iteration += 1
         if st["calib_samples"] > 0 and self.iteration % st["calib_every"] == 0:
-            self._steer(self.measure().lazy_ratio)
+            self._steer(self.measure())
         res["index"] = s
         return res
 
-    def _steer(self, measured):
+    def _steer(self, stats):
+        """Record a calibration run's LazyStats and steer rho: the lazy ratio towards target_ratio, or
+        under a "macs" budget the share of module MACs reused towards target_ratio + ``MACS_MARGIN``."""
         st = self.settings
-        self.measured = measured
+        macs = st["budget"] == "macs"
+        self.measured = stats.macs_lazy_ratio if macs else stats.lazy_ratio
         if st["target_ratio"] is not None:
-            self.log_scale += st["ratio_gain"] * (st["target_ratio"] - measured)
+            self.log_scale += st["ratio_gain"] * (st["target_ratio"] + macs * MACS_MARGIN - self.measured)
 
     def _trajectory(self):
         """One iteration of the ``chain`` recipe: a guided sampling run that trains as it goes."""
@@ -385,7 +401,7 @@ class GateTrainer:
                 done.append(res)
             x = ddim_step(self.diffusion, out, x, s)["x_next"]
         self.iteration += 1
-        self._steer(stats.lazy_ratio)
+        self._steer(stats)
         mean = {key: float(np.mean([r[key] for r in done])) for key in ("loss", "mse", "lazy_attn", "lazy_mlp")}
         return dict(mean, scores=np.stack([r["scores"] for r in done]), grads=None, index=None)
 
@@ -426,7 +442,7 @@ class GateTrainer:
             if ck.text("dtype") != self.model.dtype.name:
                 raise ck.error(f"checkpoint was trained in {describe_value(ck.text('dtype'))}, "
                                f"the model is {self.model.dtype.name}")
-            saved = dict({"trajectory": False}, **ck.json("settings", dict))   # checkpoints from before the chain recipe
+            saved = dict({"trajectory": False, "budget": "ratio"}, **ck.json("settings", dict))   # older checkpoints
             diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
             if diff:
                 raise ck.error("checkpoint settings differ from this run: " + ", ".join(
@@ -445,7 +461,8 @@ class GateTrainer:
             if st["target_ratio"] is None and log_scale != 0.0:
                 raise ck.error(f"metadata log_scale is {log_scale}, but without a target ratio rho is never scaled")
             measured = ck.json("measured", (float, int, type(None)))
-            calibrated = iteration >= 1 if st["trajectory"] else st["calib_samples"] > 0 and iteration >= st["calib_every"]
+            calibrated = (iteration >= 1 if st["trajectory"]                  # each run calibrates
+                          else st["calib_samples"] > 0 and iteration >= st["calib_every"])
             if isinstance(measured, bool) or (measured is None) == calibrated or (
                     measured is not None and not 0 <= measured <= 1):
                 raise ck.error(f"metadata measured is {describe_value(measured)}: after {iteration} iterations it "
