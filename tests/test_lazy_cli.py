@@ -76,6 +76,20 @@ def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
     assert read_safetensors(state)[1]["iteration"] == "4" and not os.path.exists(files / "nan.safetensors")
 
 
+@pytest.mark.parametrize("recipe", ["x-norm", "chain"])
+def test_recipes_with_a_macs_budget_train_on_until_within_it(files, recipe):
+    out = files / f"{recipe}.safetensors"
+    assert main(_argv(files, out) + ["--recipe", recipe, "--iters", "2", "--target-ratio", "0.6"]) == 0
+    model = tl.io.load_dit(str(files / "tiny.safetensors"))
+    facts = tl.load_gates(out, model).training
+    assert facts["recipe"] == recipe and facts["budget"] == "macs" and facts["all_steps"]
+    assert 2 <= facts["iterations"] <= 4                                 # on, at most as long again
+    check = GateTrainer(model, np.zeros((4, 1, 8, 8)), np.zeros(4, int), 6, batch=4)
+    check.gates = tl.load_gates(out, model)
+    within = check.measure(num=32, seed=2).macs_lazy_ratio >= 0.6        # the budget check: 32 samples, seed + 2
+    assert within or facts["iterations"] == 4                            # it stops early only within the budget
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
     (["--target-ratio", "1.5"], "--target-ratio must lie in"),

@@ -2,6 +2,7 @@
 
     tinylazy train-gates                          # the bundled digits model, 20 steps, a few minutes
     tinylazy train-gates --steps 10 --target-ratio 0.3
+    tinylazy train-gates --recipe x-norm          # a recipe beyond the paper's (docs/lazy.md measures them)
     tinylazy train-gates --resume                 # continue an interrupted run
 
 Writes ``<model>.gates-ddim<steps>.safetensors`` in the current folder (official gate names,
@@ -25,6 +26,7 @@ from .resources import DEFAULT_MODEL
 
 STATE_SUFFIX = ".train-state.safetensors"
 CHAIN_ITERS = 40                       # sampling runs of the chain recipe: about the compute of 500 official iterations
+BUDGET_SAMPLES = 32                    # the guided samples that check a MACs budget after --iters
 
 
 def _ratio(v):
@@ -48,7 +50,9 @@ def add_arguments(p):
     p.add_argument("--target-ratio", type=_ratio, default=0.5,
                    help="search rho for this lazy ratio of a sampling run, in [0, 1): every 25 iterations 8 guided "
                         "samples are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
-                        "'none' keeps rho fixed (default: 0.5)")
+                        "'none' keeps rho fixed (default: 0.5).  The x-norm and chain recipes steer the share of the "
+                        "modules' MACs reused instead (a compute budget, as the rules'), and after --iters train on "
+                        f"(at most as long again) until {BUDGET_SAMPLES} guided samples reuse at least this share")
     p.add_argument("--recipe", choices=list(RECIPES), default="official",
                    help="how the gates are trained (default: official, the paper's); the others are extensions "
                         "measured in docs/lazy.md: " + "; ".join(f"{k}: {v[1]}" for k, v in RECIPES.items()))
@@ -159,7 +163,6 @@ def run(args):
     import tinylazy as tl
     from .io import load_dit
     from .lazy_train import GateTrainer
-    from .progress import Progress
     weights = check_args(args)
     model = load_dit(weights, dtype=args.dtype)
     images, labels = load_data(args.data, model)
@@ -178,22 +181,20 @@ def run(args):
           f"{len(images)} images", file=sys.stderr)
 
     t0 = time.perf_counter()
-    bar = Progress(range(trainer.iteration, args.iters), desc="gates")
-    for _ in bar:
-        res = trainer.step()
-        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
-                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
-            kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
-            raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
-                               f"{kept}; lower --lr (now {args.lr:g})")
-        lazy = "-" if trainer.measured is None else f"{trainer.measured:.1%}"
-        bar.set_postfix(loss=res["loss"], mse=res["mse"], lazy=lazy, rho=trainer.rho()[0])
-        if trainer.iteration % args.checkpoint_every == 0 and trainer.iteration < args.iters:
-            trainer.save(args.state)
+    train(trainer, args.iters, args)
+    budget = trainer.settings["budget"] == "macs" and args.target_ratio is not None
+    while budget and trainer.iteration < 2 * args.iters:                  # a MACs budget is a ceiling
+        check = trainer.measure(num=BUDGET_SAMPLES, seed=args.seed + 2)
+        if check.macs_lazy_ratio >= args.target_ratio:
+            break
+        print(f"{BUDGET_SAMPLES} guided samples reuse {check.macs_lazy_ratio:.1%} of the modules' MACs, under the "
+              f"budget's {args.target_ratio:.0%}: training on", file=sys.stderr)
+        train(trainer, min(2 * args.iters, trainer.iteration + (1 if trainer.settings["trajectory"] else
+                                                                 trainer.settings["calib_every"])), args)
     facts = trainer.training_facts()
     facts.update(data=args.data if args.data == "digits" else os.path.basename(args.data),
                  weights=os.path.basename(weights))
-    print(f"trained {args.iters} iterations in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"trained {trainer.iteration} iterations in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.eval_samples > 0:
         stats = trainer.measure(num=args.eval_samples, seed=args.seed + 2)
         facts.update(measured_ratio=stats.lazy_ratio, measured_attn=stats.ratio_by_kind()["attn"],
@@ -203,6 +204,23 @@ def run(args):
     if os.path.exists(args.state):
         os.unlink(args.state)
     print(f"wrote {args.out}")
+
+
+def train(trainer, until, args):
+    """Train to iteration ``until``, checking for divergence and saving the training state on the way."""
+    from .progress import Progress
+    bar = Progress(range(trainer.iteration, until), desc="gates")
+    for _ in bar:
+        res = trainer.step()
+        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
+                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
+            kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
+            raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
+                               f"{kept}; lower --lr (now {args.lr:g})")
+        lazy = "-" if trainer.measured is None else f"{trainer.measured:.1%}"
+        bar.set_postfix(loss=res["loss"], mse=res["mse"], lazy=lazy, rho=trainer.rho()[0])
+        if trainer.iteration % args.checkpoint_every == 0 and trainer.iteration < 2 * args.iters:
+            trainer.save(args.state)
 
 
 def resume_hint(args):
