@@ -89,6 +89,8 @@ def add_arguments(p):
     p.add_argument("--weights", default=lq.BUNDLED, help=argparse_suppress())
     p.add_argument("--report-only", action="store_true", help="write the figure and print the table, run nothing")
     p.add_argument("--dry-run", action="store_true", help="list the points that would run, run nothing")
+    p.add_argument("--gates-only", action="store_true",
+                   help="train (or find) the gates the points to run need, sample nothing")
     engine = p.add_mutually_exclusive_group()
     engine.add_argument("--workers", type=n(int, 1), help="run the points as tasks on a Dask LocalCluster of this "
                         "many single-threaded worker processes (the [distributed] extra)")
@@ -302,13 +304,17 @@ def run(args):
             print(f"cfg {t[0]} | seed {t[5]} | {t[1]} | {t[2]}")
         print(f"{len(todo)} points to run, {len(done)} known", file=sys.stderr)
         return 0
+    if args.workers or args.scheduler:                          # the tasks travel by value, not as module names
+        import cloudpickle
+        for module in (lq, sys.modules[__name__]):
+            cloudpickle.register_pickle_by_value(module)
+    if args.gates_only:
+        for path, source in make_gates(todo, args):
+            print(f"gates: {source}", file=sys.stderr)
+        return 0
     if todo:
         metrics.load_classifier()                               # trained and cached once, before any worker needs it
         args.figdir = None
-        if args.workers or args.scheduler:                      # the tasks travel by value, not as module names
-            import cloudpickle
-            for module in (lq, sys.modules[__name__]):
-                cloudpickle.register_pickle_by_value(module)
         print(f"{len(todo)} points to run ({len(done)} known)", file=sys.stderr)
         t0 = time.perf_counter()
         for row in Progress(lq.run_rows(todo, args, gates_task), total=len(todo), desc="points"):
@@ -326,6 +332,20 @@ def run(args):
     if args.figure:
         print(f"wrote {draw(points, args.figure)}", file=sys.stderr)
     print("\n".join(tables.frontier_table(points)))
+
+
+def make_gates(todo, args):
+    """Yield (path, source) of each distinct set of gates that ``todo`` needs, made where it is missing."""
+    from tinylazy.progress import Progress
+    specs = list(dict.fromkeys(lazy[1] for _, _, _, _, lazy, _ in todo if lazy and lazy[0] == "gates"))
+    if not (args.workers or args.scheduler):
+        yield from Progress((gates_task(*spec) for spec in specs), total=len(specs), desc="gates")
+        return
+    from tinylazy.sample_many import as_results, cluster_client
+    with cluster_client(args.workers, args.scheduler) as client:
+        futures = [client.submit(gates_task, *spec, pure=False) for spec in specs]
+        what = {f: f"gates {spec[3]} {spec[1]} steps @{spec[2]:.0%}" for f, spec in zip(futures, specs)}
+        yield from Progress(as_results(client, futures, what), total=len(specs), desc="gates")
 
 
 def _training(path, model):
