@@ -60,6 +60,19 @@ def test_a_tiny_grid_runs_resumes_and_reports(frontier, tmp_path, capsys):
     assert "| oracle (oracle.json) | 50% |" in table and "-50.0% |" in table and "other.json" not in table
 
 
+def test_runs_sharing_one_json_keep_each_others_points(frontier, tmp_path):
+    """Each point is added to the file as it is now (read, add, write under a lock), not to what a
+    run read when it started, so two runs of the grid (e.g. one per recipe) can share one JSON."""
+    path = str(tmp_path / "f.json")
+    header = {"format": frontier.FORMAT, "weights_hash": "a" * 64, "num": 4, "rows": []}
+    row = {"cfg": 1.5, "group": "Lazy 20 @50%", "method": "rule (spread steps)", "steps": 20, "seed": 0, "fd": 1.0}
+    frontier.add_point(dict(header), row, path)
+    frontier.add_point(dict(header), dict(row, method="LazyDiT chain"), path)      # a run that read the file empty
+    frontier.add_point(dict(header), dict(row, fd=2.0), path)                      # the same point again: replaced
+    rows = json.loads(open(path).read())["rows"]
+    assert [(r["method"], r["fd"]) for r in rows] == [("LazyDiT chain", 1.0), ("rule (spread steps)", 2.0)]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--json", "points.txt"], "--json points.txt: unknown extension '.txt'"),
     (["--ratios", "1.5"], "--ratios must be a finite number in [0, 0.95], got 1.5"),
