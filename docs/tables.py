@@ -88,7 +88,8 @@ def frontier_points(frontier, data_dir=None):
     the oracle rows of tinylazy.analysis) for the same model (either weights hash the frontier
     records) and the same sample count.  Each point is its row plus seed, num, target (lazy ratio
     aimed at; None for DDIM) and origin (the file); where two files hold the same point, frontier.json's
-    row and then the first file's in name order is kept."""
+    row and then the first file's in name order is kept.  A rule row of another file above 50% is
+    left out: it may come from before the rule spread its computed steps there."""
     data_dir = data_dir or os.path.join(DOCS, "data")
     hashes = {frontier["weights_hash"], frontier.get("weights_tensors_hash")} - {None}
     points, seen = [], set()
@@ -110,6 +111,8 @@ def frontier_points(frontier, data_dir=None):
             if not {"cfg", "group", "method", "steps", "fd", "accuracy", "macs_vs_ddim"} <= set(row):
                 continue
             p = dict(row, seed=row.get("seed", data.get("seed", 0)), num=data["num"], target=_target(row), origin=name)
+            if name != FRONTIER and p["method"] == RULE and (p["target"] or 0) > 0.5:
+                continue                  # lazy_quality.py spread the rule's steps otherwise above 50% before c74f291
             key = point_key(p)
             if key not in seen:
                 seen.add(key)
