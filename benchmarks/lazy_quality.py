@@ -46,18 +46,19 @@ ITERS = 500
 
 
 def spread_decisions(steps, depth, ratio):
-    """Reuse every module on round(ratio * steps) steps spread evenly over steps 1..steps-1
-    (ratio 0.5 on an even count: the alternate-step rule).  Above one half the computed steps
-    are the ones spread evenly (k = round(j * steps / computed), the first step among them), so
-    that the runs of reused steps between them differ in length by at most one."""
+    """Reuse every module on round(ratio * steps) steps spread evenly: up to half of the steps, the
+    reused ones spread over steps 1..steps-1 (ratio 0.5 on an even count: the alternate-step rule);
+    beyond half, the computed ones spread evenly from step 0 (step i * steps / computed), so that
+    the runs of reuse between them are as short as the ratio allows (spreading the reused steps
+    there bunched the computed ones at the ends: 70% of 10 steps computed steps 1, 2 and 10 only)."""
     n = int(round(ratio * steps))
     if n * 2 == steps:
         return alternate_decisions(steps, depth)
-    keep = np.ones((steps, depth, 2), dtype=bool)
     if n * 2 > steps:
-        keep[:] = False
-        keep[np.round(np.arange(steps - n) * steps / (steps - n)).astype(int)] = True
+        keep = np.zeros((steps, depth, 2), dtype=bool)
+        keep[np.arange(steps - n) * steps // (steps - n)] = True
         return keep
+    keep = np.ones((steps, depth, 2), dtype=bool)
     skip = np.unique(np.round(np.linspace(1, steps - 1, n + 2)[1:-1] if n else []).astype(int))
     keep[skip] = False
     return keep
