@@ -106,14 +106,15 @@ def argparse_suppress():
 # The grid
 
 def plan(args):
-    """The points of the grid: [(cfg, group, method, steps, lazy, seed)] as ``lq.run_rows`` takes them."""
+    """The points of the grid: [(cfg, group, method, steps, lazy, seed)] as ``lq.run_rows`` takes them, in
+    the order they run: per guidance scale the DDIM curve, then per (N, target) every seed's methods."""
     todo = []
     for cfg_scale in args.cfg:
-        for seed in args.seeds:
-            if "DDIM" in args.methods:
-                todo += [(cfg_scale, f"DDIM {n}", "DDIM", n, None, seed) for n in args.ddim_steps]
-            for steps in args.steps:
-                for ratio in args.ratios:
+        if "DDIM" in args.methods:
+            todo += [(cfg_scale, f"DDIM {n}", "DDIM", n, None, seed) for seed in args.seeds for n in args.ddim_steps]
+        for steps in args.steps:                           # the seeds of one comparison run one after another
+            for ratio in args.ratios:
+                for seed in args.seeds:
                     group = f"Lazy {steps} @{ratio:.0%}"
                     if "rule" in args.methods:
                         todo.append((cfg_scale, group, "rule (spread steps)", steps, ("rule", ratio), seed))
@@ -137,7 +138,7 @@ def gates_task(weights, steps, ratio, recipe, gates_dir):
     """The gates of one (recipe, N, target): (path, source), made here unless kept in gates_dir."""
     import tinylazy as tl
     from tinylazy.io import load_dit
-    from tinylazy.train_gates import main as train_gates
+    from tinylazy.train_gates import main as train_gates, state_path
     model = load_dit(weights)
     tag = f"ddim{steps}-r{int(round(100 * ratio))}"
     if recipe == "official":                                  # lazy_quality's gates, also under an older hash
@@ -155,6 +156,8 @@ def gates_task(weights, steps, ratio, recipe, gates_dir):
     if not os.path.isfile(path):
         os.makedirs(gates_dir, exist_ok=True)
         argv = ["--recipe", recipe, "--steps", str(steps), "--target-ratio", str(ratio), "--seed", str(RECIPE_SEED)]
+        if os.path.isfile(state_path(path)):               # an interrupted training: resumed, to the same gates
+            argv.append("--resume")
 
         def train():
             if train_gates(argv + ["--weights", weights, "--out", path]) != 0:
