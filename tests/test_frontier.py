@@ -88,3 +88,17 @@ def test_usage_errors(frontier, tmp_path, capsys, extra, message):
 def test_the_script_runs_under_the_cli_convention(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--num", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: --num must be an integer >= 2, got 1"), r.stderr
+
+
+def test_the_seeds_of_one_comparison_run_together(frontier, tmp_path, capsys):
+    """--dry-run lists the plan in run order: the DDIM curve, then per (N, target) each seed's methods."""
+    argv = ["--num", "4", "--cfg", "1.5", "--seeds", "0", "1", "--steps", "4", "--ratios", "0.3", "0.5",
+            "--ddim-steps", "2", "--methods", "DDIM", "rule", "--json", str(tmp_path / "f.json"),
+            "--figure", str(tmp_path / "f.png"), "--dry-run"]
+    assert frontier.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["cfg 1.5 | seed 0 | DDIM 2 | DDIM", "cfg 1.5 | seed 1 | DDIM 2 | DDIM",
+                   "cfg 1.5 | seed 0 | Lazy 4 @30% | rule (spread steps)",
+                   "cfg 1.5 | seed 1 | Lazy 4 @30% | rule (spread steps)",
+                   "cfg 1.5 | seed 0 | Lazy 4 @50% | rule (spread steps)",
+                   "cfg 1.5 | seed 1 | Lazy 4 @50% | rule (spread steps)"]
