@@ -270,9 +270,14 @@ def draw(points, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic.writing(path) as f:
-        fig.savefig(f, format="png", dpi=110)
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as im, atomic.writing(path) as f:                # a palette PNG: a third of the bytes
+        im.convert("RGB").quantize(colors=64).save(f, format="png", optimize=True)
     return path
 
 
