@@ -183,7 +183,7 @@ def row_task(weights, num, seed, batch, cfg_scale, group, method, steps, lazy, f
         kw = {}
     x, stats = sample(model, noise, labels, steps, cfg_scale, batch, **kw)
     m = metrics.evaluate(x, labels, metrics.load_classifier())
-    row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps,
+    row = {"cfg": cfg_scale, "group": group, "method": method, "steps": steps, "seed": seed,
            "lazy_ratio": stats.lazy_ratio if stats else 0.0,
            "attn": stats.ratio_by_kind()["attn"] if stats else 0.0,
            "mlp": stats.ratio_by_kind()["mlp"] if stats else 0.0,
@@ -200,27 +200,31 @@ def row_task(weights, num, seed, batch, cfg_scale, group, method, steps, lazy, f
     return row
 
 
-def run_rows(todo, args):
+def run_rows(todo, args, gates_fn=None):
     """Yield the finished rows of ``todo`` [(cfg, group, method, steps, lazy)], where lazy is None,
-    ("gates", gates_task arguments), ("rule", ratio) or ("random", ratio); as they finish."""
-    common = (args.weights, args.num, args.seed, args.batch)
+    ("gates", gates_fn arguments), ("rule", ratio) or ("random", ratio); as they finish.  An entry
+    may add a sixth item, the noise seed of its row (default args.seed).  gates_fn (default
+    ``gates_task``) -> (path, source) runs once per distinct arguments, before the rows that use it."""
+    gates_fn = gates_fn or gates_task
+    todo = [t if len(t) == 6 else (*t, args.seed) for t in todo]
+    common = (args.weights, args.num)
     if not (args.workers or args.scheduler):
         made = {}
-        for cfg_scale, group, method, steps, lazy in todo:
+        for cfg_scale, group, method, steps, lazy, seed in todo:
             if lazy and lazy[0] == "gates":
                 if lazy[1] not in made:
-                    made[lazy[1]] = gates_task(*lazy[1])
+                    made[lazy[1]] = gates_fn(*lazy[1])
                 lazy = ("gates", made[lazy[1]])
-            yield row_task(*common, cfg_scale, group, method, steps, lazy, args.figdir)
+            yield row_task(*common, seed, args.batch, cfg_scale, group, method, steps, lazy, args.figdir)
         return
     from tinylazy.sample_many import as_results, cluster_client
     with cluster_client(args.workers, args.scheduler) as client:
-        gates = {lazy[1]: client.submit(gates_task, *lazy[1], pure=False)
-                 for _, _, _, _, lazy in todo if lazy and lazy[0] == "gates"}
-        futures = [client.submit(row_task, *common, cfg_scale, group, method, steps,
+        gates = {lazy[1]: client.submit(gates_fn, *lazy[1], pure=False)
+                 for _, _, _, _, lazy, _ in todo if lazy and lazy[0] == "gates"}
+        futures = [client.submit(row_task, *common, seed, args.batch, cfg_scale, group, method, steps,
                                  ("gates", gates[lazy[1]]) if lazy and lazy[0] == "gates" else lazy, args.figdir,
-                                 pure=False) for cfg_scale, group, method, steps, lazy in todo]
-        what = {f: f"row cfg {t[0]} | {t[1]} | {t[2]}" for f, t in zip(futures, todo)}
+                                 pure=False) for cfg_scale, group, method, steps, lazy, seed in todo]
+        what = {f: f"row cfg {t[0]} | {t[1]} | {t[2]} | seed {t[5]}" for f, t in zip(futures, todo)}
         yield from as_results(client, futures, what)
 
 

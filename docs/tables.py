@@ -7,11 +7,16 @@ docs/data/lazy_quality-*.json are what ``benchmarks/lazy_quality.py --json`` wro
 row per method: lazy ratios, MACs, FD, accuracy, the gates file used); docs/data/analysis-*.json
 what ``tinylazy analyze`` wrote (docs/lazy.md's tables of the paper's analysis).  The full tables
 are formatted as ``lazy_quality.py --report-only`` prints them; the README's short table
-takes the N = 5 and 10 pairs of the current model.  tests/test_docs.py runs the check, so
-a number in those tables can only change together with the JSON it comes from.
+takes the N = 5 and 10 pairs of the current model.  docs/data/frontier.json is what
+``benchmarks/frontier.py`` wrote; its table (docs/lazy.md) also takes the rows of the other
+JSON files here that are of the same model and sample count (``frontier_points``).
+tests/test_docs.py runs the check, so a number in those tables can only change together
+with the JSON it comes from.
 """
+import glob
 import json
 import os
+import re
 import sys
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
@@ -130,13 +135,105 @@ def oracle_table(data):
     return lines
 
 
+# ----------------------------------------------------------------------------
+# The frontier (benchmarks/frontier.py)
+
+FRONTIER = "frontier.json"
+RULE = "rule (spread steps)"
+FRONTIER_METHODS = ("DDIM", RULE, "random", "LazyDiT official")      # then the recipes, then any oracle rows
+
+
+def _target(row):
+    """The lazy target of a row from its group ("Lazy 20 @50%", "DDIM 10 vs Lazy 20 @50%"); None for DDIM."""
+    m = re.search(r"@(\d+)%$", row["group"])
+    return None if row["method"] == "DDIM" or m is None else int(m.group(1)) / 100
+
+
+def frontier_points(frontier, data_dir=None):
+    """The frontier's points: the rows of ``frontier`` (the loaded docs/data/frontier.json) and the
+    rows of every other JSON in ``data_dir`` written by lazy_quality.py (or in its row format, e.g.
+    the oracle rows of tinylazy.analysis) for the same model (either weights hash the frontier
+    records) and the same sample count.  Each point is its row plus seed, num, target (lazy ratio
+    aimed at; None for DDIM) and origin (the file); where two files hold the same point, frontier.json's
+    row and then the first file's in name order is kept.  A rule row of another file above 50% is
+    left out: it may come from before the rule spread its computed steps there."""
+    data_dir = data_dir or os.path.join(DOCS, "data")
+    hashes = {frontier["weights_hash"], frontier.get("weights_tensors_hash")} - {None}
+    points, seen = [], set()
+    sources = [(FRONTIER, frontier)]
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.json"))):
+        name = os.path.basename(path)
+        if name == FRONTIER:
+            continue
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("rows"), list) and data.get("weights_hash") in hashes \
+                and data.get("num") == frontier["num"]:
+            sources.append((name, data))
+    for name, data in sources:
+        for row in data["rows"]:
+            if not {"cfg", "group", "method", "steps", "fd", "accuracy", "macs_vs_ddim"} <= set(row):
+                continue
+            p = dict(row, seed=row.get("seed", data.get("seed", 0)), num=data["num"], target=_target(row), origin=name)
+            if name != FRONTIER and p["method"] == RULE and (p["target"] or 0) > 0.5:
+                continue                  # lazy_quality.py spread the rule's steps otherwise above 50% before c74f291
+            key = point_key(p)
+            if key not in seen:
+                seen.add(key)
+                points.append(p)
+    return points
+
+
+def point_key(p):
+    return (p["cfg"], p["seed"], p["method"], p["steps"], p["target"])
+
+
+def _method_order(method):
+    if method in FRONTIER_METHODS:
+        return (FRONTIER_METHODS.index(method), method)
+    return (len(FRONTIER_METHODS) + ("oracle" in method), method)
+
+
+def frontier_table(points):
+    """One line per (guidance, steps, lazy target, method), the seeds side by side: MACs (in full
+    steps), FD, accuracy, and FD against the evenly spread rule's of the same seed (in %)."""
+    seeds = sorted({p["seed"] for p in points})
+    at = {point_key(p): p for p in points}
+    head = ["guidance", "steps", "lazy target", "method"]
+    for s in seeds:
+        head += [f"seed {s}: lazy", "MACs", "FD", "acc.", "FD vs rule"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cases = sorted({(p["cfg"], p["steps"], p["target"], p["method"]) for p in points},
+                   key=lambda c: (-c[0], c[2] is not None, c[1], c[2] or 0, _method_order(c[3])))
+    for cfg, steps, target, method in cases:
+        cells = [f"{cfg:g}", str(steps), "-" if target is None else f"{target:.0%}", method]
+        for s in seeds:
+            p = at.get((cfg, s, method, steps, target))
+            if p is None:
+                cells += ["not run", "", "", "", ""]
+                continue
+            rule = at.get((cfg, s, RULE, steps, target))
+            vs = "" if rule is None or method == RULE or target is None else f"{100 * (p['fd'] / rule['fd'] - 1):+.1f}%"
+            lazy = "-" if target is None else f"{p['lazy_ratio']:.0%}"
+            cells += [lazy, f"{p['macs_vs_ddim']:.2f}", f"{p['fd']:.3f}", f"{p['accuracy']:.1%}", vs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables():
     """[(file the table appears in, its lines)]"""
     current, first = load(CURRENT), load(FIRST)
-    return [("README.md", short_table(current)), ("docs/lazy.md", full_table(current)),
-            ("docs/lazy.md", full_table(first)), ("docs/lazy.md", analysis_similarity_table()),
-            ("docs/lazy.md", analysis_layer_table()), ("docs/lazy.md", analysis_fit_table())] + \
-        ([("docs/lazy.md", oracle_table(load(ORACLE)))] if os.path.isfile(os.path.join(DOCS, "data", ORACLE)) else [])
+    out = [("README.md", short_table(current)), ("docs/lazy.md", full_table(current)),
+           ("docs/lazy.md", full_table(first)), ("docs/lazy.md", analysis_similarity_table()),
+           ("docs/lazy.md", analysis_layer_table()), ("docs/lazy.md", analysis_fit_table())]
+    if os.path.isfile(os.path.join(DOCS, "data", ORACLE)):
+        out.append(("docs/lazy.md", oracle_table(load(ORACLE))))
+    if os.path.isfile(os.path.join(DOCS, "data", FRONTIER)):
+        out.append(("docs/lazy.md", frontier_table(frontier_points(load(FRONTIER)))))
+    return out
 
 
 def check():

@@ -231,6 +231,9 @@ def test_stats_ratios_macs_and_heatmap(params, tmp_path):
     spent, full = stats.macs()
     assert full == STEPS * rows * full_step_macs(CFG)
     assert spent == full - rows * (9 * m["attn"] + 10 * m["mlp"])    # no gates: nothing scored
+    evals = STEPS * CFG.depth * rows                                  # per kind
+    reused = rows * (9 * m["attn"] + 10 * m["mlp"])
+    assert stats.macs_lazy_ratio == pytest.approx(reused / (evals * (m["attn"] + m["mlp"])))
     summary = stats.summary()
     assert summary["macs_ratio"] == pytest.approx(spent / full) and len(summary["by_layer"]) == CFG.depth
     path = stats.heatmap(tmp_path / "fig4.png")

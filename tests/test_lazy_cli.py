@@ -76,32 +76,58 @@ def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
     assert read_safetensors(state)[1]["iteration"] == "4" and not os.path.exists(files / "nan.safetensors")
 
 
+@pytest.mark.parametrize("recipe", ["x-norm", "chain"])
+def test_recipes_with_a_macs_budget_train_on_until_within_it(files, recipe):
+    out = files / f"{recipe}.safetensors"
+    assert main(_argv(files, out) + ["--recipe", recipe, "--iters", "2", "--target-ratio", "0.6"]) == 0
+    model = tl.io.load_dit(str(files / "tiny.safetensors"))
+    facts = tl.load_gates(out, model).training
+    assert facts["recipe"] == recipe and facts["budget"] == "macs" and facts["all_steps"]
+    assert 2 <= facts["iterations"] <= 4                                 # on, at most as long again
+    check = GateTrainer(model, np.zeros((4, 1, 8, 8)), np.zeros(4, int), 6, batch=4)
+    check.gates = tl.load_gates(out, model)
+    within = check.measure(num=32, seed=2).macs_lazy_ratio >= 0.6        # the budget check: 32 samples, seed + 2
+    assert within or facts["iterations"] == 4                            # it stops early only within the budget
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "1"], "--steps must be an integer in 2..1000, got 1"),
     (["--target-ratio", "1.5"], "--target-ratio must lie in"),
     (["--resume"], "no training state"),
     (["--data", "nowhere.npz"], "no such file"),
 ])
-def test_usage_errors(files, extra, message):
-    argv = _argv(files, files / "err.safetensors") + extra
-    r = subprocess.run([sys.executable, SCRIPT] + argv, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_usage_errors(files, capsys, extra, message):
+    """In this process: main() is what the console command and examples/train_gates.py run (tests/test_cli.py
+    checks the convention of each command's process once)."""
+    assert main(_argv(files, files / "err.safetensors") + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(files / "err.safetensors")
 
 
-def test_sample_lazy_finds_the_gates_for_the_step_count(files, tmp_path):
+def test_the_example_script_runs_under_the_convention():
+    """examples/train_gates.py is a thin wrapper over main(): one process, to see that it is."""
+    r = subprocess.run([sys.executable, SCRIPT, "--steps", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: --steps must be an integer in 2..1000, got 1") \
+        and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_sample_lazy_finds_the_gates_for_the_step_count(files, tmp_path, monkeypatch, capsys):
+    from tinylazy.sample import main as sample
     weights = str(files / "tiny.safetensors")
-    sample = os.path.join(ROOT, "examples", "sample.py")
-    run = lambda *extra: subprocess.run([sys.executable, sample, "--weights", weights, "--out",
-                                         str(tmp_path / "s.png"), "--lazy", *extra],
-                                        capture_output=True, text=True, cwd=tmp_path)
-    r = run("--steps", "6")
-    assert r.returncode == 2 and "no LazyDiT gates for 6 steps" in r.stderr and "tinylazy train-gates" in r.stderr
+    monkeypatch.chdir(tmp_path)                    # where --lazy looks first, then beside the weights
+
+    def run(*extra):
+        code = sample(["--weights", weights, "--out", str(tmp_path / "s.png"), "--lazy", *extra])
+        return code, capsys.readouterr().err
+    code, err = run("--steps", "6")
+    assert code == 2 and "no LazyDiT gates for 6 steps" in err and "tinylazy train-gates" in err
     model = tl.io.load_dit(weights)
     gates = tl.LazyGates.zeros(model, 6)
     gates.attn[:4] = -1.0                          # non-zero gates: some modules reuse their cache
     tl.save_gates(gates, tl.lazy.gates_file(weights, 6))
-    r = run("--steps", "6")
-    assert r.returncode == 0, r.stderr
-    assert "LazyDiT: lazy ratio" in r.stderr and os.path.isfile(tmp_path / "s.png")
-    r = run("--steps", "8")
-    assert r.returncode == 2 and "gates exist for --steps 6" in r.stderr
+    code, err = run("--steps", "6")
+    assert code == 0, err
+    assert "LazyDiT: lazy ratio" in err and os.path.isfile(tmp_path / "s.png")
+    code, err = run("--steps", "8")
+    assert code == 2 and "gates exist for --steps 6" in err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinylazy as tl
-from tinylazy.lazy_train import GateTrainer, ddim_eps_gain, lazy_loss, teacher_step
+from tinylazy.lazy_train import GateTrainer, ddim_eps_gain, lazy_loss, teacher_step, trajectory_loss
 
 CFG = tl.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
 STEPS, INDEX, B = 10, 5, 3                     # x_t at respaced index 5, gates of index 4
@@ -70,6 +70,38 @@ def test_gate_gradients_match_central_differences(setup):
     num = (_loss(s, {k: s["w"][k] + 1e-6 * v[k] for k in v}, out_weight=weight)["loss"]
            - _loss(s, {k: s["w"][k] - 1e-6 * v[k] for k in v}, out_weight=weight)["loss"]) / 2e-6
     assert abs(sum(float((res["grads"][k] * v[k]).sum()) for k in v) - num) <= 1e-6 * abs(num)
+
+
+def test_trajectory_loss_is_the_guided_eps_error_and_its_gradient(setup):
+    """The chain recipe's loss: the eps error of the guided output the sampler uses (the official
+    forward_with_cfg, guidance on 3 of the 4 eps channels, the fourth the cond row's own), weighted,
+    plus the lazy terms over all model rows; its gradient against central differences."""
+    s, model = setup, setup["model"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 8, 8))
+    rows_x, t, rows_y = np.concatenate([x, x]), np.full(4, 333), np.array([1, 7, 10, 10])
+    caches = {k: c[[0, 1, 2, 0]] + 0.1 for k, c in s["caches"].items()}
+    target, scale, weight = model(rows_x, t, rows_y), 1.5, 0.7
+    loss = lambda w, backward=False: trajectory_loss(model, rows_x, t, rows_y, caches, w, *RHO, target, scale,  # noqa
+                                                     weight, backward)
+    res = loss(s["w"], backward=True)
+    cached = lambda l, kind, z, cache=None: caches[(l, kind)]                     # noqa: E731
+
+    def guided(branch):
+        w = s["w"]
+        def soft(l, kind, z, cache=None):
+            sc = tl.lazy.gate_score(z, w[kind][l])[:, None, None]
+            return model.branch(l, kind, z) * sc + cached(l, kind, z) * (1 - sc)
+        return model.forward_with_cfg(rows_x, t, rows_y, scale, branch=soft if branch else None)[:2, :4]
+    err = (guided(True) - guided(False)) * weight
+    assert res["mse"] == pytest.approx(float((err ** 2).mean()), rel=1e-12)
+    lazy = res["scores"].sum(1).mean(0)
+    assert res["loss"] == pytest.approx(res["mse"] + RHO[0] * lazy[0] + RHO[1] * lazy[1], rel=1e-12)
+    for _ in range(3):
+        v = {k: rng.standard_normal(a.shape) for k, a in s["w"].items()}
+        num = (loss({k: s["w"][k] + 1e-6 * v[k] for k in v})["loss"]
+               - loss({k: s["w"][k] - 1e-6 * v[k] for k in v})["loss"]) / 2e-6
+        assert abs(sum(float((res["grads"][k] * v[k]).sum()) for k in v) - num) <= 1e-6 * abs(num)
 
 
 def test_gate_gradients_match_torch_autograd(setup):
@@ -162,7 +194,8 @@ def _trainer(model, **kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"all_steps": True, "target_ratio": 0.4, "calib_every": 2, "calib_samples": 2,
-                                 "loss": "x"}])
+                                 "loss": "x"},
+                                {"all_steps": True, "trajectory": True, "loss": "x-norm", "target_ratio": 0.4, "budget": "macs"}])
 def test_resume_continues_bit_for_bit(setup, tmp_path, kw):
     model = tl.DiT(CFG, setup["params"], dtype="float32")
     straight = _trainer(model, **kw)

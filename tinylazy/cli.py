@@ -115,11 +115,17 @@ def main(argv=None):
 
 def run_command(name, argv=None, prog=None):
     """Parse ``argv`` for command ``name`` and run it under the convention; returns the exit status."""
+    return run_module(COMMANDS[name][0], argv, prog or f"tinylazy {name}")
+
+
+def run_module(module, argv=None, prog=None):
+    """``run_command`` for any module that has ``add_arguments`` and ``run`` (a module name or the module
+    itself, e.g. a benchmark script's own ``sys.modules[__name__]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
-    module = args = None
+    args = None
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        parser = ArgumentParser(prog=prog or f"tinylazy {name}", description=module.__doc__,
+        module = importlib.import_module(module) if isinstance(module, str) else module
+        parser = ArgumentParser(prog=prog, description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)
         args = parser.parse_args(argv)

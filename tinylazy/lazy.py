@@ -478,6 +478,15 @@ class LazyStats:
     def ratio_by_kind(self):
         return {kind: self._ratio(self.skips[..., j], self.evals[..., j]) for j, kind in enumerate(KINDS)}
 
+    @property
+    def macs_lazy_ratio(self):
+        """The lazy ratio weighted by cost: the modules' MACs reused / all the modules' MACs (an MLP
+        costs more than attention on small images); equal to ``lazy_ratio`` when both kinds are reused
+        alike, as by the rules."""
+        m = module_macs(self.config)
+        cost = np.array([m[kind] for kind in KINDS], dtype=np.float64)
+        return self._ratio((self.skips.sum((0, 1)) * cost), (self.evals.sum((0, 1)) * cost))
+
     def ratio_by_layer(self):
         """(depth, 2): the lazy ratio of each layer's attention and MLP over all steps."""
         return self.skips.sum(0) / np.maximum(self.evals.sum(0), 1)

@@ -2,6 +2,7 @@
 
     tinylazy train-gates                          # the bundled digits model, 20 steps, a few minutes
     tinylazy train-gates --steps 10 --target-ratio 0.3
+    tinylazy train-gates --recipe x-norm          # a recipe beyond the paper's (docs/lazy.md measures them)
     tinylazy train-gates --resume                 # continue an interrupted run
 
 Writes ``<model>.gates-ddim<steps>.safetensors`` in the current folder (official gate names,
@@ -20,9 +21,12 @@ import zipfile
 import numpy as np
 
 from . import cli
+from .lazy_train import LOSSES, RECIPES
 from .resources import DEFAULT_MODEL
 
 STATE_SUFFIX = ".train-state.safetensors"
+CHAIN_ITERS = 40                       # sampling runs of the chain recipe: about the compute of 500 official iterations
+BUDGET_SAMPLES = 32                    # the guided samples that check a MACs budget after --iters
 
 
 def _ratio(v):
@@ -46,19 +50,28 @@ def add_arguments(p):
     p.add_argument("--target-ratio", type=_ratio, default=0.5,
                    help="search rho for this lazy ratio of a sampling run, in [0, 1): every 25 iterations 8 guided "
                         "samples are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
-                        "'none' keeps rho fixed (default: 0.5)")
+                        "'none' keeps rho fixed (default: 0.5).  The x-norm and chain recipes steer the share of the "
+                        "modules' MACs reused instead (a compute budget, as the rules'), and after --iters train on "
+                        f"(at most as long again) until {BUDGET_SAMPLES} guided samples reuse at least this share")
+    p.add_argument("--recipe", choices=list(RECIPES), default="official",
+                   help="how the gates are trained (default: official, the paper's); the others are extensions "
+                        "measured in docs/lazy.md: " + "; ".join(f"{k}: {v[1]}" for k, v in RECIPES.items()))
     p.add_argument("--all-steps", action="store_true",
-                   help="extension beyond the paper: train the gates of every step (any t >= 1), not only the "
-                        "official odd-t draw, which caps the lazy ratio at 50%%")
-    p.add_argument("--loss", choices=("official", "x"), default="official",
-                   help="official: MSE over every output channel (eps and variance) at x_next; x (extension): the "
-                        "error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
-                        "step's d x_prev / d eps (default: official)")
-    p.add_argument("--iters", type=n(int, 1), default=500, help="training iterations (default: 500, as official)")
+                   help="train the gates of every step (any t >= 1), not only the official odd-t draw, which caps "
+                        "the lazy ratio at 50%% (--recipe all-steps)")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="override the recipe's loss: official: MSE over every output channel (eps and variance); x: "
+                        "the error the reuse causes in the next DDIM latent, i.e. the eps channels weighted by that "
+                        "step's d x_prev / d eps; x-norm: x with the gains divided by their RMS over the trained steps")
+    p.add_argument("--iters", type=n(int, 1),
+                   help=f"training iterations (default: 500, as official; {CHAIN_ITERS} sampling runs for the chain "
+                        f"recipe)")
     p.add_argument("--lr", type=n(float, 0, 1, low_open=True), default=1e-4,
                    help="AdamW learning rate, in (0, 1] (default: 1e-4, the official run script's; larger rates "
                         "saturate the token-summed scores within a few updates)")
-    p.add_argument("--batch", type=n(int, 1), default=16, help="batch size (default: 16)")
+    p.add_argument("--batch", type=n(int, 1),
+                   help="batch size (default: 16; for the chain recipe 8 samples per sampling run, 16 model rows "
+                        "when guided)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seed of batches, label drop, timesteps, noise (default: 0)")
     p.add_argument("--out", help="output gates file (default: <model>.gates-ddim<steps>.safetensors in the current "
                                  "folder)")
@@ -66,8 +79,8 @@ def add_arguments(p):
                    help="replace an existing --out (shipped gates included) and start over a run whose training "
                         "state is there")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train-state.safetensors")
-    p.add_argument("--checkpoint-every", type=n(int, 1), default=50,
-                   help="iterations between training states (default: 50)")
+    p.add_argument("--checkpoint-every", type=n(int, 1),
+                   help="iterations between training states (default: 50; 5 for the chain recipe)")
     p.add_argument("--eval-samples", type=n(int, 0), default=32,
                    help="samples drawn at the end (cfg 1.5) to measure the lazy ratio (default: 32; 0 = skip)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -106,8 +119,21 @@ def load_data(spec, model):
     return np.asarray(arrays["images"], dtype=np.float32), labels.astype(np.int64)
 
 
+def recipe_settings(args):
+    """GateTrainer keywords of --recipe, --all-steps and --loss."""
+    kw = dict(RECIPES[args.recipe][0])
+    kw["all_steps"] |= args.all_steps
+    if args.loss is not None:
+        kw["loss"] = args.loss
+    return kw
+
+
 def check_args(args):
     """Everything that needs no training: numbers, extras, the inputs, the output and the state file."""
+    chain = RECIPES[args.recipe][0]["trajectory"]
+    args.iters = args.iters or (CHAIN_ITERS if chain else 500)
+    args.checkpoint_every = args.checkpoint_every or (5 if chain else 50)
+    args.batch = args.batch or (8 if chain else 16)
     if args.target_ratio is not None and not 0 <= args.target_ratio < 1:
         raise cli.UsageError(f"--target-ratio must lie in [0, 1), got {args.target_ratio}")
     if args.target_ratio is not None and args.rho_attn + args.rho_mlp == 0:
@@ -137,13 +163,12 @@ def run(args):
     import tinylazy as tl
     from .io import load_dit
     from .lazy_train import GateTrainer
-    from .progress import Progress
     weights = check_args(args)
     model = load_dit(weights, dtype=args.dtype)
     images, labels = load_data(args.data, model)
     try:
         trainer = GateTrainer(model, images, labels, args.steps, args.rho_attn, args.rho_mlp, args.lr, args.batch,
-                              args.seed, all_steps=args.all_steps, target_ratio=args.target_ratio, loss=args.loss)
+                              args.seed, target_ratio=args.target_ratio, **recipe_settings(args))
     except ValueError as e:
         raise cli.UsageError(str(e)) from e
     if args.resume:
@@ -152,26 +177,24 @@ def run(args):
         except ValueError as e:
             raise cli.UsageError(f"--resume: {e}") from e
         print(f"resuming at iteration {trainer.iteration} from {args.state}", file=sys.stderr)
-    print(f"{model} from {weights}; gates for {args.steps} DDIM steps "
-          f"({'all steps' if args.all_steps else 'official odd-t recipe'}), {len(images)} images", file=sys.stderr)
+    print(f"{model} from {weights}; gates for {args.steps} DDIM steps ({trainer.recipe} recipe), "
+          f"{len(images)} images", file=sys.stderr)
 
     t0 = time.perf_counter()
-    bar = Progress(range(trainer.iteration, args.iters), desc="gates")
-    for _ in bar:
-        res = trainer.step()
-        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
-                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
-            kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
-            raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
-                               f"{kept}; lower --lr (now {args.lr:g})")
-        lazy = "-" if trainer.measured is None else f"{trainer.measured:.1%}"
-        bar.set_postfix(loss=res["loss"], mse=res["mse"], lazy=lazy, rho=trainer.rho()[0])
-        if trainer.iteration % args.checkpoint_every == 0 and trainer.iteration < args.iters:
-            trainer.save(args.state)
+    train(trainer, args.iters, args)
+    budget = trainer.settings["budget"] == "macs" and args.target_ratio is not None
+    while budget and trainer.iteration < 2 * args.iters:                  # a MACs budget is a ceiling
+        check = trainer.measure(num=BUDGET_SAMPLES, seed=args.seed + 2)
+        if check.macs_lazy_ratio >= args.target_ratio:
+            break
+        print(f"{BUDGET_SAMPLES} guided samples reuse {check.macs_lazy_ratio:.1%} of the modules' MACs, under the "
+              f"budget's {args.target_ratio:.0%}: training on", file=sys.stderr)
+        train(trainer, min(2 * args.iters, trainer.iteration + (1 if trainer.settings["trajectory"] else
+                                                                 trainer.settings["calib_every"])), args)
     facts = trainer.training_facts()
     facts.update(data=args.data if args.data == "digits" else os.path.basename(args.data),
                  weights=os.path.basename(weights))
-    print(f"trained {args.iters} iterations in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"trained {trainer.iteration} iterations in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.eval_samples > 0:
         stats = trainer.measure(num=args.eval_samples, seed=args.seed + 2)
         facts.update(measured_ratio=stats.lazy_ratio, measured_attn=stats.ratio_by_kind()["attn"],
@@ -181,6 +204,23 @@ def run(args):
     if os.path.exists(args.state):
         os.unlink(args.state)
     print(f"wrote {args.out}")
+
+
+def train(trainer, until, args):
+    """Train to iteration ``until``, checking for divergence and saving the training state on the way."""
+    from .progress import Progress
+    bar = Progress(range(trainer.iteration, until), desc="gates")
+    for _ in bar:
+        res = trainer.step()
+        if not (np.isfinite(res["loss"]) and np.isfinite(trainer.gates.attn).all()
+                and np.isfinite(trainer.gates.mlp).all()):           # checked before any state or gates are saved
+            kept = f"the training state {args.state} is kept" if os.path.isfile(args.state) else "nothing was written"
+            raise cli.RunError(f"gate training diverged at iteration {trainer.iteration} (loss {res['loss']}); "
+                               f"{kept}; lower --lr (now {args.lr:g})")
+        lazy = "-" if trainer.measured is None else f"{trainer.measured:.1%}"
+        bar.set_postfix(loss=res["loss"], mse=res["mse"], lazy=lazy, rho=trainer.rho()[0])
+        if trainer.iteration % args.checkpoint_every == 0 and trainer.iteration < 2 * args.iters:
+            trainer.save(args.state)
 
 
 def resume_hint(args):
