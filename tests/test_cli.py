@@ -110,6 +110,16 @@ print([main(argv) for argv in (['train', '--out', 'run'], ['train-gates'], ['met
 """
 
 
+def test_train_refuses_a_damaged_checkpoint_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("run")
+    (tmp_path / "run" / T.CHECKPOINT).write_bytes(b"\xff" * 64)
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["train", "--out", "run", "--resume", *TINY_TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "checkpoint.safetensors" in err, err
+
+
 def test_train_creates_the_folder_of_its_export(files, tmp_path, monkeypatch):
     # the export's folder is checked to be creatable up front, and made by the run (it used to fail
     # at the end, after all the training)

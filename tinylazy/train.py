@@ -452,6 +452,10 @@ def check_args(args):
         raise cli.UsageError(f"--resume: no checkpoint at {ckpt} (nothing to resume); drop --resume to start")
     if not args.resume and os.path.exists(ckpt):
         raise cli.UsageError(f"{ckpt} exists: add --resume to continue that run, or give another --out")
+    if args.resume:                      # its header and format now, not after the data has loaded
+        from .io import ResumeCheckpoint
+        with ResumeCheckpoint(ckpt, CHECKPOINT_FORMAT):
+            pass
     args.export = args.export or os.path.join(args.out, "ema.safetensors")
     cli.output_file(args.export, "--export", (".safetensors",), inputs={"the checkpoint": ckpt}, force=args.force,
                     create_folder=True)
