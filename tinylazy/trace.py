@@ -330,9 +330,8 @@ def load_trace(path):
     NaN and Inf are kept (a broken backend's trace must still be comparable).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise TraceError(f"{path}: no such file" if not os.path.exists(path) else
-                         f"{path} is not a regular file (a folder, a FIFO or a device)")
+    if not os.path.exists(path):
+        raise TraceError(f"{path}: no such file")          # a folder or a FIFO: io.open_regular names it
     try:
         f = SafetensorsFile(path)
     except WeightsError as e:

@@ -335,9 +335,11 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
             return os.path.join(out_dir, "samples", f"step_{s:06d}.png")
         return None
 
-    def samples(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sample_grid(tr, path)
+    def samples(s):
+        path = grid(s)
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sample_grid(tr, path)
 
     log_path = os.path.join(out_dir, "log.jsonl")
     _trim_log(log_path, tr.step_count)
@@ -345,7 +347,7 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
     window = []
     saved = tr.step_count if resume else None
     if resume and grid(saved) and not os.path.exists(grid(saved)):
-        samples(grid(saved))           # killed while writing the checkpointed step's grid: write it now
+        samples(saved)                 # killed while writing the checkpointed step's grid: write it now
 
     def diverged(what):
         kept = f"the checkpoint of step {saved} in {ckpt} is kept" if saved is not None else "no checkpoint was written"
@@ -373,8 +375,7 @@ def train(recipe, out_dir, resume=False, ckpt_every=250, sample_every=500, log_e
                     raise diverged("the weights are not finite")
                 tr.save_checkpoint(ckpt)
                 saved = s
-            if grid(s):
-                samples(grid(s))
+            samples(s)
             if callback is not None:
                 callback(tr)
     finally:
