@@ -51,7 +51,7 @@ def _cases(f):
         (["sample", "--weights", m, "--out", "missing/x.png"], "does not exist; create it first"),
         (["sample", "--weights", m, "--out", f / "folder.png"], "is a folder; give a file name in it"),
         (["sample", "--weights", m, "--out", "x.txt"], "unknown extension '.txt'; give a .png file"),
-        (["sample", "--weights", m, "--out", "/proc/x.png"], "cannot write in /proc"),
+        (["sample", "--weights", m, "--out", "/proc/x.png"], "cannot write in /proc (it is not writable)"),
         (["sample", "--weights", m, "--lazy"], "no LazyDiT gates for 20 steps"),
         (["sample", "--gates", bundled_gates, "--steps", "10"], "gates were made for 20"),    # one line, no info
         (["sample", "--seed", "-1"], "--seed must be an integer in 0..18446744073709551615, got -1"),
@@ -81,6 +81,7 @@ def _cases(f):
         (["golden", "compare", "a.safetensors", "b.safetensors"], "REF a.safetensors: no such file"),
         (["golden", "compare", m, m], "m.safetensors: "),                      # a TraceError
         (["golden", "goldens"], "--dir tests/golden: no such folder"),
+        (["golden", "goldens", "--weights", old, "--dir", f], "cannot load the DiT from"),   # not its gates
         (["golden"], "the following arguments are required"),
         (["metrics", "--num", "2"], "--num must be an integer >= 4, got 2"),
         (["metrics", "--weights", m, "--save", "s.txt"], "unknown extension '.txt'"),

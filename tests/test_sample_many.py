@@ -349,6 +349,7 @@ def test_existing_cluster_writes_the_same_bytes_even_when_a_worker_dies(clean, d
     (("--lazy", "--steps", 7), "no gates for 7 steps"),
     (("--classes", 3, 10), "unknown class id 10"),
     (("--workers", 2, "--scheduler", "tcp://127.0.0.1:1"), "not allowed with argument"),
+    (("--scheduler", "tcp://127.0.0.1:1"), "nothing listens on port 1 of 127.0.0.1"),    # at once, no 20 s wait
     pytest.param(("--backend", "cupy"), "--backend cupy: no CuPy GPU",
                  marks=pytest.mark.skipif(cupy_available(), reason="this machine has a CuPy GPU")),
 ])

@@ -27,6 +27,7 @@ A command is a module with ``add_arguments(parser)`` (its options, on an ``Argum
 Its ``main(argv=None)`` is ``run_command(name, argv)``, which ``python -m tinylazy.<module>`` calls.
 """
 import argparse
+import errno
 import importlib
 import importlib.util
 import math
@@ -313,5 +314,5 @@ def _check_folder(folder, option, path):
     try:
         atomic.probe_folder(folder)
     except OSError as e:
-        raise UsageError(f"{option} {path}: cannot write in {folder} ({e.strerror or e}); "
-                         f"choose a writable folder") from None
+        why = "it is not writable" if e.errno == errno.ENOENT else (e.strerror or str(e)).lower()
+        raise UsageError(f"{option} {path}: cannot write in {folder} ({why}); choose a writable folder") from None

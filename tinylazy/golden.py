@@ -660,6 +660,10 @@ def _goldens(args):
     if not os.path.isdir(args.dir):
         raise cli.UsageError(f"--dir {args.dir}: no such folder (run from the checkout's root, where tests/golden "
                              f"is, or pass --dir)")
+    try:                       # a damaged weights file is named before its (then missing) gates are
+        load_dit(weights)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise cli.UsageError(f"cannot load the DiT from {weights}: {e}") from e
     names = [n for n in GOLDENS if args.only is None or n.startswith(args.only + ".")]
     inputs = {"--weights": weights, "the gates": gates_file(weights, LAZY_GOLDEN_STEPS)}
     for name in names:

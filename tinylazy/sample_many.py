@@ -173,6 +173,22 @@ def _local_environ():
         os.environ.update(saved)
 
 
+def _refuses_connections(address):
+    """Raise ConnectionRefusedError if a tcp:// (or bare host:port) address has nothing listening.
+
+    Other protocols, names that do not resolve and slow hosts are left to Dask's own connect."""
+    m = re.fullmatch(r"(?:tcp://)?\[?([^\[\]/]+?)\]?:(\d{1,5})/?", address)
+    if m is None:
+        return
+    import socket
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=CONNECT_TIMEOUT / 4).close()
+    except ConnectionRefusedError:
+        raise ConnectionRefusedError(f"nothing listens on port {m.group(2)} of {m.group(1)}") from None
+    except (OSError, ValueError, OverflowError):
+        return
+
+
 @contextlib.contextmanager
 def cluster_client(workers=None, scheduler=None, log=None):
     """A ``distributed.Client``: on the cluster at ``scheduler``, or on a new in-process LocalCluster
@@ -191,12 +207,14 @@ def cluster_client(workers=None, scheduler=None, log=None):
                 f"at {cluster.scheduler_address}")
             yield client
         return
+    unreachable = (f"start one with `dask scheduler` and workers with `{THREADS_ENV}=1 dask worker ADDRESS "
+                   f"--nthreads 1`")
     try:
+        _refuses_connections(scheduler)       # nothing listening: say so at once (Dask retries for the timeout)
         client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as e:
-        raise UsageError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({e}); start one with "
-                         f"`dask scheduler` and workers with `{THREADS_ENV}=1 dask worker ADDRESS "
-                         f"--nthreads 1`") from None
+        raise UsageError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({e}); {unreachable}") \
+            from None
     with client:
         try:
             setup = client.run(worker_setup)
