@@ -90,7 +90,7 @@ def test_sdpa_fast(small_chunks, rng, B, H, T, Dh):
     assert rel_err(ops.sdpa_forward(q_big, k, v), ops.sdpa_forward(*(a.astype(np.float64) for a in (q_big, k, v)))) < 1e-5
 
 
-@pytest.mark.parametrize("B, T, D", [(3, 37, 24), (1, 37, 24), (2, 5, 200)])
+@pytest.mark.parametrize("B, T, D", [(3, 37, 24), (1, 37, 24), (2, 5, 200), (23, 3, 8)])   # last: whole samples per block
 def test_layernorm_modulate(small_chunks, rng, B, T, D):
     x, shift, scale = f32(rng, B, T, D, scale=3.0) + 1, f32(rng, B, D), f32(rng, B, D)
     z = ops.layernorm_modulate_forward(x, shift, scale)
