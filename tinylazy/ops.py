@@ -498,12 +498,6 @@ def sdpa_forward(q, k, v, return_lse=False, out=None):
     o = empty(q.shape, dtype) if out is None else out
     lse = empty(q.shape[:-1] + (1,), dtype)
     split = _pool_blocks(q)
-    if _fast32(q, k, v) and return_lse:
-        rowwise(lambda *blocks: _sdpa_fast_kernel(*blocks, scale), *(split(a) for a in (o, lse, q, k, v)))
-        return o, lse
-    if _fast32(q, k, v):
-        rowwise(lambda oo, *blocks: _sdpa_fast_kernel(oo, None, *blocks, scale), *(split(a) for a in (o, q, k, v)))
-        return o
     rowwise(lambda *blocks: _sdpa_kernel(*blocks, scale), *(split(a) for a in (o, lse, q, k, v)))
     return (o, lse) if return_lse else o
 
@@ -578,14 +572,12 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
 #    and modulate run as one pass; the same ops in the same order as the kernels above: the
 #    same bits.  Smaller sub-blocks lose more than they gain: each NumPy call hands the GIL
 #    to the other thread and back (a 64 KB tanh ran 0.7x slower on two threads than on one).
-#  - Attention forms the scores transposed, s^T = k (q / sqrt(Dh))^T (the same dot products),
-#    so that its row maxima are a reduction across rows of a contiguous array (vectorised),
-#    takes the softmax's sums z as a GEMV with ones and divides the output p v by z, (T, Dh),
-#    instead of p, (T, T): exp(s - m) v / z, the same softmax rounded differently
-#    (tests/test_ops_fast.py bounds it against float64).
+#  Attention keeps its kernel above (_sdpa_kernel): a softmax normalised after p v, with its
+#  row maxima as a reduction across rows of s^T, ran the op 1.05x faster on two threads but
+#  moved no whole forward measurably (leave-one-out A/B, docs/benchmarks.md), so its float32
+#  bits stay.  So no float32 bit of the forward moves.
 
 SUB_BYTES = 1 << 19                            # per operand of a sub-block of elementwise work (L2: 2 MB)
-SCORES_BYTES = 1 << 21                         # the scores of one attention chunk (8 heads of (256, 256))
 GEMM_SMALL_ROWS = 32                           # fewer input rows than this: split a GEMM by the weight's rows
 MLP_ROWS = 512                                 # rows per fc1 -> GELU -> fc2 chunk (DiT-S/2 b8: 256 measured 0-4% slower)
 GEMM_MIN_WORK = 1 << 20                        # multiply-adds of a GEMM worth the pool
@@ -674,37 +666,6 @@ def _mlp_fast(x2, w1, b1, w2, b2):
     parallel.run_all([(columns, c) for c in _column_cuts(F, parallel.NUM_THREADS)])
     _matmul_into(y, g, w2.T, b2)
     return y
-
-
-def _sdpa_fast_kernel(o, lse, q, k, v, scale):
-    """sdpa of a block (B', H', T, Dh), a chunk of (item, head) pairs of about SCORES_BYTES of
-    scores at a time: s^T = k (q scale)^T, m = max over its rows (the keys), p^T = exp(s^T - m),
-    z = 1 p^T, o = p v / z and lse = log z + m."""
-    T, Tk = q.shape[-2], k.shape[-2]
-    n1 = max(1, min(q.shape[1], SCORES_BYTES // (4 * T * Tk)))
-    n0 = max(1, SCORES_BYTES // (4 * T * Tk * q.shape[1])) if n1 == q.shape[1] else 1
-    lead = (min(n0, q.shape[0]), min(n1, q.shape[1]))
-    qs_buf, st_buf = np.empty(lead + q.shape[-2:], np.float32), np.empty(lead + (Tk, T), np.float32)
-    m_buf, z_buf = np.empty(lead + (1, T), np.float32), np.empty(lead + (1, T), np.float32)
-    ones = np.ones((1, Tk), np.float32)
-    for i in range(0, q.shape[0], n0):
-        for j in range(0, q.shape[1], n1):
-            c = (slice(i, i + n0), slice(j, j + n1))
-            a, h = q[c].shape[:2]
-            qs, st, m, z = (buf[:a, :h] for buf in (qs_buf, st_buf, m_buf, z_buf))
-            np.multiply(q[c], scale, out=qs)
-            np.matmul(k[c], qs.swapaxes(-1, -2), out=st)               # (Tk, T): s^T
-            np.max(st, axis=-2, keepdims=True, out=m)
-            st -= m
-            np.exp(st, out=st)
-            np.matmul(ones, st, out=z)                                 # (1, T): the row sums of p
-            oc = o[c]
-            np.matmul(st.swapaxes(-1, -2), v[c], out=oc)
-            oc /= z.swapaxes(-1, -2)
-            if lse is not None:
-                np.log(z, out=z)
-                z += m
-                lse[c] = z.swapaxes(-1, -2)
 
 
 def _sample_blocks(kernel, big, small):
