@@ -11,6 +11,10 @@ faster) with the quartiles of the per-repetition ratios, and tinylazy's GFLOP/s 
 peak measured in the same run.  ``--runs N`` repeats the whole measurement N times
 (``--pause`` seconds apart) and ends with a summary line per case.
 
+``--vs CHECKOUT``: also the tinylazy of another checkout, loaded beside this one and timed in
+the same interleaved repetitions (an A/B of two versions; prints whether the outputs agree bit
+for bit).
+
 ``--breakdown``: where the time of one tinylazy forward goes, per op (summed over the blocks)
 and per block, against the GEMM-only time of the same shapes: just the matmuls of one
 forward (every block's own weights, the same pool threads and the same splitting, no bias,
@@ -93,13 +97,30 @@ def interleaved(fns, reps):
 # ----------------------------------------------------------------------------
 # cases
 
-def make_case(name, cfg, B, torch_too=True):
+def load_other(path):
+    """The tinylazy package of another checkout (path/tinylazy), imported as ``tinylazy_vs``, so that
+    the two run interleaved in one process (--vs)."""
+    import importlib.util
+    init = os.path.join(path, "tinylazy", "__init__.py")
+    spec = importlib.util.spec_from_file_location("tinylazy_vs", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tinylazy_vs"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_case(name, cfg, B, torch_too=True, other=None):
     params = tl.init_params(cfg, seed=0, scheme="random")
     model = tl.DiT(cfg, params, dtype="float32")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
     t, y = rng.integers(0, 1000, B), rng.integers(0, cfg.num_classes, B)
     case = {"name": name, "cfg": cfg, "B": B, "model": model, "ours": lambda: model(x, t, y)}
+    if other is not None:
+        other_model = other.DiT(cfg, params, dtype="float32")
+        case["vs"] = lambda: other_model(x, t, y)
+        a, b = model(x, t, y), other_model(x, t, y)
+        case["vs_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
     if torch_too:
         import torch
         from torch_dit import TorchDiT
@@ -119,8 +140,9 @@ def run_cases(cases, peak, reps):
     results = {}
     for case in cases:
         fns = {"peak": lambda: peak_samples.append(peak.gflops()), "ours": case["ours"]}
-        if "theirs" in case:
-            fns["theirs"] = case["theirs"]
+        for k in ("theirs", "vs"):
+            if k in case:
+                fns[k] = case[k]
         peak_samples = []
         times = interleaved(fns, reps)
         peak_samples = peak_samples[1:]                    # the warm-up's
@@ -133,6 +155,10 @@ def run_cases(cases, peak, reps):
             r["theirs"] = times["theirs"]
             r["ratios"] = [b / a for a, b in zip(times["ours"], times["theirs"])]
             r["ratio"] = statistics.median(times["theirs"]) / ours
+        if "vs" in case:
+            r["vs"] = times["vs"]
+            r["vs_ratios"] = [b / a for a, b in zip(times["ours"], times["vs"])]
+            r["vs_diff"] = case["vs_diff"]
         results[case["name"]] = r
     return results
 
@@ -147,6 +173,13 @@ def print_run(results, cases):
             if "theirs" in r else "-"
         print(f"{case['name']:<24}{fmt(r['ours']):>24}{theirs:>24}{ratio:>20}{r['gflops']:>9.0f}"
               f"{fmt(r['peak'], digits=0):>20}{100 * r['frac']:>7.0f}%")
+    for case in cases:
+        r = results[case["name"]]
+        if "vs" in r:
+            q1, q2, q3 = quartiles(r["vs_ratios"])
+            same = "bit-identical outputs" if r["vs_diff"] == 0 else f"outputs differ by {r['vs_diff']:.1e} (max, relative)"
+            print(f"  --vs {case['name']}: {fmt(r['vs'])} s there; this checkout {statistics.median(r['vs']) / statistics.median(r['ours']):.3f}x "
+                  f"faster (per-repetition ratios {q1:.3f} {q2:.3f} {q3:.3f}); {same}")
 
 
 # ----------------------------------------------------------------------------
@@ -351,12 +384,21 @@ def main():
     ap.add_argument("--cases", default="s2,xl2", help="comma-separated: s2 (DiT-S/2 b8), xl2 (DiT-XL/2 b2)")
     ap.add_argument("--breakdown", action="store_true", help="per-op times against the GEMM-only time")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch (tinylazy and the peak only)")
+    ap.add_argument("--vs", metavar="CHECKOUT", help="also time the tinylazy of another checkout (e.g. a "
+                    "`git worktree add /tmp/old <commit>`), interleaved in the same process: an A/B")
     args = ap.parse_args()
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in wanted if c not in ("s2", "xl2")]
     if bad or not wanted or args.reps < 2 or args.runs < 1 or args.threads < 1 or args.xl_depth < 1:
         print(f"error: bad arguments (cases {bad or wanted}; reps >= 2, runs >= 1, threads >= 1, xl-depth >= 1); "
               "see --help", file=sys.stderr)
+        sys.exit(2)
+    if args.vs and not os.path.isfile(os.path.join(args.vs, "tinylazy", "__init__.py")):
+        print(f"error: --vs {args.vs}: no tinylazy/__init__.py there; give the root of a tinylazy checkout",
+              file=sys.stderr)
+        sys.exit(2)
+    if args.vs and args.breakdown:
+        print("error: --vs times whole forwards; leave out --breakdown", file=sys.stderr)
         sys.exit(2)
 
     torch_too = not args.no_torch and not args.breakdown
@@ -375,7 +417,12 @@ def main():
     print(f"threads {args.threads}; BLAS {blas}; {versions}; GEMMs split over the pool: {parallel.splits_gemms()}")
     spec = {"s2": ("DiT-S/2 b8", tl.get_config("DiT-S/2"), 8),
             "xl2": (f"DiT-XL/2 b2 ({args.xl_depth} blk)", tl.get_config("DiT-XL/2", depth=args.xl_depth), 2)}
-    cases = [make_case(*spec[c], torch_too=torch_too) for c in wanted]
+    other = None
+    if args.vs:
+        other = load_other(args.vs)
+        other.parallel.set_num_threads(args.threads)
+        print(f"--vs: {other.__file__}")
+    cases = [make_case(*spec[c], torch_too=torch_too, other=other) for c in wanted]
     peak = Peak()
 
     if args.breakdown:
