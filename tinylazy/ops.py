@@ -571,7 +571,8 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
 #    wrote them, so that its passes (9 for the GELU) read L2 instead of memory, and LayerNorm
 #    and modulate run as one pass; the same ops in the same order as the kernels above: the
 #    same bits.  Smaller sub-blocks lose more than they gain: each NumPy call hands the GIL
-#    to the other thread and back (a 64 KB tanh ran 0.7x slower on two threads than on one).
+#    to the other thread and back (two threads got through 0.73x the work of one in 64 KB
+#    tanh calls, 1.4-1.7x in 256-512 KB ones).
 #  Attention keeps its kernel above (_sdpa_kernel): a softmax normalised after p v, with its
 #  row maxima as a reduction across rows of s^T, ran the op 1.05x faster on two threads but
 #  moved no whole forward measurably (leave-one-out A/B, docs/benchmarks.md), so its float32
@@ -642,7 +643,7 @@ def _gelu_scratch(cols):
 
 def _mlp_fast(x2, w1, b1, w2, b2):
     """fc2(gelu_tanh(fc1(x))) for x2 (N, D), the output only.  With more rows than hidden units
-    each thread runs its rows through fc1, the GELU and fc2, GEMM_MIN_ROWS rows at a time;
+    each thread runs its rows through fc1, the GELU and fc2, MLP_ROWS rows at a time;
     otherwise fc1 is split by its weight's columns, each thread applying the GELU to its own
     columns as soon as its GEMM is done, and fc2 as any GEMM."""
     N, F = x2.shape[0], w1.shape[0]
