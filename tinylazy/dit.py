@@ -371,6 +371,8 @@ class DiT(DiTSchema):
         """modulate(LN(x), shift, scale): the input Z of a branch (and of its lazy gate).
 
         cache: xhat = LN(x) (B, T, D), rstd (B, T, 1), scale (B, D)."""
+        if cache is None:                          # one pass, the same bits (ops: the float32 fast path)
+            return ops.layernorm_modulate_forward(x, shift, scale)
         xhat, rstd = ops.layernorm_forward(x, return_rstd=True)
         if cache is not None:
             cache.update(xhat=xhat, rstd=rstd, scale=scale)

@@ -75,6 +75,8 @@ def mlp_forward(x, w1, b1, w2, b2, return_hidden=False, return_act=False):
     When GEMMs are split over the pool, each pool thread runs its rows through fc1, the
     GELU and fc2 a chunk at a time, so that what is not asked for never leaves the cache."""
     lead = x.shape[:-1]
+    if not (return_hidden or return_act) and _fast32(x, w1, w2):
+        return _mlp_fast(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2).reshape(*lead, w2.shape[0]), None, None, None
     if not _split_gemms(x):
         h = linear_forward(x, w1, b1)
         g, s = gelu_tanh_forward(h, return_gate=True)
@@ -150,6 +152,9 @@ def _pooled_matmul(a, b, bias=None):
             y += bias
         return y
     out = empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    if _fast32(a, b):
+        _matmul_into(out, a, b, bias)
+        return out
     rowwise(lambda o, aa: _linear_kernel(o, aa, b, bias), out, a)
     return out
 
@@ -549,6 +554,160 @@ def sdpa_backward(dout, q, k, v, out, lse, grads_out=None):
     rowwise(lambda *blocks: _sdpa_backward_kernel(*blocks, scale),
             *(split(a) for a in (*grads_out, dout, q, k, v, out, lse)))
     return grads_out
+
+
+# ----------------------------------------------------------------------------
+# The float32 fast path of the forward (docs/benchmarks.md, "DiT forward"): the same math on
+# the pool as the ops above, arranged for this machine's two cores.  Used for NumPy float32
+# when GEMMs are split over the pool (parallel.SPLIT_GEMMS); float64 (the audit mode), CuPy
+# and another BLAS keep the plain ops above.
+#  - A GEMM is split where the other thread does not re-read what this one reads: by rows of
+#    the input when it has more rows than the weight has columns (DiT-S/2 at batch 8), by the
+#    weight's columns otherwise (DiT-XL/2 at batch 2, whose weights stream from memory), and
+#    by the weight's rows when only a few input rows meet a big weight (adaLN); every output
+#    element is the same dot product in the same order whatever the split (checked bit for bit
+#    on the DiT shapes), so the float32 bits of the linears do not move.
+#  - Elementwise work runs on sub-blocks of SUB_BYTES per operand, right after the GEMM that
+#    wrote them, so that its passes (9 for the GELU) read L2 instead of memory, and LayerNorm
+#    and modulate run as one pass; the same ops in the same order as the kernels above: the
+#    same bits.  Smaller sub-blocks lose more than they gain: each NumPy call hands the GIL
+#    to the other thread and back (two threads got through 0.73x the work of one in 64 KB
+#    tanh calls, 1.4-1.7x in 256-512 KB ones).
+#  Attention keeps its kernel above (_sdpa_kernel): a softmax normalised after p v, with its
+#  row maxima as a reduction across rows of s^T, ran the op 1.05x faster on two threads but
+#  moved no whole forward measurably (leave-one-out A/B, docs/benchmarks.md), so its float32
+#  bits stay.  So no float32 bit of the forward moves.
+
+SUB_BYTES = 1 << 19                            # per operand of a sub-block of elementwise work (L2: 2 MB)
+GEMM_SMALL_ROWS = 32                           # fewer input rows than this: split a GEMM by the weight's rows
+MLP_ROWS = 512                                 # rows per fc1 -> GELU -> fc2 chunk (DiT-S/2 b8: 256 measured 0-4% slower)
+GEMM_MIN_WORK = 1 << 20                        # multiply-adds of a GEMM worth the pool
+
+
+def _fast32(*arrays):
+    """Whether the float32 fast path applies to ``arrays`` (NumPy float32, GEMMs split over the pool)."""
+    return parallel.SPLIT_GEMMS and all(type(a) is np.ndarray and a.dtype == np.float32 for a in arrays)
+
+
+def _column_cuts(n, k, align=16):
+    """[0, n) in at most k ranges whose inner bounds are multiples of ``align`` (whole SIMD columns)."""
+    bounds = sorted({min(n, (n * i // k + align // 2) // align * align) for i in range(1, k)})
+    edges = [0] + [b for b in bounds if 0 < b < n] + [n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _matmul_into(out, a, b, bias=None):
+    """out = a @ b (+ bias), a (M, K), b (K, N), on the pool (see the section's comment)."""
+    (M, K), N = a.shape, b.shape[1]
+    k = parallel.NUM_THREADS
+    if k <= 1 or M * N * K < GEMM_MIN_WORK:
+        parallel.run_here(_linear_kernel, out, a, b, bias)
+        return
+    if M < GEMM_SMALL_ROWS and b.T.flags.c_contiguous:        # b = w.T: each thread its rows of w
+        def job(lo, hi):
+            out[:, lo:hi] = np.matmul(b.T[lo:hi], a.T).T          # (w a^T)^T: the same dot products
+            if bias is not None:
+                out[:, lo:hi] += bias[lo:hi]
+        parallel.run_all([(job, c) for c in _column_cuts(N, k)])
+    elif N > M:                                               # by the weight's columns
+        parallel.run_all([(_linear_kernel, (out[:, lo:hi], a, b[:, lo:hi], None if bias is None else bias[lo:hi]))
+                          for lo, hi in _column_cuts(N, k)])
+    else:                                                     # by the input's rows
+        parallel.run_all([(_linear_kernel, (out[lo:hi], a[lo:hi], b, bias)) for lo, hi in parallel.cuts(M, k)])
+
+
+def _gelu_rows(h, b, s, t):
+    """h <- gelu_tanh(h + b) in place (b may be None), len(s) rows at a time; s, t: scratch.
+    The ops of _linear_kernel's bias add and of _gelu_tanh_kernel: the same bits."""
+    r = s.shape[0]
+    for i in range(0, h.shape[0], r):
+        x = h[i:i + r]
+        ss, tt = s[:len(x)], t[:len(x)]
+        if b is not None:
+            x += b
+        np.multiply(x, x, out=ss)
+        np.multiply(x, GELU_C, out=tt)
+        ss *= tt
+        ss += x
+        ss *= GELU_K
+        np.tanh(ss, out=ss)
+        ss += 1
+        ss *= 0.5
+        np.multiply(ss, x, out=x)
+
+
+def _gelu_scratch(cols):
+    r = max(1, SUB_BYTES // (4 * cols))
+    return np.empty((r, cols), np.float32), np.empty((r, cols), np.float32)
+
+
+def _mlp_fast(x2, w1, b1, w2, b2):
+    """fc2(gelu_tanh(fc1(x))) for x2 (N, D), the output only.  With more rows than hidden units
+    each thread runs its rows through fc1, the GELU and fc2, MLP_ROWS rows at a time;
+    otherwise fc1 is split by its weight's columns, each thread applying the GELU to its own
+    columns as soon as its GEMM is done, and fc2 as any GEMM."""
+    N, F = x2.shape[0], w1.shape[0]
+    y = empty((N, w2.shape[0]), np.float32)
+    if N >= F or parallel.NUM_THREADS <= 1:
+        def rows(yy, xx):
+            n = min(MLP_ROWS, len(xx))
+            h, scratch = np.empty((n, F), np.float32), _gelu_scratch(F)
+            for i in range(0, len(xx), n):
+                hi = h[:len(xx[i:i + n])]
+                np.matmul(xx[i:i + n], w1.T, out=hi)
+                _gelu_rows(hi, b1, *scratch)
+                _linear_kernel(yy[i:i + n], hi, w2.T, b2)
+        rowwise(rows, y, x2)
+        return y
+    g = empty((N, F), np.float32)
+
+    def columns(lo, hi):
+        np.matmul(x2, w1.T[:, lo:hi], out=g[:, lo:hi])
+        _gelu_rows(g[:, lo:hi], b1[lo:hi], *_gelu_scratch(hi - lo))
+    parallel.run_all([(columns, c) for c in _column_cuts(F, parallel.NUM_THREADS)])
+    _matmul_into(y, g, w2.T, b2)
+    return y
+
+
+def _sample_blocks(kernel, big, small):
+    """kernel(*(a[b0:b1, t0:t1] for a in big), *(s[b0:b1, None] for s in small)) over blocks of
+    about SUB_BYTES, big: (B, T, D) arrays, small: (B, D): some tokens of one sample, or whole
+    samples; the blocks go to the pool threads in contiguous groups."""
+    B, T, D = big[0].shape
+    r = max(1, SUB_BYTES // (4 * D))                          # tokens per block
+    if r >= T:                                                 # whole samples per block
+        n = r // T
+        blocks = [(b, min(b + n, B), 0, T) for b in range(0, B, n)]
+    else:
+        blocks = [(b, b + 1, t, t + r) for b in range(B) for t in range(0, T, r)]
+
+    def run(group):
+        for b0, b1, t0, t1 in group:
+            kernel(*(a[b0:b1, t0:t1] for a in big), *(s[b0:b1, None] for s in small))
+    if parallel.NUM_THREADS <= 1 or big[0].size < parallel.MIN_WORK:
+        parallel.run_here(run, blocks)
+    else:
+        parallel.run_all([(run, (blocks[lo:hi],)) for lo, hi in parallel.cuts(len(blocks), parallel.NUM_THREADS)])
+
+
+def _layernorm_modulate_kernel(z, x, shift, scale1, eps):
+    """_layernorm_kernel then _modulate_kernel on a (b, t, D) block (shift, scale1 = 1 + scale:
+    (b, 1, D)): the same ops, so the same bits, without the LN output in between."""
+    np.subtract(x, x.mean(axis=-1, keepdims=True), out=z)
+    var = (z * z).mean(axis=-1, keepdims=True)
+    np.multiply(z, np.divide(1.0, np.sqrt(var + eps)), out=z, order="C")   # C order: 2x faster in place here
+    z *= scale1
+    z += shift
+
+
+def layernorm_modulate_forward(x, shift, scale, eps=LN_EPS):
+    """modulate(layernorm(x), shift, scale): x (B, T, D), shift/scale (B, D) -> (B, T, D), one
+    pass over sub-blocks on the fast path (the same bits as the two ops), else the two ops."""
+    if not _fast32(x, shift, scale):
+        return modulate_forward(layernorm_forward(x, eps), shift, scale)
+    z = empty(x.shape, np.float32)
+    _sample_blocks(lambda zz, xx, sh, sc: _layernorm_modulate_kernel(zz, xx, sh, sc, eps), (z, x), (shift, 1 + scale))
+    return z
 
 
 # ----------------------------------------------------------------------------
