@@ -279,7 +279,7 @@ def draw(points, path):
             for seed in sorted({p["seed"] for p in points if p["cfg"] == c}):
                 pts = sorted((p for p in points if p["cfg"] == c and p["seed"] == seed), key=lambda p: p["steps"])
                 ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], "-" if seed == 0 else "--",
-                        color=greys[c], marker=".", lw=0.9, label=f"DDIM N at guidance {c:g} (seed {seed})")
+                        color=greys[c], marker="x", ms=6, lw=0.9, label=f"DDIM N at guidance {c:g} (seed {seed})")
         for seed in sorted({p["seed"] for p in here}):
             style = "-" if seed == 0 else "--"
             ddim = sorted((p for p in here if p["method"] == "DDIM" and p["seed"] == seed), key=lambda p: p["steps"])
