@@ -37,6 +37,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lazy_quality as lq  # noqa: E402
@@ -134,36 +136,55 @@ def _key(item):
     return cfg_scale, seed, method, steps, None if ratio is None else round(100 * ratio) / 100
 
 
-def gates_task(weights, steps, ratio, recipe, gates_dir):
-    """The gates of one (recipe, N, target): (path, source), made here unless kept in gates_dir."""
+def kept_gates(model, weights, steps, ratio, recipe, gates_dir):
+    """The gates of (recipe, N, target) where they are already made, or None: the official ones in
+    gates_dir (also under an older hash) or shipped (lazy_quality's first choice, where their recorded
+    recipe matches), the others as ``gates_task`` names them."""
     import tinylazy as tl
-    from tinylazy.io import load_dit
-    from tinylazy.train_gates import main as train_gates, state_path
-    model = load_dit(weights)
     tag = f"ddim{steps}-r{int(round(100 * ratio))}"
-    if recipe == "official":                                  # lazy_quality's gates, also under an older hash
+    if recipe == "official":
         for name in sorted(os.listdir(gates_dir)) if os.path.isdir(gates_dir) else []:
             if name.endswith(f".gates-{tag}.safetensors"):
                 try:
                     tl.load_gates(os.path.join(gates_dir, name), model, steps)
                 except tl.lazy.GatesError:
                     continue
-                return _where(os.path.join(gates_dir, name))
+                return os.path.join(gates_dir, name)
+        shipped = tl.lazy.gates_file(weights, steps)
+        if os.path.isfile(shipped):
+            facts = tl.load_gates(shipped, model, steps).training
+            want = {"target_ratio": ratio, "all_steps": False, "loss": "official"}
+            if all(facts.get(k, "official") == v for k, v in want.items()):
+                return shipped
+        return None
+    path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}-{recipe}.safetensors")
+    return path if os.path.isfile(path) else None
+
+
+def gates_task(weights, steps, ratio, recipe, gates_dir):
+    """The gates of one (recipe, N, target): (path, source), made here unless kept (``kept_gates``)."""
+    from tinylazy.io import load_dit
+    from tinylazy.train_gates import main as train_gates, state_path
+    model = load_dit(weights)
+    kept = kept_gates(model, weights, steps, ratio, recipe, gates_dir)
+    if kept:
+        return _where(kept)
+    if recipe == "official":                                  # trained as lazy_quality.py trains them
         train = lambda: lq.gates_task(weights, steps, ratio, False, "official", gates_dir, lq.ITERS)[0]  # noqa
         return _where(_timed(train, "benchmarks/lazy_quality.py's learned_gates, official recipe "
                                     f"{steps} steps, target {ratio}", gates_dir))
-    path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}-{recipe}.safetensors")
-    if not os.path.isfile(path):
-        os.makedirs(gates_dir, exist_ok=True)
-        argv = ["--recipe", recipe, "--steps", str(steps), "--target-ratio", str(ratio), "--seed", str(RECIPE_SEED)]
-        if os.path.isfile(state_path(path)):               # an interrupted training: resumed, to the same gates
-            argv.append("--resume")
+    path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-ddim{steps}-r{int(round(100 * ratio))}"
+                                   f"-{recipe}.safetensors")
+    os.makedirs(gates_dir, exist_ok=True)
+    argv = ["--recipe", recipe, "--steps", str(steps), "--target-ratio", str(ratio), "--seed", str(RECIPE_SEED)]
+    if os.path.isfile(state_path(path)):                   # an interrupted training: resumed, to the same gates
+        argv.append("--resume")
 
-        def train():
-            if train_gates(argv + ["--weights", weights, "--out", path]) != 0:
-                raise RuntimeError(f"tinylazy train-gates {' '.join(argv)} --out {path} failed")
-            return path
-        _timed(train, f"tinylazy train-gates {' '.join(argv)} --out {os.path.relpath(path, ROOT)}", gates_dir)
+    def train():
+        if train_gates(argv + ["--weights", weights, "--out", path]) != 0:
+            raise RuntimeError(f"tinylazy train-gates {' '.join(argv)} --out {path} failed")
+        return path
+    _timed(train, f"tinylazy train-gates {' '.join(argv)} --out {os.path.relpath(path, ROOT)}", gates_dir)
     return _where(path)
 
 
@@ -235,19 +256,30 @@ def _as_point(row):
 
 
 def draw(points, path):
-    """FD against MACs, one panel per guidance scale: the DDIM curve and every lazy method, seed 0
-    filled and seed 1 open; the lazy targets of one method, N and seed joined by a line."""
+    """FD against MACs, one panel per guidance scale with lazy points: the DDIM curve and every lazy
+    method, seed 0 filled and seed 1 open; the lazy targets of one method, N and seed joined by a
+    line.  The DDIM curves of guidance scales with no lazy points (the guidance ladder of docs/lazy.md)
+    are drawn in grey in the panel of the next higher scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tables = _tables()
-    cfgs = sorted({p["cfg"] for p in points}, reverse=True)
+    cfgs = sorted({p["cfg"] for p in points if p["method"] != "DDIM"} or {p["cfg"] for p in points}, reverse=True)
+    ladder = sorted({p["cfg"] for p in points} - set(cfgs), reverse=True)
+    greys = dict(zip(ladder, plt.get_cmap("Greys")(np.linspace(0.75, 0.4, max(len(ladder), 1)))))
     methods = sorted({p["method"] for p in points if p["method"] != "DDIM"}, key=tables._method_order)
     colours = dict(zip(methods, plt.get_cmap("tab10").colors))
     marker = {10: "o", 20: "s"}
     fig, axes = plt.subplots(1, len(cfgs), figsize=(6.5 * len(cfgs), 5.2), squeeze=False)
     for ax, cfg_scale in zip(axes[0], cfgs):
         here = [p for p in points if p["cfg"] == cfg_scale]
+        for c in ladder:                       # the panel of the lowest scale above c (else the highest one)
+            if min((x for x in cfgs if x > c), default=cfgs[0]) != cfg_scale:
+                continue
+            for seed in sorted({p["seed"] for p in points if p["cfg"] == c}):
+                pts = sorted((p for p in points if p["cfg"] == c and p["seed"] == seed), key=lambda p: p["steps"])
+                ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], "-" if seed == 0 else "--",
+                        color=greys[c], marker="x", ms=6, lw=0.9, label=f"DDIM N at guidance {c:g} (seed {seed})")
         for seed in sorted({p["seed"] for p in here}):
             style = "-" if seed == 0 else "--"
             ddim = sorted((p for p in here if p["method"] == "DDIM" and p["seed"] == seed), key=lambda p: p["steps"])

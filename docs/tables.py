@@ -223,6 +223,30 @@ def frontier_table(points):
     return lines
 
 
+# How close lazy sampling stays to the full sampler (benchmarks/fidelity.py)
+
+FIDELITY = "fidelity.json"
+
+
+def fidelity_table(data):
+    """One line per (guidance, N, target, method): MACs, the relative RMS distance of the final images
+    to plain DDIM N's at the same guidance and, with guidance, how much of it runs toward guidance 1."""
+    def order(method):
+        return (0 if method.startswith("DDIM guidance") else 1 if method.startswith("DDIM") else
+                2 if method == RULE else 3, method)
+    lines = ["| guidance | N | target | method | MACs | rel. RMS to DDIM N (mean / median / p90) | toward guidance 1 "
+             "(mean / median) | cos^2 | nearest cfg |", "|" + "---|" * 9]
+    for r in sorted(data["rows"], key=lambda r: (-r["cfg"], r["steps"], r["target"], order(r["method"]))):
+        guided = "toward_1_mean" in r
+        cells = [f"{r['cfg']:g}", str(r["steps"]), "-" if r["method"].startswith("DDIM guidance") else
+                 f"{r['target']:.0%}", r["method"], f"{r['macs_vs_ddim']:.2f}",
+                 f"{r['rel_rms_mean']:.4f} / {r['rel_rms_median']:.4f} / {r['rel_rms_p90']:.4f}",
+                 f"{r['toward_1_mean']:+.3f} / {r['toward_1_median']:+.3f}" if guided else "-",
+                 f"{r['cos2_mean']:.2f}" if guided else "-", f"{r['nearest_cfg_mean']:.2f}" if guided else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables():
     """[(file the table appears in, its lines)]"""
     current, first = load(CURRENT), load(FIRST)
@@ -233,6 +257,8 @@ def tables():
         out.append(("docs/lazy.md", oracle_table(load(ORACLE))))
     if os.path.isfile(os.path.join(DOCS, "data", FRONTIER)):
         out.append(("docs/lazy.md", frontier_table(frontier_points(load(FRONTIER)))))
+    if os.path.isfile(os.path.join(DOCS, "data", FIDELITY)):
+        out.append(("docs/lazy.md", fidelity_table(load(FIDELITY))))
     return out
 
 
