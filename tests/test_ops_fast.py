@@ -86,3 +86,18 @@ def test_float64_keeps_the_plain_ops(small_chunks, rng):
     x = rng.standard_normal((2, 9, 8))
     np.testing.assert_array_equal(ops.layernorm_modulate_forward(x, x[:, 0], x[:, 1]),
                                   ops.modulate_forward(ops.layernorm_forward(x), x[:, 0], x[:, 1]))
+
+
+@pytest.mark.skipif(parallel.BLAS_SWITCH is None, reason="no OpenBLAS thread switch in this NumPy")
+def test_the_pool_leaves_the_callers_blas_threads_alone():
+    """The pool threads set their BLAS to one thread; the caller's own GEMMs keep theirs (in the
+    OpenBLAS NumPy ships the switch is process-wide, and the first forward used to halve them)."""
+    threads = parallel.get_num_threads()
+    try:
+        parallel.set_num_threads(2)                          # a new pool: its threads' initializer runs
+        before = parallel.BLAS_SWITCH(2)
+        a = np.ones((64, 64), np.float32)
+        parallel.run_all([(np.matmul, (a, a)) for _ in range(2)])
+        assert parallel.BLAS_SWITCH(before) == 2
+    finally:
+        parallel.set_num_threads(threads)
