@@ -182,11 +182,12 @@ def silu_backward(dy, x):
 # ----------------------------------------------------------------------------
 # tanh-GELU (nn.GELU(approximate="tanh"))
 
-def _gelu_tanh_kernel(y, x, s=None):
-    """y = x s, s = (1 + tanh(u)) / 2, u = k (x + c x^3); s is kept if given (else y is its scratch)."""
+def _gelu_tanh_kernel(y, x, s=None, t=None):
+    """y = x s, s = (1 + tanh(u)) / 2, u = k (x + c x^3); s is kept if given (else y is its scratch);
+    t: optional scratch for c x (else a temporary).  y may be x (in place)."""
     xp = array_module_of(x)
     s = xp.multiply(x, x, out=y if s is None else s)
-    s *= GELU_C * x
+    s *= GELU_C * x if t is None else xp.multiply(x, GELU_C, out=t)
     s += x
     s *= GELU_K
     xp.tanh(s, out=s)
@@ -625,15 +626,7 @@ def _gelu_rows(h, b, s, t):
         ss, tt = s[:len(x)], t[:len(x)]
         if b is not None:
             x += b
-        np.multiply(x, x, out=ss)
-        np.multiply(x, GELU_C, out=tt)
-        ss *= tt
-        ss += x
-        ss *= GELU_K
-        np.tanh(ss, out=ss)
-        ss += 1
-        ss *= 0.5
-        np.multiply(ss, x, out=x)
+        _gelu_tanh_kernel(x, x, ss, tt)
 
 
 def _gelu_scratch(cols):
