@@ -88,12 +88,12 @@ def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iter
     until the calibration run's lazy ratio is within ``tol`` of the target (at most 3x as
     long): the rho search starts low, so a hard target can take longer than the base count.
     """
-    shipped = gates_file(weights, steps)
     want = {"target_ratio": ratio, "all_steps": all_steps, "loss": loss}
-    if os.path.isfile(shipped):
-        g = tl.load_gates(shipped, model, steps)
-        if all(g.training.get(k, "official") == v for k, v in want.items()):
-            return g, os.path.relpath(shipped, ROOT)
+    for shipped in (gates_file(weights, steps), gates_file(weights, steps, "official")):
+        if os.path.isfile(shipped):
+            g = tl.load_gates(shipped, model, steps)
+            if all(g.training.get(k, "official") == v for k, v in want.items()):
+                return g, os.path.relpath(shipped, ROOT)
     tag = f"ddim{steps}-r{int(round(100 * ratio))}{'-all' if all_steps else ''}{'-x' if loss == 'x' else ''}"
     path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}.safetensors")
     if os.path.isfile(path):

@@ -55,14 +55,14 @@ import warnings
 
 import numpy as np
 
-from . import atomic, cli
+from . import atomic, cli, resources
 from .api import ddim_sample
 from .backend import array_module_of, to_numpy
 from .diffusion import create_diffusion
 from .lazy import DEFAULT_THRESHOLD, find_gates, gate_logit, gates_hash, module_macs, score_of_logit
 from .protocol import KINDS
 from .resources import DEFAULT_MODEL
-from .sampling import check_cfg_scale, check_steps
+from .sampling import check_steps
 
 VALUES = ("sim", "dist", "dy", "zdist", "dz", "logit", "score")     # float64 (steps, depth, 2, rows), NaN = none
 FLAGS = ("computed", "fresh")                                       # bool (steps, depth, 2, rows)
@@ -785,8 +785,9 @@ def add_arguments(p):
     p.add_argument("--num", type=n(int, 1), default=64, help="samples (default: 64)")
     p.add_argument("--batch", type=n(int, 1), help="samples per sampling run (default: all)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the noise (default: 0)")
-    p.add_argument("--gates", help="LazyDiT gates to score (default: the gates `tinylazy sample --lazy` would use "
-                   "for --steps, where there are any)")
+    p.add_argument("--gates", type=resources.gates_path,
+                   help="LazyDiT gates file (or a bundled one's name) to score (default: the gates `tinylazy sample --lazy` "
+                        "would use for --steps, where there are any)")
     p.add_argument("--no-gates", action="store_true", help="score no gates")
     p.add_argument("--lazy", action="store_true", help="sample lazily with the gates and analyse that run "
                    "(default: a plain run, the gates only scored)")

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, cli, large_dit
+from . import __version__, cli, large_dit, resources
 from .backend import to_numpy
 from .api import ddim_sample, load_dit, load_vae
 from .diffusion import create_diffusion
@@ -680,7 +680,9 @@ def add_arguments(p):
     d = sub.add_parser("dump", help="record every intermediate of a DDIM sampling run into a trace file")
     d.add_argument("--weights", default=DEFAULT_MODEL,
                    help=f"DiT safetensors file or folder, or a bundled model's name (default: {DEFAULT_MODEL})")
-    d.add_argument("--gates", help="LazyDiT gates file: record a lazy run (its step count must match --steps)")
+    d.add_argument("--gates", type=resources.gates_path,
+                   help="LazyDiT gates file or a bundled one's name: record a lazy run (its step count must match "
+                        "--steps)")
     d.add_argument("--threshold", type=n(float, 0, 1), default=DEFAULT_THRESHOLD, help="gate threshold (default 0.5)")
     d.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     d.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy")

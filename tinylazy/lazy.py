@@ -70,12 +70,14 @@ def gates_hash(gates):
     return h.hexdigest()
 
 
-def gates_file(weights_path, steps):
-    """Where the gates of a weights file live: ``<weights stem>.gates-ddim<steps>.safetensors`` beside it."""
+def gates_file(weights_path, steps, variant=None):
+    """Where the gates of a weights file live: ``<weights stem>.gates-ddim<steps>.safetensors`` beside it
+    (the ones ``--lazy`` uses); ``variant`` names others kept beside them, ``...ddim<steps>-<variant>``
+    (the bundled model's ``official``: the paper's recipe, kept as its baseline)."""
     stem = str(weights_path)
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
-    return f"{stem.rstrip('/')}.gates-ddim{int(steps)}.safetensors"
+    return f"{stem.rstrip('/')}.gates-ddim{int(steps)}{'-' + variant if variant else ''}.safetensors"
 
 
 def _gate_places(weights, steps):

@@ -6,7 +6,8 @@ the checkout and a wheel, ``pip install .`` or ``pip install --target`` carries 
 package.  Code finds them here, through importlib.resources, never by a path into a checkout.
 
 A bundled model's name stands wherever a weights path does: ``load_dit("tiny-dit-digits")``,
-``--weights tiny-dit-digits``.  An existing file or folder of that name wins over the bundled model.
+``--weights tiny-dit-digits``, and a bundled gates file's name wherever a gates path does
+(``--gates tiny-dit-digits.gates-ddim20-official``).  An existing file or folder of that name wins.
 """
 import importlib.resources
 import os
@@ -43,6 +44,20 @@ def weights_path(spec):
     else is returned unchanged, for the reader to report)."""
     path = os.fspath(spec)
     if os.path.exists(path) or path not in bundled_models():
+        return path
+    return str(weights_dir() / f"{path}.safetensors")
+
+
+def bundled_gates():
+    """Names of the bundled gates files (``<model>.gates-ddim<steps>[-<variant>]``)."""
+    return sorted(p.name[: -len(".safetensors")] for p in weights_dir().glob("*.safetensors") if _GATES in p.name)
+
+
+def gates_path(spec):
+    """A gates path or a bundled gates file's name -> the path to read (an existing path wins), so that
+    ``--gates tiny-dit-digits.gates-ddim20-official`` works from any install."""
+    path = os.fspath(spec)
+    if os.path.exists(path) or path not in bundled_gates():
         return path
     return str(weights_dir() / f"{path}.safetensors")
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from . import cli
+from . import cli, resources
 from .backend import MODEL_BACKENDS
 from .lazy import find_gates, gate_step_counts
 from .resources import DEFAULT_MODEL
@@ -51,7 +51,9 @@ def add_arguments(p):
     p.add_argument("--lazy", action="store_true",
                    help="LazyDiT: reuse module outputs where the learned gates say so, with the gates "
                         "<model>.gates-ddim<steps>.safetensors of the current folder or beside the weights")
-    p.add_argument("--gates", help="LazyDiT gates file to use instead (implies --lazy)")
+    p.add_argument("--gates", type=resources.gates_path,
+                   help="LazyDiT gates file to use instead, or a bundled one's name (tiny-dit-digits.gates-ddim20-official: "
+                        "the paper's recipe) (implies --lazy)")
 
 
 def load_lazy_gates(args, path, model, steps):

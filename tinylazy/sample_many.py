@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from . import atomic, cli
+from . import atomic, cli, resources
 from .cli import RunError, UsageError
 from .lazy import gates_hash
 from .noise import FORMAT as NOISE_FORMAT, image_noise
@@ -400,7 +400,9 @@ def add_arguments(p):
                    help="class ids; image i gets classes[i %% len(classes)] (default: every class of the model)")
     p.add_argument("--lazy", action="store_true", help="LazyDiT with the gates <weights>.gates-ddim<steps>"
                    ".safetensors beside the weights (DDIM only)")
-    p.add_argument("--gates", help="LazyDiT gates file to use instead (implies --lazy)")
+    p.add_argument("--gates", type=resources.gates_path,
+                   help="LazyDiT gates file to use instead, or a bundled one's name (tiny-dit-digits.gates-ddim20-official: "
+                        "the paper's recipe) (implies --lazy)")
     p.add_argument("--backend", choices=("numpy", "cupy", "opencl"), default="numpy",
                    help="numpy (CPU), cupy (GPU) or opencl (DDIM, float32) on every worker (default: numpy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
