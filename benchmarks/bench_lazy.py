@@ -3,8 +3,9 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_lazy.py
 
 Two cases, each against full sampling measured in the same run (interleaved, medians):
-- the bundled digits model with its learned 20-step gates (~50% lazy), guided (cfg 1.5);
-  without a gates file the alternate-step rule stands in;
+- the bundled digits model with its learned 20-step gates (the chain recipe's, 30% MACs budget,
+  35% lazy) and the official recipe's (``-official``, 45% lazy), guided (cfg 1.5); without a gates
+  file the alternate-step rule stands in;
 - a DiT-S/2-sized model (32x32x4 latents, depth 12, hidden 384) with random weights
   and forced decisions: the alternate-step rule (50%), and a random 50% per sample.
 Speed-up = full time / lazy time.  Gate scoring overhead = the time spent in the
@@ -95,6 +96,14 @@ def main():
                                 lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
         report(f"digits b{B} cfg1.5 {steps} steps, " + ("learned gates" if gates else "alternate rule"),
                full, lazy, stats)
+        official = gates_file(BUNDLED, steps, "official")
+        if gates is not None and os.path.isfile(official):       # the paper's recipe, kept as the baseline
+            kw = {"gates": tl.load_gates(official, model, steps)}
+            stats = tl.LazyStats()
+            tl.ddim_sample(model, noise, labels, steps, 1.5, lazy_stats=stats, **kw)
+            full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
+                                    lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
+            report(f"digits b{B} cfg1.5 {steps} steps, official gates", full, lazy, stats)
         if gates is not None:
             alt = alternate_decisions(steps, model.config.depth)
             stats = tl.LazyStats()

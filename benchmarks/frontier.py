@@ -150,12 +150,12 @@ def kept_gates(model, weights, steps, ratio, recipe, gates_dir):
                 except tl.lazy.GatesError:
                     continue
                 return os.path.join(gates_dir, name)
-        shipped = tl.lazy.gates_file(weights, steps)
-        if os.path.isfile(shipped):
-            facts = tl.load_gates(shipped, model, steps).training
-            want = {"target_ratio": ratio, "all_steps": False, "loss": "official"}
-            if all(facts.get(k, "official") == v for k, v in want.items()):
-                return shipped
+        for shipped in (tl.lazy.gates_file(weights, steps), tl.lazy.gates_file(weights, steps, "official")):
+            if os.path.isfile(shipped):
+                facts = tl.load_gates(shipped, model, steps).training
+                want = {"target_ratio": ratio, "all_steps": False, "loss": "official"}
+                if all(facts.get(k, "official") == v for k, v in want.items()):
+                    return shipped
         return None
     path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}-{recipe}.safetensors")
     return path if os.path.isfile(path) else None
@@ -255,11 +255,61 @@ def _as_point(row):
     return dict(row, target=_tables()._target(row))
 
 
+ZOOM_MACS = (4.5, 15.0)          # the second row: where the 30% and 50% points of both N compete
+
+
+def _panel(ax, points, cfg_scale, cfgs, ladder, greys, methods, colours, zoom):
+    """One guidance scale's panel of ``draw``; zoom: only ZOOM_MACS, the FD axis cut at the DDIM curve."""
+    marker = {10: "o", 20: "s"}
+    here = [p for p in points if p["cfg"] == cfg_scale]
+    drawn = list(here)
+    for c in ladder:                       # the panel of the lowest scale above c (else the highest one)
+        if min((x for x in cfgs if x > c), default=cfgs[0]) != cfg_scale:
+            continue
+        for seed in sorted({p["seed"] for p in points if p["cfg"] == c}):
+            pts = sorted((p for p in points if p["cfg"] == c and p["seed"] == seed), key=lambda p: p["steps"])
+            drawn += pts
+            ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], "-" if seed == 0 else "--",
+                    color=greys[c], marker="x", ms=6, lw=0.9, label=f"DDIM N at guidance {c:g} (seed {seed})")
+    for seed in sorted({p["seed"] for p in here}):
+        style = "-" if seed == 0 else "--"
+        ddim = sorted((p for p in here if p["method"] == "DDIM" and p["seed"] == seed), key=lambda p: p["steps"])
+        if ddim:
+            ax.plot([p["macs_vs_ddim"] for p in ddim], [p["fd"] for p in ddim], style, color="black", marker=".",
+                    lw=1.2, label=f"DDIM N (seed {seed})")
+        for method in methods:
+            for steps in sorted({p["steps"] for p in here if p["method"] == method}):
+                pts = sorted((p for p in here if p["method"] == method and p["steps"] == steps
+                              and p["seed"] == seed), key=lambda p: p["macs_vs_ddim"])
+                if not pts:
+                    continue
+                ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], style, lw=0.8,
+                        color=colours[method], marker=marker.get(steps, "^"), ms=6,
+                        mfc=colours[method] if seed == 0 else "white",
+                        label=f"{method}, {steps} steps" if seed == min(p["seed"] for p in here) else None)
+    ax.set_xlabel("MACs per sample (full forward passes)")
+    ax.set_ylabel(f"FD to real digits ({points[0]['num']} samples)")
+    ax.grid(alpha=0.3)
+    if not zoom:
+        ax.set_title(f"guidance {cfg_scale:g}: filled seed 0, open seed 1; lazy targets 30/50/70%")
+        ax.legend(fontsize=7, ncol=2)
+        return
+    inside = [p for p in drawn if ZOOM_MACS[0] <= p["macs_vs_ddim"] <= ZOOM_MACS[1]]
+    if not inside:                                            # a small grid: nothing there to zoom into
+        ax.set_axis_off()
+        return
+    top = max(p["fd"] for p in [p for p in inside if p["method"] == "DDIM" and p["cfg"] == cfg_scale] or inside)
+    ax.set_xlim(*ZOOM_MACS)
+    ax.set_ylim(0.97 * min(p["fd"] for p in inside), 1.03 * top)
+    ax.set_title(f"guidance {cfg_scale:g}, zoomed: {ZOOM_MACS[0]:g}-{ZOOM_MACS[1]:g} MACs, FD up to the DDIM curve's")
+
+
 def draw(points, path):
     """FD against MACs, one panel per guidance scale with lazy points: the DDIM curve and every lazy
     method, seed 0 filled and seed 1 open; the lazy targets of one method, N and seed joined by a
     line.  The DDIM curves of guidance scales with no lazy points (the guidance ladder of docs/lazy.md)
-    are drawn in grey in the panel of the next higher scale."""
+    are drawn in grey in the panel of the next higher scale.  The second row zooms each panel to
+    ZOOM_MACS, the FD axis cut just above the DDIM curve there, where the 30% and 50% points sit."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,38 +319,10 @@ def draw(points, path):
     greys = dict(zip(ladder, plt.get_cmap("Greys")(np.linspace(0.75, 0.4, max(len(ladder), 1)))))
     methods = sorted({p["method"] for p in points if p["method"] != "DDIM"}, key=tables._method_order)
     colours = dict(zip(methods, plt.get_cmap("tab10").colors))
-    marker = {10: "o", 20: "s"}
-    fig, axes = plt.subplots(1, len(cfgs), figsize=(6.5 * len(cfgs), 5.2), squeeze=False)
-    for ax, cfg_scale in zip(axes[0], cfgs):
-        here = [p for p in points if p["cfg"] == cfg_scale]
-        for c in ladder:                       # the panel of the lowest scale above c (else the highest one)
-            if min((x for x in cfgs if x > c), default=cfgs[0]) != cfg_scale:
-                continue
-            for seed in sorted({p["seed"] for p in points if p["cfg"] == c}):
-                pts = sorted((p for p in points if p["cfg"] == c and p["seed"] == seed), key=lambda p: p["steps"])
-                ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], "-" if seed == 0 else "--",
-                        color=greys[c], marker="x", ms=6, lw=0.9, label=f"DDIM N at guidance {c:g} (seed {seed})")
-        for seed in sorted({p["seed"] for p in here}):
-            style = "-" if seed == 0 else "--"
-            ddim = sorted((p for p in here if p["method"] == "DDIM" and p["seed"] == seed), key=lambda p: p["steps"])
-            if ddim:
-                ax.plot([p["macs_vs_ddim"] for p in ddim], [p["fd"] for p in ddim], style, color="black", marker=".",
-                        lw=1.2, label=f"DDIM N (seed {seed})")
-            for method in methods:
-                for steps in sorted({p["steps"] for p in here if p["method"] == method}):
-                    pts = sorted((p for p in here if p["method"] == method and p["steps"] == steps
-                                  and p["seed"] == seed), key=lambda p: p["macs_vs_ddim"])
-                    if not pts:
-                        continue
-                    ax.plot([p["macs_vs_ddim"] for p in pts], [p["fd"] for p in pts], style, lw=0.8,
-                            color=colours[method], marker=marker.get(steps, "^"), ms=6,
-                            mfc=colours[method] if seed == 0 else "white",
-                            label=f"{method}, {steps} steps" if seed == min(p["seed"] for p in here) else None)
-        ax.set_xlabel("MACs per sample (full forward passes)")
-        ax.set_ylabel(f"FD to real digits ({points[0]['num']} samples)")
-        ax.set_title(f"guidance {cfg_scale:g}: filled seed 0, open seed 1; lazy targets 30/50/70%")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(2, len(cfgs), figsize=(6.5 * len(cfgs), 10.4), squeeze=False)
+    for row, zoom in ((0, False), (1, True)):
+        for ax, cfg_scale in zip(axes[row], cfgs):
+            _panel(ax, points, cfg_scale, cfgs, ladder, greys, methods, colours, zoom)
     fig.tight_layout()
     import io
     from PIL import Image

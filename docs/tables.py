@@ -8,8 +8,8 @@ row per method: lazy ratios, MACs, FD, accuracy, the gates file used); docs/data
 what ``tinylazy analyze`` wrote (docs/lazy.md's tables of the paper's analysis).  The full tables
 are formatted as ``lazy_quality.py --report-only`` prints them; the README's short table
 takes the N = 5 and 10 pairs of the current model.  docs/data/frontier.json is what
-``benchmarks/frontier.py`` wrote; its table (docs/lazy.md) also takes the rows of the other
-JSON files here that are of the same model and sample count (``frontier_points``).
+``benchmarks/frontier.py`` wrote; its table (docs/lazy.md) and the README's short one also take
+the rows of the other JSON files here that are of the same model and sample count (``frontier_points``).
 tests/test_docs.py runs the check, so a number in those tables can only change together
 with the JSON it comes from.
 """
@@ -223,6 +223,32 @@ def frontier_table(points):
     return lines
 
 
+def frontier_summary(points, targets=(0.3, 0.5, 0.7)):
+    """The README's short frontier table: one line per (N, lazy method, oracles left out), one
+    column per lazy target, each cell "MACs: FD at the highest guidance (seed 0 / 1); FD at the
+    lowest (seed 0 / 1)", MACs of seed 0; "-" where the method has no point there."""
+    at = {point_key(p): p for p in points}
+    cfgs = sorted({p["cfg"] for p in points if p["target"] is not None}, reverse=True)
+    seeds = sorted({p["seed"] for p in points})
+    methods = sorted({p["method"] for p in points if p["target"] is not None and "oracle" not in p["method"]},
+                     key=_method_order)
+    head = ["N", "method"] + [f"lazy {t:.0%}" for t in targets]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for steps in sorted({p["steps"] for p in points if p["target"] is not None}):
+        for method in methods:
+            cells = [str(steps), method]
+            for t in targets:
+                got = [[at.get((c, s, method, steps, t)) for s in seeds] for c in cfgs[:1] + cfgs[-1:]]
+                first = next((p for ps in got for p in ps if p is not None), None)
+                if first is None:
+                    cells.append("-")
+                    continue
+                fd = ["/".join("-" if p is None else f"{p['fd']:.2f}" for p in ps) for ps in got]
+                cells.append(f"{first['macs_vs_ddim']:.2f}: {fd[0]}; {fd[1]}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # How close lazy sampling stays to the full sampler (benchmarks/fidelity.py)
 
 FIDELITY = "fidelity.json"
@@ -256,7 +282,8 @@ def tables():
     if os.path.isfile(os.path.join(DOCS, "data", ORACLE)):
         out.append(("docs/lazy.md", oracle_table(load(ORACLE))))
     if os.path.isfile(os.path.join(DOCS, "data", FRONTIER)):
-        out.append(("docs/lazy.md", frontier_table(frontier_points(load(FRONTIER)))))
+        points = frontier_points(load(FRONTIER))
+        out += [("docs/lazy.md", frontier_table(points)), ("README.md", frontier_summary(points))]
     if os.path.isfile(os.path.join(DOCS, "data", FIDELITY)):
         out.append(("docs/lazy.md", fidelity_table(load(FIDELITY))))
     return out

@@ -48,11 +48,15 @@ def test_installed_package_works_from_an_empty_folder(installed, tmp_path):
     r = _run(installed, tmp_path, sys.executable, str(script), "sample", "--steps", "2")
     assert r.returncode == 0 and "wrote sample.png" in r.stdout, r.stderr
     r = _run(installed, tmp_path, sys.executable, str(script), "sample", "--steps", "20", "--lazy", "--out", "l.png")
-    assert r.returncode == 0 and "LazyDiT: lazy ratio 44.6%" in r.stderr, r.stderr
+    assert r.returncode == 0 and "LazyDiT: lazy ratio 35.4%" in r.stderr, r.stderr     # the chain gates
     assert f"gates: {installed}" in r.stderr                     # the bundled gates, inside the package
+    r = _run(installed, tmp_path, sys.executable, str(script), "sample", "--steps", "20", "--out", "o.png",
+             "--gates", "tiny-dit-digits.gates-ddim20-official")  # a bundled gates file by name: the paper's recipe
+    assert r.returncode == 0 and "LazyDiT: lazy ratio 44.6%" in r.stderr, r.stderr
+    assert f"gates: {installed}" in r.stderr and "ddim20-official" in r.stderr
     r = _run(installed, tmp_path, sys.executable, "-m", "tinylazy.golden", "dump", "--steps", "2", "--batch", "1",
              "--out", "t.safetensors")
     assert r.returncode == 0 and "wrote t.safetensors" in r.stdout, r.stderr
-    assert sorted(os.listdir(tmp_path)) == ["l.png", "sample.png", "t.safetensors"]    # nothing else written
+    assert sorted(os.listdir(tmp_path)) == ["l.png", "o.png", "sample.png", "t.safetensors"]   # nothing else written
     want = sorted(n for n in os.listdir(os.path.join(ROOT, "kernels_cl")) if n.endswith(".cl"))
     assert sorted(p.name for p in (installed / "tinylazy" / "kernels_cl").glob("*.cl")) == want

@@ -33,9 +33,13 @@ def _argv(files, out):
             "--checkpoint-every", "2", "--eval-samples", "2", "--out", str(out)]
 
 
-def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
-    assert main(_argv(files, files / "straight.safetensors")) == 0
-    assert not os.path.exists(files / "straight.train-state.safetensors")     # removed when done
+@pytest.mark.parametrize("recipe", [None, "official"])                     # the default (chain) and the paper's
+def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys, recipe):
+    extra = ["--recipe", recipe] if recipe else []
+    name = recipe or "default"
+    argv = lambda out: _argv(files, out) + extra                                          # noqa: E731
+    assert main(argv(files / f"straight-{name}.safetensors")) == 0
+    assert not os.path.exists(files / f"straight-{name}.train-state.safetensors")     # removed when done
 
     real_step = GateTrainer.step
 
@@ -45,19 +49,20 @@ def test_interrupted_run_resumes_to_the_same_result(files, monkeypatch, capsys):
         return real_step(self)
 
     monkeypatch.setattr(GateTrainer, "step", interrupted)
-    assert main(_argv(files, files / "resumed.safetensors")) == 130
+    assert main(argv(files / f"resumed-{name}.safetensors")) == 130
     assert "interrupted; continue with: tinylazy train-gates" in capsys.readouterr().err
-    assert os.path.exists(files / "resumed.train-state.safetensors")          # the checkpoint of iteration 4
+    assert os.path.exists(files / f"resumed-{name}.train-state.safetensors")  # the checkpoint of iteration 4
     monkeypatch.setattr(GateTrainer, "step", real_step)
-    assert main(_argv(files, files / "resumed.safetensors") + ["--resume"]) == 0
+    assert main(argv(files / f"resumed-{name}.safetensors") + ["--resume"]) == 0
     assert "resuming at iteration 4" in capsys.readouterr().err
-    a, meta_a = read_safetensors(files / "straight.safetensors")
-    b, meta_b = read_safetensors(files / "resumed.safetensors")
+    a, meta_a = read_safetensors(files / f"straight-{name}.safetensors")
+    b, meta_b = read_safetensors(files / f"resumed-{name}.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert meta_a == meta_b
     model = tl.io.load_dit(files / "tiny.safetensors")
-    gates = tl.load_gates(files / "straight.safetensors", model, steps=6)
-    assert gates.training["iterations"] == 7 and "measured_ratio" in gates.training
+    gates = tl.load_gates(files / f"straight-{name}.safetensors", model, steps=6)
+    assert gates.training["recipe"] == (recipe or "chain")
+    assert gates.training["iterations"] >= 7 and "measured_ratio" in gates.training
 
 
 def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
