@@ -318,7 +318,7 @@ def draw(points, path):
     ladder = sorted({p["cfg"] for p in points} - set(cfgs), reverse=True)
     greys = dict(zip(ladder, plt.get_cmap("Greys")(np.linspace(0.75, 0.4, max(len(ladder), 1)))))
     methods = sorted({p["method"] for p in points if p["method"] != "DDIM"}, key=tables._method_order)
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
+    colours = dict(zip(methods, plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors))   # > 10 methods
     fig, axes = plt.subplots(2, len(cfgs), figsize=(6.5 * len(cfgs), 10.4), squeeze=False)
     for row, zoom in ((0, False), (1, True)):
         for ax, cfg_scale in zip(axes[row], cfgs):
@@ -331,7 +331,7 @@ def draw(points, path):
     plt.close(fig)
     buf.seek(0)
     with Image.open(buf) as im, atomic.writing(path) as f:                # a palette PNG: a third of the bytes
-        im.convert("RGB").quantize(colors=64).save(f, format="png", optimize=True)
+        im.convert("RGB").quantize(colors=256).save(f, format="png", optimize=True)   # 64 merged the tab10 hues
     return path
 
 
