@@ -81,7 +81,7 @@ def test_diverging_run_exits_1_and_keeps_its_state(files, monkeypatch, capsys):
     assert read_safetensors(state)[1]["iteration"] == "4" and not os.path.exists(files / "nan.safetensors")
 
 
-@pytest.mark.parametrize("recipe", ["x-norm", "chain"])
+@pytest.mark.parametrize("recipe", ["x-norm", "chain", "all-steps-macs"])
 def test_recipes_with_a_macs_budget_train_on_until_within_it(files, recipe):
     out = files / f"{recipe}.safetensors"
     assert main(_argv(files, out) + ["--recipe", recipe, "--iters", "2", "--target-ratio", "0.6"]) == 0

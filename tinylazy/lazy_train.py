@@ -54,6 +54,9 @@ RECIPES = {
                  "the paper's: odd t, one full DDIM step as the cache, MSE of every output channel"),
     "all-steps": (dict(all_steps=True, loss="official", trajectory=False, budget="ratio"),
                   "the official loss on every step's gates (any t >= 1)"),
+    "all-steps-macs": (dict(all_steps=True, loss="official", trajectory=False, budget="macs"),
+                       "all-steps with rho steered to a MACs budget, as x-norm and chain (comparable with the "
+                       "rules at equal compute)"),
     "x-loss": (dict(all_steps=True, loss="x", trajectory=False, budget="ratio"),
                "every step, the error in the next DDIM latent (eps channels times d x_prev / d eps)"),
     "x-norm": (dict(all_steps=True, loss="x-norm", trajectory=False, budget="macs"),
