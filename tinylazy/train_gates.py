@@ -58,7 +58,8 @@ def add_arguments(p):
     p.add_argument("--target-ratio", type=_ratio, default=DEFAULT_TARGET,
                    help="search rho for this lazy ratio of a sampling run, in [0, 1): every 25 iterations 8 guided "
                         "samples are drawn with the current gates and both rho scale by exp(2 (target - measured)); "
-                        f"'none' keeps rho fixed (default: {DEFAULT_TARGET}, the bundled gates' budget).  The x-norm and chain recipes steer the share of the "
+                        f"'none' keeps rho fixed (default: {DEFAULT_TARGET}, the bundled gates' budget).  The x-norm, chain and "
+                        "all-steps-macs recipes steer the share of the "
                         "modules' MACs reused instead (a compute budget, as the rules'), and after --iters train on "
                         f"(at most as long again) until {BUDGET_SAMPLES} guided samples reuse at least this share")
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
