@@ -89,29 +89,18 @@ def main():
         noise, labels = tl.make_noise(model, B, seed=0), np.arange(B) % model.config.num_classes
         path = gates_file(BUNDLED, steps)
         gates = tl.load_gates(path, model, steps) if os.path.isfile(path) else None
-        kw = {"gates": gates} if gates is not None else {"decisions": alternate_decisions(steps, model.config.depth)}
-        stats = tl.LazyStats()
-        tl.ddim_sample(model, noise, labels, steps, 1.5, lazy_stats=stats, **kw)
-        full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
-                                lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
-        report(f"digits b{B} cfg1.5 {steps} steps, " + ("learned gates" if gates else "alternate rule"),
-               full, lazy, stats)
-        official = gates_file(BUNDLED, steps, "official")
-        if gates is not None and os.path.isfile(official):       # the paper's recipe, kept as the baseline
-            kw = {"gates": tl.load_gates(official, model, steps)}
+        alt = {"decisions": alternate_decisions(steps, model.config.depth)}
+        official = gates_file(BUNDLED, steps, "official")              # the paper's recipe, kept as the baseline
+        cases = [] if gates is None else [("learned gates", {"gates": gates})]
+        if gates is not None and os.path.isfile(official):
+            cases.append(("official gates", {"gates": tl.load_gates(official, model, steps)}))
+        for name, kw in cases + [("alternate rule", alt)]:       # the bench_pair inside reads this kw
             stats = tl.LazyStats()
             tl.ddim_sample(model, noise, labels, steps, 1.5, lazy_stats=stats, **kw)
             full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
                                     lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, **kw), args.reps)
-            report(f"digits b{B} cfg1.5 {steps} steps, official gates", full, lazy, stats)
+            report(f"digits b{B} cfg1.5 {steps} steps, {name}", full, lazy, stats)
         if gates is not None:
-            alt = alternate_decisions(steps, model.config.depth)
-            stats = tl.LazyStats()
-            tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=alt, lazy_stats=stats)
-            full, lazy = bench_pair(lambda: tl.ddim_sample(model, noise, labels, steps, 1.5),
-                                    lambda: tl.ddim_sample(model, noise, labels, steps, 1.5, decisions=alt),
-                                    args.reps)
-            report(f"digits b{B} cfg1.5 {steps} steps, alternate rule", full, lazy, stats)
             frac = scoring_overhead(model, gates, noise, labels, steps, 1.5, args.reps)
             print(f"  gate scoring: {frac:.2%} of a full step (time); MACs "
                   f"{2 * model.config.depth * tl.lazy.module_macs(model.config)['gate'] / tl.lazy.full_step_macs(model.config):.3%}")

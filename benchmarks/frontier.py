@@ -150,13 +150,7 @@ def kept_gates(model, weights, steps, ratio, recipe, gates_dir):
                 except tl.lazy.GatesError:
                     continue
                 return os.path.join(gates_dir, name)
-        for shipped in (tl.lazy.gates_file(weights, steps), tl.lazy.gates_file(weights, steps, "official")):
-            if os.path.isfile(shipped):
-                facts = tl.load_gates(shipped, model, steps).training
-                want = {"target_ratio": ratio, "all_steps": False, "loss": "official"}
-                if all(facts.get(k, "official") == v for k, v in want.items()):
-                    return shipped
-        return None
+        return lq.shipped_gates(model, weights, steps, ratio)
     path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}-{recipe}.safetensors")
     return path if os.path.isfile(path) else None
 

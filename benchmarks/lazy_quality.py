@@ -81,6 +81,16 @@ def train_iters(steps, all_steps, cap):
     return min(cap, max(200, 10 * trained))
 
 
+def shipped_gates(model, weights, steps, ratio, all_steps=False, loss="official"):
+    """The bundled gates file (the default one, then ``-official``) whose recorded recipe is this one, or None."""
+    want = {"target_ratio": ratio, "all_steps": all_steps, "loss": loss}
+    for path in (gates_file(weights, steps), gates_file(weights, steps, "official")):
+        if os.path.isfile(path) and all(tl.load_gates(path, model, steps).training.get(k, "official") == v
+                                        for k, v in want.items()):
+            return path
+    return None
+
+
 def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iters, tol=0.03, loss="official"):
     """Shipped gates when their recorded recipe matches, else trained once and cached.
 
@@ -88,12 +98,9 @@ def learned_gates(model, weights, steps, ratio, all_steps, gates_dir, data, iter
     until the calibration run's lazy ratio is within ``tol`` of the target (at most 3x as
     long): the rho search starts low, so a hard target can take longer than the base count.
     """
-    want = {"target_ratio": ratio, "all_steps": all_steps, "loss": loss}
-    for shipped in (gates_file(weights, steps), gates_file(weights, steps, "official")):
-        if os.path.isfile(shipped):
-            g = tl.load_gates(shipped, model, steps)
-            if all(g.training.get(k, "official") == v for k, v in want.items()):
-                return g, os.path.relpath(shipped, ROOT)
+    shipped = shipped_gates(model, weights, steps, ratio, all_steps, loss)
+    if shipped:
+        return tl.load_gates(shipped, model, steps), os.path.relpath(shipped, ROOT)
     tag = f"ddim{steps}-r{int(round(100 * ratio))}{'-all' if all_steps else ''}{'-x' if loss == 'x' else ''}"
     path = os.path.join(gates_dir, f"{model.weights_hash[:12]}.gates-{tag}.safetensors")
     if os.path.isfile(path):

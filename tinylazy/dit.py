@@ -374,8 +374,7 @@ class DiT(DiTSchema):
         if cache is None:                          # one pass, the same bits (ops: the float32 fast path)
             return ops.layernorm_modulate_forward(x, shift, scale)
         xhat, rstd = ops.layernorm_forward(x, return_rstd=True)
-        if cache is not None:
-            cache.update(xhat=xhat, rstd=rstd, scale=scale)
+        cache.update(xhat=xhat, rstd=rstd, scale=scale)
         return ops.modulate_forward(xhat, shift, scale)
 
     @staticmethod
